@@ -1,0 +1,290 @@
+"""Text corpora, all read through Hugging Face `datasets`, plus the train/val split.
+
+`cfg` is any object with the DataConfig attributes: source ("pystdlib" | "files" |
+"hf"), paths, format, text_field, hf_name, hf_config, hf_split, streaming,
+val_fraction, cache_dir, max_docs.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import json
+import os
+import sys
+import sysconfig
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+SOURCES = ("pystdlib", "files", "hf")
+FORMATS = ("auto", "text", "json", "parquet")
+_EXT_FORMAT = {".json": "json", ".jsonl": "json", ".ndjson": "json", ".parquet": "parquet"}
+_COMPRESSION = {".gz", ".bz2", ".xz", ".zst", ".lz4"}
+_GLOB_CHARS = set("*?[")
+_READ_BATCH = 256  # rows per Arrow batch: cheap iteration without holding the corpus
+
+
+class DataSourceError(ValueError):
+    """The configured corpus cannot be found or read."""
+
+
+# ----------------------------------------------------------------- validation
+
+
+def validate_source(cfg: Any) -> None:
+    """Cheap up-front checks (no network, no reading): raise DataSourceError if unusable."""
+    if cfg.source not in SOURCES:
+        raise DataSourceError(f"data.source={cfg.source!r} is unknown; use one of {', '.join(SOURCES)}.")
+    if not 0.0 < float(cfg.val_fraction) < 1.0:
+        raise DataSourceError(f"data.val_fraction={cfg.val_fraction} must be strictly between 0 and 1.")
+    if cfg.max_docs is not None and int(cfg.max_docs) < 2:
+        raise DataSourceError(
+            f"data.max_docs={cfg.max_docs} leaves no room for a validation split; use at least 2 or null."
+        )
+    if cfg.source == "files":
+        resolve_files(cfg)
+    elif cfg.source == "hf" and not cfg.hf_name:
+        raise DataSourceError("data.source=hf needs data.hf_name (e.g. HuggingFaceFW/fineweb-edu).")
+
+
+def resolve_files(cfg: Any) -> tuple[str, list[Path]]:
+    """Expand data.paths (files, globs, dirs) into a sorted file list and its format."""
+    if cfg.format not in FORMATS:
+        raise DataSourceError(f"data.format={cfg.format!r} is unknown; use one of {', '.join(FORMATS)}.")
+    paths = [cfg.paths] if isinstance(cfg.paths, (str, os.PathLike)) else list(cfg.paths or [])
+    if not paths:
+        raise DataSourceError(
+            "data.source=files needs data.paths; point it at .txt/.jsonl/.parquet files, globs or dirs."
+        )
+    files: list[Path] = []
+    for raw in paths:
+        p = os.path.expanduser(str(raw))
+        if _GLOB_CHARS & set(p):
+            matches = [Path(m) for m in sorted(glob.glob(p, recursive=True)) if Path(m).is_file()]
+            if not matches:
+                raise DataSourceError(f"data.paths: glob {p} matches no files; fix the pattern or the directory.")
+            files += matches
+        elif Path(p).is_dir():
+            found = sorted(f for f in Path(p).rglob("*") if f.is_file() and not _hidden(f, Path(p)))
+            if not found:
+                raise DataSourceError(
+                    f"data.paths: directory {p} contains no files; put .txt/.jsonl/.parquet files in it."
+                )
+            files += found
+        elif Path(p).is_file():
+            files.append(Path(p))
+        else:
+            raise DataSourceError(
+                f"data.paths: no such file: {p}; point data.paths at existing .txt/.jsonl/.parquet files."
+            )
+    files = list(dict.fromkeys(f.resolve() for f in files))  # dedupe, keep order
+    return _file_format(cfg.format, files), files
+
+
+def _hidden(f: Path, root: Path) -> bool:
+    return any(part.startswith(".") for part in f.relative_to(root).parts)
+
+
+def _file_format(fmt: str, files: list[Path]) -> str:
+    if fmt != "auto":
+        return fmt
+    kinds = set()
+    for f in files:
+        suffixes = [s.lower() for s in f.suffixes]
+        while suffixes and suffixes[-1] in _COMPRESSION:
+            suffixes.pop()
+        kinds.add(_EXT_FORMAT.get(suffixes[-1] if suffixes else "", "text"))
+    if len(kinds) > 1:
+        raise DataSourceError(
+            f"data.paths mixes formats ({', '.join(sorted(kinds))}); use files of one format or set data.format."
+        )
+    return kinds.pop()
+
+
+# -------------------------------------------------------------------- loading
+
+
+def pystdlib_files() -> tuple[Path, list[Path]]:
+    """The running Python's standard library .py files (site-packages excluded), sorted."""
+    root = Path(sysconfig.get_paths()["stdlib"])
+    rel: list[str] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        # Prune while walking: site-packages can hold 10x more files than the stdlib.
+        dirnames[:] = [d for d in dirnames if d not in ("site-packages", "__pycache__")]
+        base = Path(dirpath).relative_to(root)
+        rel += [(base / f).as_posix() for f in filenames if f.endswith(".py")]
+    return root, [root / r for r in sorted(rel)]
+
+
+def load_corpus(cfg: Any):
+    """The configured corpus as a `datasets.Dataset` or `IterableDataset` (with the text column)."""
+    validate_source(cfg)
+    import datasets
+
+    if cfg.source == "pystdlib":
+        root, files = pystdlib_files()
+        texts = [f.read_text(encoding="utf-8", errors="replace") for f in files]
+        paths = [str(f.relative_to(root)) for f in files]
+        return datasets.Dataset.from_dict({"text": texts, "path": paths})
+    if cfg.source == "files":
+        fmt, files = resolve_files(cfg)
+        # Text files: one document per file; undecodable bytes become U+FFFD like pystdlib.
+        kwargs: dict[str, Any] = {"sample_by": "document", "encoding_errors": "replace"} if fmt == "text" else {}
+        # Keep datasets' Arrow copies and lock files beside our prepared data, not in ~/.cache.
+        kwargs["cache_dir"] = str(Path(cfg.cache_dir).expanduser() / "hf_datasets")
+        try:
+            return datasets.load_dataset(
+                fmt, data_files=[str(f) for f in files], split="train", streaming=bool(cfg.streaming), **kwargs
+            )
+        except Exception as e:
+            raise DataSourceError(
+                f"could not read data.paths as {fmt} ({_root_cause(e)}); check the files or set data.format."
+            ) from e
+    try:
+        return datasets.load_dataset(cfg.hf_name, cfg.hf_config, split=cfg.hf_split, streaming=bool(cfg.streaming))
+    except datasets.exceptions.DatasetNotFoundError as e:
+        raise DataSourceError(
+            f"Hugging Face dataset {cfg.hf_name!r} was not found (or is gated); check data.hf_name, "
+            f"or log in with `hf auth login` if it is private."
+        ) from e
+    except ConnectionError as e:
+        raise DataSourceError(
+            f"could not reach the Hugging Face Hub for {cfg.hf_name!r} ({e}); connect to the network, "
+            f"or use a non-streaming copy already in the local cache with HF_DATASETS_OFFLINE=1."
+        ) from e
+    except (ValueError, FileNotFoundError) as e:  # bad config name / split, missing files
+        raise DataSourceError(
+            f"could not load Hugging Face dataset {cfg.hf_name!r} (config={cfg.hf_config!r}, "
+            f"split={cfg.hf_split!r}): {e}; fix data.hf_config / data.hf_split."
+        ) from e
+
+
+def _text_column(cfg: Any) -> str:
+    return "text" if cfg.source == "pystdlib" else cfg.text_field
+
+
+def iter_documents(cfg: Any) -> Iterator[str]:
+    """Every non-empty document of the corpus in its fixed order (up to data.max_docs)."""
+    ds = load_corpus(cfg)
+    field = _text_column(cfg)
+    remaining = None if cfg.max_docs is None else int(cfg.max_docs)
+    for texts in _guarded(cfg, _text_batches(ds, field)):
+        for text in texts:
+            if not text:  # empty docs would add only a separator
+                continue
+            if not isinstance(text, str):
+                raise DataSourceError(
+                    f"data.text_field={field!r} holds {type(text).__name__}, not text; pick a string column."
+                )
+            yield text
+            if remaining is not None:
+                remaining -= 1
+                if remaining == 0:
+                    return
+
+
+def _text_batches(ds: Any, field: str) -> Iterator[list]:
+    columns = ds.column_names
+    if columns is None:  # streaming datasets may not know their columns until read
+        first = next(iter(ds), None)
+        columns = list(first) if first is not None else [field]
+    if field not in columns:
+        raise DataSourceError(
+            f"data.text_field={field!r} is not a column of the corpus; available columns: {', '.join(columns)}."
+        )
+    for batch in ds.select_columns([field]).iter(batch_size=_READ_BATCH):
+        yield batch[field]
+
+
+def _guarded(cfg: Any, batches: Iterator[list]) -> Iterator[list]:
+    """Re-raise read errors as one DataSourceError: streaming sources only fail once read."""
+    while True:
+        try:
+            batch = next(batches)
+        except StopIteration:
+            return
+        except DataSourceError:
+            raise
+        except Exception as e:
+            raise DataSourceError(
+                f"reading data.source={cfg.source} failed ({_root_cause(e)}); fix or remove the bad input."
+            ) from e
+        yield batch
+
+
+def _root_cause(e: BaseException) -> str:
+    """The innermost exception in a chain: datasets wraps the useful message."""
+    while e.__cause__ is not None or e.__context__ is not None:
+        e = e.__cause__ or e.__context__  # type: ignore[assignment]
+    return f"{type(e).__name__}: {e}"
+
+
+# ---------------------------------------------------------------- val split
+
+
+def doc_hash01(text: str) -> float:
+    """A stable pseudo-random number in [0, 1) derived from the document's text."""
+    digest = hashlib.blake2b(text.encode("utf-8", "surrogatepass"), digest_size=8).digest()
+    return int.from_bytes(digest, "little") / 2**64
+
+
+def is_val_doc(text: str, val_fraction: float) -> bool:
+    """A document is validation iff its text hash falls below val_fraction.
+
+    Hashing the text (not the position) makes the split independent of corpus order
+    and sends identical duplicates to the same side, so no text is in both splits.
+    """
+    return doc_hash01(text) < val_fraction
+
+
+def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """(train, val) by `is_val_doc`; if val would be empty the last train doc moves to val.
+
+    The fallback mirrors what prepare does when reading stops, so val is never empty
+    once there are at least two documents.
+    """
+    train = [d for d in docs if not is_val_doc(d, val_fraction)]
+    val = [d for d in docs if is_val_doc(d, val_fraction)]
+    if not val and len(train) >= 2:
+        val.append(train.pop())
+    return train, val
+
+
+# -------------------------------------------------------------- fingerprint
+
+
+def source_fingerprint(cfg: Any) -> str:
+    """sha256 identifying the corpus and split settings (not the tokenizer)."""
+    ident: dict[str, Any] = {
+        "source": cfg.source,
+        "val_fraction": float(cfg.val_fraction),
+        "max_docs": cfg.max_docs,
+    }
+    if cfg.source == "pystdlib":
+        root, files = pystdlib_files()
+        ident["python"] = sys.version
+        ident["stdlib"] = str(root)
+        ident["files"] = [len(files), sum(os.stat(f).st_size for f in files)]
+    elif cfg.source == "files":
+        fmt, files = resolve_files(cfg)
+        ident["format"] = fmt
+        ident["text_field"] = cfg.text_field
+        stats = [os.stat(f) for f in files]
+        ident["files"] = [[str(f), st.st_size, st.st_mtime_ns] for f, st in zip(files, stats)]
+    else:
+        validate_source(cfg)
+        ident.update(name=cfg.hf_name, config=cfg.hf_config, split=cfg.hf_split, text_field=cfg.text_field)
+    return hashlib.sha256(json.dumps(ident, sort_keys=True).encode()).hexdigest()
+
+
+def source_label(cfg: Any) -> str:
+    """A short human-readable name for directory names, e.g. 'fineweb-edu' or 'pystdlib'."""
+    if cfg.source == "hf":
+        label = str(cfg.hf_name).rstrip("/").split("/")[-1]
+    elif cfg.source == "files":
+        paths = [cfg.paths] if isinstance(cfg.paths, (str, os.PathLike)) else list(cfg.paths)
+        label = Path(str(paths[0]).split("*")[0].rstrip("/")).name.split(".")[0] or "files"
+    else:
+        label = "pystdlib"
+    return "".join(c if c.isalnum() or c in "-_." else "-" for c in label)[:40] or "data"

@@ -1,0 +1,135 @@
+"""What the device can do: which dtype to train in, its peak FLOP/s, and its memory.
+
+MFU is only meaningful against the peak of the dtype actually used on the device
+actually used, so the CPU peak is measured (best of a few large square matmuls) rather
+than looked up, and GPUs use their published dense peaks.
+"""
+
+from __future__ import annotations
+
+import functools
+import os
+import time
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+# Dense (no sparsity) tensor-core peaks in FLOP/s, by a substring of the device name.
+# bf16 where the GPU has it; fp16 for Volta/Turing, which have no bf16 units.
+GPU_PEAKS = [
+    ("H200", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
+    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12}),
+    ("H100", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
+    ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}),
+    ("L40S", {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12}),
+    ("L4", {"bf16": 121e12, "fp16": 121e12, "fp32": 30e12}),
+    ("A10", {"bf16": 125e12, "fp16": 125e12, "fp32": 31e12}),
+    ("RTX 4090", {"bf16": 165e12, "fp16": 165e12, "fp32": 82.6e12}),
+    ("RTX 3090", {"bf16": 71e12, "fp16": 71e12, "fp32": 35.6e12}),
+    ("V100", {"fp16": 125e12, "fp32": 15.7e12}),
+    ("T4", {"fp16": 65e12, "fp32": 8.1e12}),
+]
+
+
+@dataclass
+class DeviceInfo:
+    device: torch.device
+    name: str
+    dtype: str  # the dtype training runs in: fp32 | bf16 | fp16
+    peak_flops: Optional[float]  # for that dtype; None when unknown
+    peak_source: str  # "published" | "measured" | "unknown"
+    memory_bytes: int  # what a run may use: free GPU memory, or available RAM
+
+    @property
+    def is_cuda(self) -> bool:
+        return self.device.type == "cuda"
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dev = torch.device(name)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("train.device asks for CUDA but no GPU is visible; use train.device=cpu or auto.")
+    return dev
+
+
+@functools.lru_cache(maxsize=None)
+def measure_matmul_peak(dtype: str, size: int = 2048, repeats: int = 3) -> float:
+    """Best FLOP/s of a few square matmuls in ``dtype`` on the CPU (the same-run yardstick)."""
+    a = torch.randn(size, size, dtype=DTYPES[dtype])
+    b = torch.randn(size, size, dtype=DTYPES[dtype])
+    a @ b  # warm the kernels up
+    best = 0.0
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = max(best, 2 * size**3 / (time.perf_counter() - start))
+    return best
+
+
+def cpu_has_fast_bf16() -> bool:
+    """AMX or AVX512-BF16 make bf16 matmuls faster than fp32; without them bf16 is emulated
+    and several times slower, so auto picks fp32 there."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        return False
+    return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
+
+
+def resolve_dtype(requested: str, device: torch.device) -> str:
+    if requested not in ("auto", *DTYPES):
+        raise ValueError(f"train.dtype={requested!r} is unknown; use auto, bf16, fp32 or fp16.")
+    if requested != "auto":
+        if requested == "fp16" and device.type != "cuda":
+            raise ValueError("train.dtype=fp16 (with loss scaling) is for GPUs without bf16; on CPU use bf16 or fp32.")
+        if requested == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+            raise ValueError("this GPU has no bf16 support; use train.dtype=fp16 (loss-scaled) or fp32.")
+        return requested
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+    return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def available_memory(device: torch.device) -> int:
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
+
+
+def describe(device_name: str = "auto", dtype: str = "auto", measure: bool = True) -> DeviceInfo:
+    device = pick_device(device_name)
+    dt = resolve_dtype(dtype, device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+        peak = next((p.get(dt) for key, p in GPU_PEAKS if key in name), None)
+        source = "published" if peak else "unknown"
+    else:
+        name = _cpu_name()
+        peak = measure_matmul_peak(dt) if measure else None
+        source = "measured" if measure else "unknown"
+    return DeviceInfo(device, name, dt, peak, source, available_memory(device))
+
+
+def _cpu_name() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return f"{line.split(':', 1)[1].strip()} ({os.cpu_count()} cores)"
+    except OSError:
+        pass
+    return f"CPU ({os.cpu_count()} cores)"

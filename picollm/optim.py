@@ -1,0 +1,43 @@
+"""AdamW with weight decay on matmul weights only, and the warmup + cosine LR schedule."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Decay the 2-D matmul weights; leave embeddings, norm gains and biases alone
+    (decaying a lookup table or a gain only pulls it toward zero for no benefit)."""
+    embeddings = {id(m.weight) for m in model.modules() if isinstance(m, nn.Embedding)}
+    decay, no_decay, seen = [], [], set()
+    for p in model.parameters():
+        if not p.requires_grad or id(p) in seen:
+            continue
+        seen.add(id(p))
+        is_matmul = p.dim() == 2 and id(p) not in embeddings
+        (decay if is_matmul else no_decay).append(p)
+    return [
+        {"params": decay, "weight_decay": weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
+
+
+def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
+                   device: torch.device) -> torch.optim.AdamW:
+    # The fused kernel does the whole update in one pass; it exists for CUDA and CPU.
+    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=1e-8,
+                             fused=device.type in ("cuda", "cpu"))
+
+
+def lr_at(step: int, peak: float, warmup: int, total: int, min_ratio: float) -> float:
+    """Linear warmup over ``warmup`` steps to ``peak``, then cosine decay to
+    ``min_ratio * peak`` at the last step (``total - 1``)."""
+    if warmup > 0 and step < warmup:
+        return peak * (step + 1) / warmup
+    decay_steps = max(1, total - 1 - warmup)
+    progress = min(1.0, (step - warmup) / decay_steps)
+    cosine = 0.5 * (1 + math.cos(math.pi * progress))
+    return peak * (min_ratio + (1 - min_ratio) * cosine)

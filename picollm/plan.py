@@ -1,0 +1,373 @@
+"""The run plan: model shape, token budget and hyperparameters derived from the budget.
+
+    python -m picollm.plan budget.compute=1e15            # the plan card
+    python -m picollm.plan budget.minutes=10 plan.format=json
+
+Rules (README "How N and D are derived"):
+- budget.compute=C: N_opt = sqrt(C / (6 r)); the depth whose N is nearest (log scale);
+  D = C / flops_per_token.  budget.params=N: nearest depth, D = r N.  budget.tokens=D:
+  N = D / r unless the model is explicit.  budget.minutes=M: a short probe measures this
+  machine's training FLOP/s, C = FLOP/s * 60 M, then as for compute.  No budget and an
+  explicit model: D = r N.
+- Global batch (tokens) ~ 0.292 C^0.3271 and peak LR ~ 0.3118 C^-0.125 (the compute-
+  optimal hyperparameter fits of DeepSeek LLM, Bi et al. 2024), LR capped at 3e-3; batch
+  rounded to a power of two in sequences and halved while the run would have < 50 steps.
+- Warmup: warmup_frac of the steps. Cosine decay to min_lr_ratio * peak at the last step.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import warnings
+from dataclasses import asdict, dataclass, field
+from typing import Callable, Optional
+
+from omegaconf import DictConfig
+
+from picollm.config import ConfigError, load_config, parse_cli
+from picollm.model import GPTConfig
+from picollm.scaling import chinchilla_optimal
+
+# n_vocab of tiktoken's named encodings, so planning never needs their files.
+NAMED_VOCABS = {"gpt2": 50257, "r50k_base": 50257, "p50k_base": 50281, "cl100k_base": 100277,
+                "o200k_base": 200019}
+LR_CAP = 3e-3
+MIN_STEPS = 50
+ASSUMED_MFU = {"cuda": 0.35, "cpu": 0.3}  # for the wall-clock estimate when nothing was measured
+
+
+def vocab_size_for(tok: DictConfig) -> int:
+    if tok.name == "bpe":
+        if not 257 < tok.vocab_size < 2**32:
+            raise ConfigError(f"tokenizer.vocab_size={tok.vocab_size} must be above 257 (256 bytes + BOS) "
+                              "and below 2**32 (the largest shard token dtype).")
+        return int(tok.vocab_size)
+    if tok.name not in NAMED_VOCABS:
+        raise ConfigError(f"tokenizer.name={tok.name!r} is unknown; use bpe or one of {', '.join(NAMED_VOCABS)}.")
+    return NAMED_VOCABS[tok.name]
+
+
+def model_config(m: DictConfig, vocab_size: int, depth: Optional[int] = None) -> GPTConfig:
+    """GPTConfig from the model group: explicit n_layer/d_model, or one depth knob."""
+    common = dict(seq_len=m.seq_len, vocab_size=vocab_size, arch=m.arch, mlp_hidden=m.mlp_hidden,
+                  qk_norm=m.qk_norm, rope_theta=m.rope_theta)
+    try:
+        if depth is None and m.n_layer is not None:
+            if m.d_model is None:
+                raise ConfigError("model.n_layer is set but model.d_model is not; set both, or use model.depth.")
+            n_head = m.n_head or max(1, m.d_model // m.head_dim)
+            return GPTConfig(n_layer=m.n_layer, d_model=m.d_model, n_head=n_head, **common)
+        depth = depth if depth is not None else m.depth
+        if depth is None:
+            raise ConfigError("no model size: set model.depth, model.n_layer+model.d_model, or a budget.")
+        return GPTConfig.from_depth(depth, aspect_ratio=m.aspect_ratio, head_dim=m.head_dim, **common)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
+
+
+def model_is_explicit(m: DictConfig) -> bool:
+    return m.n_layer is not None or m.depth is not None
+
+
+def nearest_model(m: DictConfig, vocab_size: int, n_target: float) -> GPTConfig:
+    """The depth whose N is nearest to ``n_target`` in log space."""
+    best = None
+    for depth in range(1, m.max_depth + 1):
+        cand = model_config(m, vocab_size, depth)
+        gap = abs(math.log(cand.num_params() / n_target))
+        if best is None or gap < best[0]:
+            best = (gap, cand)
+    return best[1]
+
+
+def estimate_memory(gcfg: GPTConfig, micro_batch: int, dtype: str, activation_checkpointing: bool) -> dict:
+    """Peak training memory in bytes, by part. Weights, gradients and AdamW's two moments
+    are fp32; activations are what autograd keeps per layer (about 12 d + 4 h values per
+    token for this block shape, 2 bytes each under bf16/fp16 autocast), or only each
+    block's input under activation checkpointing plus one block being recomputed; the
+    logits add about 3 fp32 copies of (tokens x vocab) for softmax and its gradient."""
+    total = gcfg.num_params(total=True)
+    tokens = micro_batch * gcfg.seq_len
+    act_bytes = 4 if dtype == "fp32" else 2
+    per_layer = tokens * (12 * gcfg.d_model + 4 * gcfg.hidden) * act_bytes
+    if activation_checkpointing:
+        activations = gcfg.n_layer * tokens * gcfg.d_model * act_bytes + per_layer
+    else:
+        activations = gcfg.n_layer * per_layer
+    logits = 3 * tokens * gcfg.vocab_size * 4
+    parts = {"weights": 4 * total, "gradients": 4 * total, "optimizer": 8 * total,
+             "activations": activations + logits}
+    parts["total"] = sum(parts.values())
+    return parts
+
+
+@dataclass
+class Plan:
+    model: dict
+    n_params: int
+    n_params_total: int
+    n_tokens: int
+    tokens_per_param: float
+    flops_per_token: int
+    compute: float
+    steps: int
+    tokens_per_step: int
+    batch_seqs: int
+    micro_batch: int
+    accum_steps: int
+    world_size: int
+    warmup_steps: int
+    lr: float
+    min_lr: float
+    eval_every: int
+    save_every: int
+    est_seconds: float
+    est_source: str
+    budget: str
+    device: str
+    dtype: str
+    peak_flops: Optional[float]
+    memory: dict
+    memory_available: int
+    epochs: Optional[float] = None
+    data_tokens: Optional[int] = None
+    warnings: list = field(default_factory=list)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    def gpt_config(self) -> GPTConfig:
+        return GPTConfig(**self.model)
+
+    def with_data(self, train_tokens: int, corpus_exhausted: bool) -> "Plan":
+        """Fill in epochs once the data is prepared (only known then)."""
+        self.data_tokens = int(train_tokens)
+        self.epochs = self.n_tokens / train_tokens if corpus_exhausted else min(1.0, self.n_tokens / train_tokens)
+        if self.epochs > 4:
+            msg = (f"the run repeats its data {self.epochs:.1f} times (more than ~4 epochs stops helping, "
+                   "Muennighoff et al. 2023); use a larger corpus or a smaller budget.")
+            self.warnings.append(msg)
+            warnings.warn(msg)
+        return self
+
+    def card(self) -> str:
+        g = self.model
+        mem = self.memory
+        lines = [
+            "── picollm run plan " + "─" * 44,
+            f"budget       {self.budget}",
+            f"model        {g['arch']}  n_layer={g['n_layer']} d_model={g['d_model']} n_head={g['n_head']} "
+            f"seq_len={g['seq_len']} vocab={g['vocab_size']}",
+            f"params       N={_si(self.n_params)} (matmul weights incl. LM head), total {_si(self.n_params_total)}",
+            f"tokens       D={_si(self.n_tokens)}  D/N={self.tokens_per_param:.1f}",
+            f"compute      C={self.compute:.3e} FLOPs  ({_si(self.flops_per_token)} FLOPs/token)",
+            f"batch        {_si(self.tokens_per_step)} tokens/step = {self.batch_seqs} seqs "
+            f"= {self.world_size} proc x {self.micro_batch} micro x {self.accum_steps} accum",
+            f"schedule     {self.steps} steps, warmup {self.warmup_steps}, lr {self.lr:.2e} -> {self.min_lr:.2e} (cosine)",
+            f"device       {self.device}, {self.dtype}, peak "
+            + (f"{self.peak_flops / 1e12:.3g} TFLOP/s" if self.peak_flops else "unknown"),
+            f"time         ~{_duration(self.est_seconds)} ({self.est_source})",
+            f"memory       ~{_gib(mem['total'])} peak (weights {_gib(mem['weights'])}, grads {_gib(mem['gradients'])}, "
+            f"adam {_gib(mem['optimizer'])}, activations {_gib(mem['activations'])}) of {_gib(self.memory_available)}",
+            "data         " + (f"{_si(self.data_tokens)} train tokens available, {self.epochs:.2f} epochs"
+                               if self.epochs is not None else "not prepared yet (epochs known after prepare)"),
+        ]
+        lines += [f"warning      {w}" for w in self.warnings]
+        return "\n".join(lines + ["─" * 64])
+
+
+def make_plan(cfg: DictConfig, device_info, world_size: int = 1,
+              measure_flops: Optional[Callable[[GPTConfig, int], float]] = None) -> Plan:
+    """Resolve the budget into a full plan. ``measure_flops(gpt_cfg, micro_batch)`` returns
+    achieved training FLOP/s on this machine; budget.minutes needs it."""
+    b, t = cfg.budget, cfg.train
+    vocab = vocab_size_for(cfg.tokenizer)
+    chosen = [k for k in ("compute", "params", "tokens", "minutes") if b[k] is not None]
+    if len(chosen) > 1:
+        raise ConfigError(f"budget sets {' and '.join('budget.' + k for k in chosen)}; set only one of them.")
+    for k in chosen:
+        if not b[k] > 0:
+            raise ConfigError(f"budget.{k}={b[k]} must be positive.")
+    if b.tokens_per_param <= 0:
+        raise ConfigError(f"budget.tokens_per_param={b.tokens_per_param} must be positive.")
+    r = b.tokens_per_param
+    explicit = model_is_explicit(cfg.model)
+    measured_rate = None
+
+    if "minutes" in chosen:
+        if measure_flops is None:
+            raise ConfigError("budget.minutes needs a throughput probe on this machine; run it through picollm.train or picollm.plan.")
+        seconds = 60.0 * b.minutes
+        # First guess from the peak, then re-measure on the chosen shape until it settles.
+        rate = (device_info.peak_flops or 1e12) * ASSUMED_MFU[device_info.device.type]
+        gcfg, tried = None, set()
+        for _ in range(3):
+            guess = model_config(cfg.model, vocab) if explicit else nearest_model(cfg.model, vocab, chinchilla_optimal(rate * seconds, r)[0])
+            if (guess.n_layer, guess.d_model) in tried:
+                break
+            tried.add((guess.n_layer, guess.d_model))
+            gcfg = guess
+            rate = measure_flops(gcfg, _probe_micro_batch(t, gcfg))
+            if explicit:
+                break
+        if not explicit:
+            gcfg = nearest_model(cfg.model, vocab, chinchilla_optimal(rate * seconds, r)[0])
+        measured_rate = rate
+        compute = rate * seconds
+        n_tokens = compute / gcfg.flops_per_token()
+        budget = f"{b.minutes:g} min at a measured {rate / 1e9:.3g} GFLOP/s -> C={compute:.3e}"
+    elif "compute" in chosen:
+        gcfg = model_config(cfg.model, vocab) if explicit else nearest_model(cfg.model, vocab, chinchilla_optimal(b.compute, r)[0])
+        n_tokens, budget = b.compute / gcfg.flops_per_token(), f"compute C={b.compute:.3e} FLOPs"
+    elif "params" in chosen:
+        if explicit:
+            raise ConfigError("budget.params picks the model size, but the model is set explicitly; drop one of them.")
+        gcfg = nearest_model(cfg.model, vocab, b.params)
+        n_tokens, budget = r * gcfg.num_params(), f"params N~{_si(b.params)}, D = {r:g} N"
+    elif "tokens" in chosen:
+        gcfg = model_config(cfg.model, vocab) if explicit else nearest_model(cfg.model, vocab, b.tokens / r)
+        n_tokens, budget = b.tokens, f"tokens D={_si(b.tokens)}"
+    else:
+        if not explicit and t.steps is None:
+            raise ConfigError("no budget: set one of budget.compute, budget.params, budget.tokens, budget.minutes, "
+                              "or give an explicit model (model.depth or model.n_layer+model.d_model).")
+        gcfg = model_config(cfg.model, vocab)
+        n_tokens, budget = r * gcfg.num_params(), f"explicit model, D = {r:g} N"
+
+    fpt = gcfg.flops_per_token()
+    compute_est = fpt * n_tokens
+    seq = gcfg.seq_len
+
+    # Global batch in sequences.
+    if t.batch_tokens is not None:
+        if t.batch_tokens % seq:
+            raise ConfigError(f"train.batch_tokens={t.batch_tokens} is not a multiple of model.seq_len={seq}; "
+                              f"use a multiple such as {max(1, round(t.batch_tokens / seq)) * seq}.")
+        batch_seqs = t.batch_tokens // seq
+    else:
+        batch_seqs = _pow2(max(1.0, 0.292 * compute_est ** 0.3271 / seq))
+        if t.steps is None:
+            while batch_seqs > world_size and n_tokens / (batch_seqs * seq) < MIN_STEPS:
+                batch_seqs //= 2
+        batch_seqs = max(batch_seqs, world_size)
+        batch_seqs += (-batch_seqs) % world_size
+    if batch_seqs % world_size:
+        raise ConfigError(f"global batch of {batch_seqs} sequences is not divisible by the world size {world_size}; "
+                          f"set train.batch_tokens to a multiple of {world_size * seq}.")
+    tokens_per_step = batch_seqs * seq
+
+    if t.steps is not None:
+        if t.steps < 1:
+            raise ConfigError(f"train.steps={t.steps} must be at least 1.")
+        steps = int(t.steps)
+    else:
+        if n_tokens < tokens_per_step:
+            raise ConfigError(f"the budget gives {_si(n_tokens)} tokens, less than one step of {_si(tokens_per_step)} tokens; "
+                              "raise the budget or lower train.batch_tokens.")
+        steps = int(round(n_tokens / tokens_per_step))
+    n_tokens = steps * tokens_per_step
+    compute = fpt * n_tokens
+
+    micro, memory = _micro_batch(t, gcfg, batch_seqs // world_size, device_info)
+    accum = batch_seqs // (world_size * micro)
+
+    lr = t.lr if t.lr is not None else min(LR_CAP, 0.3118 * compute ** -0.125)
+    warmup = t.warmup_steps if t.warmup_steps is not None else int(round(t.warmup_frac * steps))
+    if warmup >= steps and steps > 1:
+        raise ConfigError(f"warmup of {warmup} steps does not fit in a {steps}-step run; lower train.warmup_steps.")
+
+    if measured_rate is not None:
+        est, source = compute / measured_rate, "measured throughput"
+    elif device_info.peak_flops:
+        mfu = ASSUMED_MFU[device_info.device.type]
+        est, source = compute / (device_info.peak_flops * mfu * world_size), f"assuming {mfu:.0%} MFU"
+    else:
+        est, source = float("nan"), "no peak known for this device"
+
+    every = max(1, steps // 10)
+    return Plan(
+        model=asdict(gcfg), n_params=gcfg.num_params(), n_params_total=gcfg.num_params(total=True),
+        n_tokens=n_tokens, tokens_per_param=n_tokens / gcfg.num_params(), flops_per_token=fpt,
+        compute=float(compute), steps=steps, tokens_per_step=tokens_per_step, batch_seqs=batch_seqs,
+        micro_batch=micro, accum_steps=accum, world_size=world_size, warmup_steps=warmup, lr=float(lr),
+        min_lr=float(lr * t.min_lr_ratio), eval_every=t.eval_every or every, save_every=t.save_every or every,
+        est_seconds=float(est), est_source=source, budget=budget, device=device_info.name,
+        dtype=device_info.dtype, peak_flops=device_info.peak_flops, memory=memory,
+        memory_available=device_info.memory_bytes,
+    )
+
+
+def _probe_micro_batch(t: DictConfig, gcfg: GPTConfig) -> int:
+    return t.micro_batch or 8
+
+
+def _micro_batch(t: DictConfig, gcfg: GPTConfig, per_rank: int, device_info) -> tuple[int, dict]:
+    """The requested micro-batch, or the largest power of two dividing the per-process
+    batch that fits in 85% of the device's memory (CPU: at most 16, larger gains nothing)."""
+    limit = 0.85 * device_info.memory_bytes
+    mem = lambda b: estimate_memory(gcfg, b, device_info.dtype, t.activation_checkpointing)
+    if t.micro_batch is not None:
+        if t.micro_batch < 1 or per_rank % t.micro_batch:
+            raise ConfigError(f"train.micro_batch={t.micro_batch} does not divide the {per_rank} sequences each process "
+                              "takes per step; pick a divisor or change train.batch_tokens.")
+        if mem(t.micro_batch)["total"] > limit:
+            raise ConfigError(f"train.micro_batch={t.micro_batch} needs ~{_gib(mem(t.micro_batch)['total'])} but only "
+                              f"{_gib(device_info.memory_bytes)} is available; lower it or set train.activation_checkpointing=true.")
+        return t.micro_batch, mem(t.micro_batch)
+    cap = 64 if device_info.is_cuda else 16
+    b = 1
+    while b * 2 <= min(per_rank, cap) and per_rank % (b * 2) == 0:
+        b *= 2
+    while b > 1 and mem(b)["total"] > limit:
+        b //= 2
+    if mem(b)["total"] > limit:
+        raise ConfigError(f"the model needs ~{_gib(mem(b)['total'])} even at micro-batch 1 but only "
+                          f"{_gib(device_info.memory_bytes)} is available; use a smaller model or seq_len, "
+                          "or train.activation_checkpointing=true.")
+    return b, mem(b)
+
+
+def _pow2(x: float) -> int:
+    return 2 ** max(0, int(round(math.log2(x))))
+
+
+def _si(x: float) -> str:
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.3g}{unit}"
+    return f"{x:.3g}"
+
+
+def _gib(x: float) -> str:
+    return f"{x / 2**30:.2f} GiB" if x >= 2**28 else f"{x / 2**20:.0f} MiB"
+
+
+def _duration(s: float) -> str:
+    if not math.isfinite(s):
+        return "unknown"
+    return f"{s / 3600:.1f} h" if s >= 5400 else f"{s / 60:.1f} min" if s >= 90 else f"{s:.0f} s"
+
+
+def main(argv: Optional[list] = None) -> None:
+    from picollm import hardware
+    from picollm.throughput import measure_train_flops
+
+    overrides = parse_cli(sys.argv[1:] if argv is None else argv,
+                          "usage: python -m picollm.plan [overrides...]  (plan.format=json for JSON only)")
+    try:
+        cfg = load_config(overrides)
+        info = hardware.describe(cfg.train.device, cfg.train.dtype)
+        probe = lambda g, mb: measure_train_flops(g, mb, info, cfg.budget.probe_seconds)
+        plan = make_plan(cfg, info, world_size=1, measure_flops=probe)
+    except ConfigError as err:
+        raise SystemExit(f"error: {err}")
+    if cfg.plan.format == "json":
+        print(json.dumps(plan.to_dict(), indent=2))
+    else:
+        print(plan.card())
+
+
+if __name__ == "__main__":
+    main()
