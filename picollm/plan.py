@@ -22,11 +22,14 @@ import math
 import sys
 import warnings
 from dataclasses import asdict, dataclass, field
+from pathlib import Path
 from typing import Callable, Optional
 
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 
-from picollm.config import ConfigError, load_config, parse_cli
+from picollm import dist, hardware
+
+from picollm.config import ConfigError, load_config, parse_cli, to_yaml
 from picollm.model import GPTConfig
 from picollm.scaling import chinchilla_optimal
 
@@ -131,6 +134,7 @@ class Plan:
     peak_flops: Optional[float]
     memory: dict
     memory_available: int
+    stream_tokens: int = 0  # train tokens the loader reads; fixed at planning so resumes keep the order
     epochs: Optional[float] = None
     data_tokens: Optional[int] = None
     warnings: list = field(default_factory=list)
@@ -143,7 +147,8 @@ class Plan:
 
     def with_data(self, train_tokens: int, corpus_exhausted: bool) -> "Plan":
         """Fill in epochs once the data is prepared (only known then)."""
-        self.data_tokens = int(train_tokens)
+        self.data_tokens = int(min(train_tokens, self.stream_tokens))
+        train_tokens = self.data_tokens
         self.epochs = self.n_tokens / train_tokens if corpus_exhausted else min(1.0, self.n_tokens / train_tokens)
         if self.epochs > 4:
             msg = (f"the run repeats its data {self.epochs:.1f} times (more than ~4 epochs stops helping, "
@@ -295,8 +300,86 @@ def make_plan(cfg: DictConfig, device_info, world_size: int = 1,
         min_lr=float(lr * t.min_lr_ratio), eval_every=t.eval_every or every, save_every=t.save_every or every,
         est_seconds=float(est), est_source=source, budget=budget, device=device_info.name,
         dtype=device_info.dtype, peak_flops=device_info.peak_flops, memory=memory,
-        memory_available=device_info.memory_bytes,
+        memory_available=device_info.memory_bytes, stream_tokens=n_tokens + seq + 1,
     )
+
+
+# Settings that may change between the plan and a resume without changing the run.
+HARMLESS = ("train.eval_every", "train.save_every", "train.log_every", "train.keep_checkpoints", "train.resume",
+            "train.eval_tokens", "train.num_threads", "train.compile", "train.device", "wandb", "sample", "plan",
+            "run_dir", "budget.probe_seconds", "data.cache_dir", "extra")
+
+
+def _strip_harmless(container: dict) -> dict:
+    out = json.loads(json.dumps(container))
+    for key in HARMLESS:
+        node, *rest = key.split(".")
+        if not rest:
+            out.pop(node, None)
+        elif isinstance(out.get(node), dict):
+            out[node].pop(rest[0], None)
+    return out
+
+
+def config_changes(old: dict, new: dict) -> list[str]:
+    """Dotted names of the fields that differ, ignoring harmless ones."""
+    a, b = _strip_harmless(old), _strip_harmless(new)
+    changed = []
+    for group in sorted(set(a) | set(b)):
+        x, y = a.get(group), b.get(group)
+        if isinstance(x, dict) and isinstance(y, dict):
+            changed += [f"{group}.{k}" for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k)]
+        elif x != y:
+            changed.append(group)
+    return changed
+
+
+def plan_for_run(cfg: DictConfig, device: hardware.DeviceInfo, info: dist.DistInfo, run_dir: Path,
+                 resume_state: Optional[dict]) -> Plan:
+    """Reuse the plan saved in run_dir when the config is the same (a rerun, a resume,
+    a budget.minutes run that must not re-probe); otherwise plan afresh on rank 0."""
+    current = OmegaConf.to_container(cfg, resolve=True)
+    saved_cfg = run_dir / "config.yaml"
+    saved_plan = run_dir / "plan.json"
+    if resume_state is not None:
+        changed = config_changes(resume_state["config"], current)
+        extend = changed == ["train.steps"]
+        if changed and not extend:
+            raise ConfigError(f"run_dir {run_dir} holds a run with a different {', '.join(changed)}; resuming would "
+                              "mix two runs. Restore those settings, or use a new run_dir.")
+        plan = Plan(**resume_state["plan"])
+        if extend:
+            if cfg.train.steps < resume_state["step"]:
+                raise ConfigError(f"train.steps={cfg.train.steps} is below the {resume_state['step']} steps already done.")
+            print(f"extending the run from {plan.steps} to {cfg.train.steps} steps; the cosine schedule is "
+                  "stretched to the new end and the data stream keeps its length (more epochs).")
+            plan.steps, plan.n_tokens = int(cfg.train.steps), int(cfg.train.steps) * plan.tokens_per_step
+            plan.compute = float(plan.n_tokens * plan.flops_per_token)
+        return plan
+    plan = None
+    if info.is_main and saved_plan.exists() and saved_cfg.exists():
+        old = OmegaConf.to_container(OmegaConf.load(saved_cfg), resolve=True)
+        if not config_changes(old, current):
+            plan = Plan(**json.loads(saved_plan.read_text()))
+            plan.warnings = []
+    error = None
+    if info.is_main and plan is None:
+        try:
+            plan = make_plan(cfg, device, world_size=info.world_size, measure_flops=_probe(cfg, device))
+        except ConfigError as err:
+            error = str(err)
+    error = dist.broadcast_object(error)
+    if error:
+        raise ConfigError(error)
+    return dist.broadcast_object(plan)
+
+
+def save_plan(run_dir: Path, cfg: DictConfig, plan: Plan) -> None:
+    """Write plan.json and the resolved config.yaml that produced it into run_dir."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.yaml").write_text(to_yaml(cfg))
+    (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
 
 
 def _probe_micro_batch(t: DictConfig, gcfg: GPTConfig) -> int:
@@ -350,18 +433,26 @@ def _duration(s: float) -> str:
     return f"{s / 3600:.1f} h" if s >= 5400 else f"{s / 60:.1f} min" if s >= 90 else f"{s:.0f} s"
 
 
+def _probe(cfg: DictConfig, device) -> Callable:
+    from picollm.throughput import measure_train_flops
+
+    return lambda gcfg, micro: measure_train_flops(gcfg, micro, device, cfg.budget.probe_seconds)
+
+
 def main(argv: Optional[list] = None) -> None:
     from picollm import hardware
-    from picollm.throughput import measure_train_flops
 
     overrides = parse_cli(sys.argv[1:] if argv is None else argv,
                           "usage: python -m picollm.plan [overrides...]  (plan.format=json for JSON only)")
     try:
         cfg = load_config(overrides)
-        info = hardware.describe(cfg.train.device, cfg.train.dtype)
-        probe = lambda g, mb: measure_train_flops(g, mb, info, cfg.budget.probe_seconds)
-        plan = make_plan(cfg, info, world_size=1, measure_flops=probe)
-    except ConfigError as err:
+        device = hardware.describe(cfg.train.device, cfg.train.dtype)
+        if cfg.run_dir:  # reuse or record the plan of that run
+            plan = plan_for_run(cfg, device, dist.DistInfo(), Path(cfg.run_dir), None)
+            save_plan(Path(cfg.run_dir), cfg, plan)
+        else:
+            plan = make_plan(cfg, device, measure_flops=_probe(cfg, device))
+    except (ConfigError, ValueError) as err:
         raise SystemExit(f"error: {err}")
     if cfg.plan.format == "json":
         print(json.dumps(plan.to_dict(), indent=2))

@@ -25,21 +25,15 @@ from omegaconf import DictConfig, OmegaConf
 
 from picollm import checkpoint as ckpt
 from picollm import dist, hardware
-from picollm.config import ConfigError, load_config, parse_cli, to_yaml
+from picollm.config import ConfigError, load_config, parse_cli
 from picollm.data.loader import PackedLoader
 from picollm.data.prepare import PreparedData, load_prepared, prepare_data, validate_tokenizer_config
 from picollm.data.sources import validate_source
 from picollm.evaluate import evaluate, token_byte_lengths
 from picollm.model import GPT
 from picollm.optim import lr_at, make_optimizer
-from picollm.plan import Plan, make_plan
-from picollm.throughput import autocast, measure_train_flops
-
-# Settings that may change between the plan and a resume without changing the run.
-HARMLESS = ("train.eval_every", "train.save_every", "train.log_every", "train.keep_checkpoints", "train.resume",
-            "train.eval_tokens", "train.num_threads", "train.compile", "train.device", "wandb", "sample", "plan",
-            "run_dir", "budget.probe_seconds", "data.cache_dir", "extra")
-
+from picollm.plan import Plan, plan_for_run, save_plan
+from picollm.throughput import autocast
 
 class TrainError(RuntimeError):
     pass
@@ -70,83 +64,12 @@ def resolve_run_dir(cfg: DictConfig, info: dist.DistInfo) -> Path:
     return run_dir
 
 
-def _strip_harmless(container: dict) -> dict:
-    out = json.loads(json.dumps(container))
-    for key in HARMLESS:
-        node, *rest = key.split(".")
-        if not rest:
-            out.pop(node, None)
-        elif isinstance(out.get(node), dict):
-            out[node].pop(rest[0], None)
-    return out
-
-
-def config_changes(old: dict, new: dict) -> list[str]:
-    """Dotted names of the fields that differ, ignoring harmless ones."""
-    a, b = _strip_harmless(old), _strip_harmless(new)
-    changed = []
-    for group in sorted(set(a) | set(b)):
-        x, y = a.get(group), b.get(group)
-        if isinstance(x, dict) and isinstance(y, dict):
-            changed += [f"{group}.{k}" for k in sorted(set(x) | set(y)) if x.get(k) != y.get(k)]
-        elif x != y:
-            changed.append(group)
-    return changed
-
-
-def plan_run(cfg: DictConfig, device: hardware.DeviceInfo, info: dist.DistInfo, run_dir: Path,
-             resume_state: Optional[dict]) -> Plan:
-    """Reuse the plan saved in run_dir when the config is the same (a rerun, a resume,
-    a budget.minutes run that must not re-probe); otherwise plan afresh on rank 0."""
-    current = OmegaConf.to_container(cfg, resolve=True)
-    saved_cfg = run_dir / "config.yaml"
-    saved_plan = run_dir / "plan.json"
-    if resume_state is not None:
-        changed = config_changes(resume_state["config"], current)
-        extend = changed == ["train.steps"]
-        if changed and not extend:
-            raise TrainError(f"run_dir {run_dir} holds a run with a different {', '.join(changed)}; resuming would "
-                             "mix two runs. Restore those settings, or use a new run_dir.")
-        plan = Plan(**resume_state["plan"])
-        if extend:
-            if cfg.train.steps < resume_state["step"]:
-                raise TrainError(f"train.steps={cfg.train.steps} is below the {resume_state['step']} steps already done.")
-            log(f"extending the run from {plan.steps} to {cfg.train.steps} steps; the cosine schedule is "
-                f"stretched to the new end.", info)
-            plan.steps, plan.n_tokens = int(cfg.train.steps), int(cfg.train.steps) * plan.tokens_per_step
-            plan.compute = float(plan.n_tokens * plan.flops_per_token)
-        return plan
-    plan = None
-    if info.is_main and saved_plan.exists() and saved_cfg.exists():
-        old = OmegaConf.to_container(OmegaConf.load(saved_cfg), resolve=True)
-        if not config_changes(old, current):
-            plan = Plan(**json.loads(saved_plan.read_text()))
-            plan.warnings = []
-    error = None
-    if info.is_main and plan is None:
-        probe = lambda g, mb: measure_train_flops(g, mb, device, cfg.budget.probe_seconds)
-        try:
-            plan = make_plan(cfg, device, world_size=info.world_size, measure_flops=probe)
-        except ConfigError as err:
-            error = str(err)
-    error = dist.broadcast_object(error)
-    if error:
-        raise ConfigError(error)
-    return dist.broadcast_object(plan)
-
-
-def tokens_needed(plan: Plan) -> int:
-    """Train tokens a run reads: its budget plus the one-token overlap of the last window."""
-    return plan.n_tokens + plan.model["seq_len"] + 1
-
-
 def prepare(cfg: DictConfig, plan: Plan, info: dist.DistInfo) -> PreparedData:
     """Rank 0 prepares (or reuses) the data; the others wait and then load it."""
-    need = tokens_needed(plan)
     result, error = None, None
     if info.is_main:
         try:
-            result = prepare_data(cfg.data, cfg.tokenizer, need)
+            result = prepare_data(cfg.data, cfg.tokenizer, plan.stream_tokens)
         except Exception as err:  # report on every rank, then stop
             error = f"data preparation failed: {err}"
     error = dist.broadcast_object(error)
@@ -220,18 +143,16 @@ def _run(cfg: DictConfig, info: dist.DistInfo) -> dict:
 
     resume_path = _find_resume(cfg, run_dir)
     resume_state = ckpt.load_checkpoint(resume_path) if resume_path else None
-    plan = plan_run(cfg, device, info, run_dir, resume_state)
+    plan = plan_for_run(cfg, device, info, run_dir, resume_state)
     if plan.world_size != info.world_size:
         raise TrainError(f"this run was planned for {plan.world_size} processes, not {info.world_size}; "
                          "launch it with the same number of processes.")
-    if info.is_main:
-        (run_dir / "config.yaml").write_text(to_yaml(cfg))
     log(plan.card(), info)
 
     data = prepare(cfg, plan, info)
     plan.with_data(data.n_train_tokens, data.corpus_exhausted)
     if info.is_main:
-        (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
+        save_plan(run_dir, cfg, plan)
         log(f"data         {data.dir} ({data.n_train_tokens:,} train / {data.n_val_tokens:,} val tokens, "
             f"{plan.epochs:.2f} epochs{', reused' if data.reused else ''})", info)
         _copy_tokenizer(data, run_dir)
@@ -248,7 +169,7 @@ def _run(cfg: DictConfig, info: dist.DistInfo) -> dict:
     # max_tokens pins the stream length, so a cache later rebuilt larger by another run
     # (a strict superset: same prefix) leaves this run's sample order unchanged.
     loader = PackedLoader(data.train_shards, gcfg.seq_len, plan.batch_seqs, plan.micro_batch, t.seed,
-                          info.rank, info.world_size, max_tokens=tokens_needed(plan))
+                          info.rank, info.world_size, max_tokens=plan.stream_tokens)
 
     start_step, stats = 0, {"skipped_steps": 0, "best_val_loss": None, "train_seconds": 0.0}
     if resume_state is not None:

@@ -478,3 +478,36 @@ def load_prepared(directory: str | os.PathLike) -> PreparedData:
         n_docs=int(meta["n_docs"]),
         meta=meta,
     )
+
+
+def main(argv: list[str] | None = None) -> None:
+    """`python -m picollm.data.prepare [overrides]`: train the tokenizer and write the shards
+    a run's plan needs (the speedrun's tokenizer and data stages). Reuses what exists."""
+    import sys
+
+    from picollm import hardware
+    from picollm.config import ConfigError, load_config, parse_cli
+    from picollm.dist import DistInfo
+    from picollm.plan import make_plan, plan_for_run, save_plan
+
+    overrides = parse_cli(sys.argv[1:] if argv is None else argv,
+                          "usage: python -m picollm.data.prepare [overrides...]  (the same overrides as train)")
+    try:
+        cfg = load_config(overrides)
+        validate_tokenizer_config(cfg.tokenizer)
+        device = hardware.describe(cfg.train.device, cfg.train.dtype)
+        if cfg.run_dir:
+            plan = plan_for_run(cfg, device, DistInfo(), Path(cfg.run_dir), None)
+            save_plan(Path(cfg.run_dir), cfg, plan)
+        else:
+            plan = make_plan(cfg, device)
+        data = prepare_data(cfg.data, cfg.tokenizer, plan.stream_tokens)
+    except (ConfigError, ValueError, RuntimeError) as err:
+        raise SystemExit(f"error: {err}")
+    state = "reused" if data.reused else "prepared"
+    print(f"{state} {data.dir}: {data.n_train_tokens:,} train / {data.n_val_tokens:,} val tokens, "
+          f"vocabulary {data.vocab_size}, tokenizer {data.tokenizer_ref}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,25 @@
+"""Shared test setup: an isolated data cache, offline hubs, and tiny-run overrides."""
+
+import os
+import tempfile
+
+import pytest
+
+# Set before any config is composed: data.cache_dir resolves PICOLLM_CACHE at compose time.
+os.environ["PICOLLM_CACHE"] = tempfile.mkdtemp(prefix="picollm-test-cache-")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("WANDB_MODE", "disabled")
+
+# A run that takes seconds: 2-layer model, 300-token BPE on 150 stdlib files.
+TINY = [
+    "model=tiny", "model.seq_len=32", "tokenizer.vocab_size=300", "tokenizer.train_chars=300000",
+    "data.max_docs=150", "data.val_fraction=0.05", "train.eval_tokens=2048", "train.log_every=1000",
+    "budget.probe_seconds=0.5",
+]
+
+
+@pytest.fixture
+def tiny(tmp_path):
+    """Overrides for a tiny run in a fresh run_dir."""
+    return TINY + [f"run_dir={tmp_path / 'run'}"]

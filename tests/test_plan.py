@@ -1,0 +1,145 @@
+"""The budget planner against independent arithmetic, and its clear refusals."""
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from picollm.config import ConfigError, load_config
+from picollm.hardware import DeviceInfo
+from picollm.plan import estimate_memory, make_plan, model_config
+
+REPO = Path(__file__).resolve().parents[1]
+CPU = DeviceInfo(torch.device("cpu"), "test cpu", "fp32", 1e11, "measured", 16 * 2**30)
+
+
+def plan(*overrides, device=CPU, world_size=1, measure=None):
+    return make_plan(load_config(list(overrides)), device, world_size=world_size, measure_flops=measure)
+
+
+def test_compute_budget_picks_the_chinchilla_size():
+    C = 1e15
+    p = plan(f"budget.compute={C}", "tokenizer.vocab_size=2048")
+    n_opt = math.sqrt(C / (6 * 20))  # C = 6 N (20 N)
+    # The chosen depth is the nearest in log space among all depths.
+    cfg = load_config(["tokenizer.vocab_size=2048"]).model
+    sizes = [model_config(cfg, 2048, d).num_params() for d in range(1, 30)]
+    best = min(sizes, key=lambda n: abs(math.log(n / n_opt)))
+    assert p.n_params == best
+    # D = C / flops_per_token, up to rounding to whole steps.
+    assert p.n_tokens == pytest.approx(C / p.flops_per_token, rel=0.5 * p.tokens_per_step / p.n_tokens + 1e-9)
+    assert p.compute == p.flops_per_token * p.n_tokens
+    assert p.tokens_per_step * p.steps == p.n_tokens
+
+
+def test_params_budget_gives_twenty_tokens_per_param():
+    p = plan("budget.params=5e6", "tokenizer.vocab_size=4096")
+    assert p.n_tokens == pytest.approx(20 * p.n_params, rel=p.tokens_per_step / p.n_tokens)
+    p = plan("budget.params=5e6", "budget.tokens_per_param=100", "tokenizer.vocab_size=4096")
+    assert p.tokens_per_param == pytest.approx(100, rel=0.02)
+
+
+def test_tokens_budget_is_exact_in_whole_steps():
+    p = plan("model=tiny", "budget.tokens=65536", "train.batch_tokens=4096")
+    assert p.n_tokens == 65536 and p.steps == 16
+
+
+def test_explicit_model_defaults_to_twenty_tokens_per_param():
+    p = plan("model=reference")
+    assert p.n_params == 13_762_560  # 6 * (4*384^2 + 3*384*1024) + 384*8192
+    assert p.n_tokens == pytest.approx(20 * p.n_params, rel=p.tokens_per_step / p.n_tokens)
+
+
+def test_minutes_budget_converts_measured_throughput_into_compute():
+    calls = []
+
+    def measure(gcfg, micro):
+        calls.append(gcfg.num_params())
+        return 2e10  # FLOP/s
+
+    p = plan("budget.minutes=10", "tokenizer.vocab_size=2048", measure=measure)
+    assert calls, "the probe was not run"
+    C = 2e10 * 600
+    assert p.compute == pytest.approx(C, rel=p.tokens_per_step / p.n_tokens + 1e-6)
+    assert p.est_seconds == pytest.approx(600, rel=0.05)
+    assert p.est_source == "measured throughput"
+
+
+def test_derived_hyperparameters_follow_the_documented_rules():
+    p = plan("budget.compute=1e18", "tokenizer.vocab_size=32768", "model.seq_len=1024")
+    assert p.lr == pytest.approx(min(3e-3, 0.3118 * p.compute ** -0.125))
+    raw = 0.292 * (p.flops_per_token * 1e18 / p.flops_per_token) ** 0.3271 / 1024
+    assert p.batch_seqs == 2 ** round(math.log2(raw))
+    assert p.warmup_steps == round(0.03 * p.steps)
+    assert p.min_lr == pytest.approx(0.1 * p.lr)
+    p = plan("budget.compute=1e18", "tokenizer.vocab_size=32768", "train.lr=1e-3", "train.warmup_steps=7")
+    assert p.lr == 1e-3 and p.warmup_steps == 7
+
+
+def test_plan_json_has_the_documented_keys():
+    keys = {"n_params", "n_params_total", "n_tokens", "tokens_per_param", "flops_per_token", "compute", "steps",
+            "tokens_per_step", "warmup_steps", "lr", "est_seconds"}
+    assert keys <= set(plan("model=tiny").to_dict())
+
+
+def test_memory_estimate_counts_adam_state_and_shrinks_with_checkpointing():
+    g = model_config(load_config(["model=reference"]).model, 8192)
+    full = estimate_memory(g, 16, "bf16", False)
+    ckpt = estimate_memory(g, 16, "bf16", True)
+    total = g.num_params(total=True)
+    assert full["weights"] == 4 * total and full["optimizer"] == 8 * total
+    assert ckpt["activations"] < full["activations"]
+
+
+def test_micro_batch_shrinks_to_fit_and_refuses_when_nothing_fits():
+    small = DeviceInfo(torch.device("cpu"), "small", "fp32", 1e11, "measured", 600 * 2**20)
+    p = plan("model=reference", "train.batch_tokens=16384", device=small)
+    assert p.micro_batch < 16 and p.memory["total"] <= 0.85 * small.memory_bytes
+    tiny_mem = DeviceInfo(torch.device("cpu"), "tiny", "fp32", 1e11, "measured", 64 * 2**20)
+    with pytest.raises(ConfigError, match="even at micro-batch 1"):
+        plan("model=reference", device=tiny_mem)
+    with pytest.raises(ConfigError, match="train.micro_batch=16 needs"):
+        plan("model=reference", "train.micro_batch=16", "train.batch_tokens=16384", device=small)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["model=tiny", "model.n_head=3"], "not divisible by model.n_head"),
+    (["model=tiny", "train.batch_tokens=100"], "not a multiple of model.seq_len"),
+    (["model=tiny", "train.batch_tokens=4096", "train.micro_batch=3"], "does not divide"),
+    (["model=tiny", "budget.tokens=10"], "less than one step"),
+    (["model=tiny", "budget.tokens=1000", "train.batch_tokens=4096"], "less than one step"),
+    (["budget.compute=1e15", "budget.tokens=1e6"], "set only one"),
+    (["budget.params=1e6", "model=tiny"], "model is set explicitly"),
+    (["budget.compute=-5"], "must be positive"),
+    (["tokenizer.vocab_size=5000000000"], "below 2\\*\\*32"),
+    (["tokenizer.name=nope", "model=tiny"], "tokenizer.name='nope' is unknown"),
+    (["model=tiny", "model.arch=mamba"], "model.arch='mamba' is unknown"),
+    ([], "no budget"),
+    (["model=tiny", "train.steps=10", "train.warmup_steps=10"], "does not fit"),
+])
+def test_configs_that_cannot_work_fail_with_one_clear_sentence(overrides, message):
+    with pytest.raises(ConfigError, match=message):
+        plan(*overrides)
+
+
+def test_batch_not_divisible_by_world_size():
+    with pytest.raises(ConfigError, match="not divisible by the world size 3"):
+        plan("model=tiny", "train.batch_tokens=256", world_size=3)
+
+
+def test_plan_cli_prints_only_json(tmp_path):
+    out = subprocess.run([sys.executable, "-m", "picollm.plan", "model=tiny", "plan.format=json"],
+                         cwd=REPO, capture_output=True, text=True, check=True)
+    data = json.loads(out.stdout)
+    assert data["n_params"] == 2 * (4 * 64 * 64 + 3 * 64 * 192) + 64 * 8192
+
+
+def test_plan_cli_error_is_one_line_and_exit_code_nonzero():
+    out = subprocess.run([sys.executable, "-m", "picollm.plan", "model=tiny", "model.n_head=3"],
+                         cwd=REPO, capture_output=True, text=True)
+    assert out.returncode != 0
+    assert out.stderr.strip().startswith("error: ") and len(out.stderr.strip().splitlines()) == 1

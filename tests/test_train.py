@@ -1,0 +1,137 @@
+"""The training loop end to end on tiny real runs (real tokenizer, shards, loader)."""
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from picollm.checkpoint import ckpt_dir, list_checkpoints, load_checkpoint
+from picollm.config import load_config
+from picollm.train import run
+
+
+def train(overrides):
+    cfg = load_config(overrides)
+    final = run(cfg)
+    run_dir = Path(cfg.run_dir)
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return final, run_dir, [r for r in records if r["kind"] == "train"], [r for r in records if r["kind"] == "eval"]
+
+
+def final_weights(run_dir):
+    step = list_checkpoints(run_dir)[-1]
+    return load_checkpoint(ckpt_dir(run_dir) / f"step_{step:07d}.pt")["model"]
+
+
+def test_tiny_run_learns_and_writes_its_outputs(tiny):
+    final, run_dir, steps, evals = train(tiny + ["budget.tokens=60000", "train.dtype=fp32"])
+    for name in ("config.yaml", "plan.json", "metrics.jsonl", "tokenizer.json", "final.json"):
+        assert (run_dir / name).exists(), name
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert len(steps) == plan["steps"] and steps[-1]["tokens"] == plan["n_tokens"]
+    assert evals[0]["step"] == 0 and evals[-1]["step"] == plan["steps"]
+    assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0, "validation loss did not fall"
+    assert math.isfinite(final["val_bpb"]) and final["val_bpb"] > 0
+    # FLOPs bookkeeping follows DESIGN: C = flops_per_token * tokens.
+    assert steps[-1]["flops"] == plan["flops_per_token"] * plan["n_tokens"]
+    # Warmup starts at peak/warmup and cosine ends at min_lr on the last step.
+    assert steps[0]["lr"] == pytest.approx(plan["lr"] / plan["warmup_steps"])
+    assert steps[-1]["lr"] == pytest.approx(plan["min_lr"])
+    assert all(r["mfu"] is not None and r["mfu"] > 0 for r in steps)
+    assert list_checkpoints(run_dir)[-1] == plan["steps"]
+
+
+def test_accumulation_matches_one_big_batch(tmp_path):
+    base = ["train.steps=4", "train.batch_tokens=256", "train.dtype=fp32", "train.warmup_steps=1",
+            "train.lr=3e-3"]
+    from tests.conftest import TINY
+    _, run_a, steps_a, _ = train(TINY + base + ["train.micro_batch=8", f"run_dir={tmp_path / 'a'}"])
+    _, run_b, steps_b, _ = train(TINY + base + ["train.micro_batch=2", f"run_dir={tmp_path / 'b'}"])
+    plan_b = json.loads((run_b / "plan.json").read_text())
+    assert plan_b["accum_steps"] == 4
+    for a, b in zip(steps_a, steps_b):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    wa, wb = final_weights(run_a), final_weights(run_b)
+    for k in wa:
+        torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
+
+
+def test_gradient_clipping_bounds_the_update(tmp_path):
+    """Adam's first step moves each weight by ~lr whatever the gradient scale, unless the
+    clipped gradient is far below eps: a clip of 1e-12 must freeze the weights."""
+    from tests.conftest import TINY
+    base = TINY + ["train.steps=1", "train.batch_tokens=128", "train.dtype=fp32", "train.warmup_steps=0",
+                   "train.lr=1e-2", "train.weight_decay=0"]
+    _, run_free, steps_free, _ = train(base + ["train.grad_clip=0", f"run_dir={tmp_path / 'free'}"])
+    _, run_clip, steps_clip, _ = train(base + ["train.grad_clip=1e-12", f"run_dir={tmp_path / 'clip'}"])
+    # The logged norm is the one before clipping, the same in both runs.
+    assert steps_free[0]["grad_norm"] == pytest.approx(steps_clip[0]["grad_norm"], rel=1e-6)
+    torch.manual_seed(1337)
+    from picollm.model import GPT
+    from picollm.plan import Plan
+    init = GPT(Plan(**json.loads((run_free / "plan.json").read_text())).gpt_config()).state_dict()
+    w_free, w_clip = final_weights(run_free), final_weights(run_clip)
+    key = "blocks.0.attn.qkv.weight"
+    moved_free = (w_free[key] - init[key]).abs().mean().item()
+    moved_clip = (w_clip[key] - init[key]).abs().mean().item()
+    assert moved_free > 5e-3
+    assert moved_clip < 1e-4
+
+
+def test_bf16_autocast_on_cpu(tmp_path):
+    from tests.conftest import TINY
+    base = TINY + ["train.steps=3", "train.batch_tokens=256", "train.warmup_steps=1"]
+    _, _, s32, _ = train(base + ["train.dtype=fp32", f"run_dir={tmp_path / 'a'}"])
+    _, run16, s16, _ = train(base + ["train.dtype=bf16", f"run_dir={tmp_path / 'b'}"])
+    assert json.loads((run16 / "plan.json").read_text())["dtype"] == "bf16"
+    for a, b in zip(s32, s16):
+        assert math.isfinite(b["loss"]) and b["loss"] == pytest.approx(a["loss"], abs=0.05)
+
+
+def test_resume_is_bitwise_exact_in_fp32(tmp_path):
+    from tests.conftest import TINY
+    base = TINY + ["train.steps=6", "train.batch_tokens=256", "train.dtype=fp32", "train.warmup_steps=2"]
+    _, run_full, full, _ = train(base + [f"run_dir={tmp_path / 'full'}"])
+    part = tmp_path / "part"
+    train(base + ["train.save_every=3", "train.eval_every=100", f"run_dir={part}"])
+    # Drop the final checkpoint and the log lines after step 3, as if killed right after the save.
+    for step in list_checkpoints(part):
+        if step > 3:
+            for suffix in (".pt", ".json"):
+                (ckpt_dir(part) / f"step_{step:07d}{suffix}").unlink()
+    lines = [l for l in (part / "metrics.jsonl").read_text().splitlines()
+             if json.loads(l)["kind"] == "train" and json.loads(l)["step"] <= 3]
+    (part / "metrics.jsonl").write_text("\n".join(lines) + "\n")
+    _, _, resumed, _ = train(base + ["train.save_every=3", "train.eval_every=100", f"run_dir={part}"])
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in full]
+    wa, wb = final_weights(run_full), final_weights(part)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_finished_run_is_not_trained_again(tiny):
+    overrides = tiny + ["train.steps=2", "train.batch_tokens=128"]
+    train(overrides)
+    run_dir = Path(load_config(overrides).run_dir)
+    before = (run_dir / "metrics.jsonl").read_text()
+    final, _, _, _ = train(overrides)
+    assert final["steps"] == 2
+    assert (run_dir / "metrics.jsonl").read_text() == before
+
+
+def test_resume_never_refuses_an_existing_run(tiny):
+    overrides = tiny + ["train.steps=1", "train.batch_tokens=128"]
+    train(overrides)
+    from picollm.train import TrainError
+    with pytest.raises(TrainError, match="already has checkpoints"):
+        train(overrides + ["train.resume=never"])
+
+
+def test_wandb_offline_writes_a_local_run(tiny, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    _, run_dir, _, _ = train(tiny + ["train.steps=2", "train.batch_tokens=128", "wandb.mode=offline"])
+    offline = list((run_dir / "wandb").glob("offline-run-*"))
+    assert offline and any(offline[0].rglob("*.wandb"))
