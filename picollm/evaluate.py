@@ -8,14 +8,23 @@ still count in val_loss, the plain mean over all target tokens).
 
 from __future__ import annotations
 
+import json
 import math
+import os
+import sys
+import time
+from pathlib import Path
 from typing import Optional, Sequence
 
 import tiktoken
 import torch
 
-from picollm import dist
+from picollm import dist, hardware
 from picollm.data.loader import ValLoader
+from picollm.data.prepare import PreparedData, dataset_key, default_dir, load_prepared
+from picollm.runs import LoadedRun, RunError, load_run, optional_int, parse_args
+from picollm.throughput import autocast
+from picollm.tokenizer import tokenizer_fingerprint
 
 
 def token_byte_lengths(enc: tiktoken.Encoding, vocab_size: int) -> torch.Tensor:
@@ -57,3 +66,81 @@ def evaluate(model: torch.nn.Module, val_shards: Sequence, seq_len: int, batch_s
                          "raise data.val_fraction or data.val_tokens, or lower model.seq_len.")
     return {"val_loss": nats / count, "val_bpb": nats_bpb / (math.log(2) * max(nbytes, 1.0)),
             "val_tokens": int(count)}
+
+
+# ----------------------------------------------------------------------------- command line
+#     python -m picollm.evaluate run_dir=runs/cpu [checkpoint=STEP|PATH] [max_tokens=N]
+
+EVAL_USAGE = """usage: python -m picollm.evaluate run_dir=DIR [checkpoint=STEP|PATH] [max_tokens=N] [device=auto|cpu|cuda]
+                                [dtype=auto|fp32|bf16]
+Validation loss and bits per byte on the run's whole held-out split (or its first max_tokens
+tokens); writes run_dir/eval.json and prints it."""
+
+
+class EvalError(RuntimeError):
+    pass
+
+
+def find_prepared(run: LoadedRun) -> PreparedData:
+    """The prepared data a run trained on: the directory its tokenizer came from, else
+    where prepare_data puts data for the run's config (a tiktoken tokenizer has no file)."""
+    candidates = []
+    ref = Path(run.tokenizer_ref)
+    if ref.name == "tokenizer.json":
+        candidates.append(ref.parent)
+    try:
+        cfg = run.config
+        candidates.append(default_dir(cfg.data, cfg.tokenizer, dataset_key(cfg.data, cfg.tokenizer)))
+    except (ValueError, OSError):  # e.g. a files source whose files are gone: the first candidate may still do
+        pass
+    for directory in candidates:
+        if not (directory / "meta.json").is_file():
+            continue
+        try:
+            data = load_prepared(directory)
+        except (ValueError, RuntimeError, OSError) as err:
+            raise EvalError(f"the prepared data in {directory} is damaged ({err})") from None
+        if data.meta["tokenizer"]["fingerprint"] != tokenizer_fingerprint(run.tokenizer):
+            raise EvalError(f"the prepared data in {directory} was tokenized with a different tokenizer than "
+                            f"run_dir {run.run_dir}; rerun the run's training command to rebuild it.")
+        return data
+    where = " or ".join(str(d) for d in candidates) or "the data cache"
+    raise EvalError(f"the prepared data of run_dir {run.run_dir} is missing (looked in {where}); rerun the run's "
+                    "training command (same settings) to rebuild it: a finished run only re-prepares its data.")
+
+
+def evaluate_run(run: LoadedRun, max_tokens: Optional[int] = None, dtype: str = "auto") -> dict:
+    """Evaluate a loaded run (picollm.runs.load_run) on its held-out split."""
+    data = find_prepared(run)
+    info = hardware.describe(str(run.device), dtype, measure=False)
+    seq_len = run.model.cfg.seq_len
+    start = time.perf_counter()
+    result = evaluate(run.model, data.val_shards, seq_len, int(run.plan.get("micro_batch") or 8),
+                      token_byte_lengths(run.tokenizer, run.model.cfg.vocab_size), lambda: autocast(info),
+                      max_tokens, run.device)
+    return {"step": run.step, "checkpoint": str(run.path), **result, "val_split_tokens": data.n_val_tokens,
+            "max_tokens": max_tokens, "data_dir": str(data.dir), "device": str(run.device), "dtype": info.dtype,
+            "seconds": round(time.perf_counter() - start, 3)}
+
+
+def main(argv: Optional[list] = None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv,
+                      {"run_dir": str, "checkpoint": str, "max_tokens": optional_int, "device": str, "dtype": str},
+                      EVAL_USAGE, required=("run_dir",))
+    try:
+        if args.get("max_tokens") is not None and args["max_tokens"] < 1:
+            raise EvalError(f"max_tokens={args['max_tokens']} must be positive, or left out for the whole split.")
+        run = load_run(args["run_dir"], args.get("checkpoint"), hardware.pick_device(args.get("device", "auto")))
+        result = evaluate_run(run, args.get("max_tokens"), args.get("dtype", "auto"))
+    except (RunError, EvalError, ValueError) as err:
+        raise SystemExit(f"error: {err}")
+    text = json.dumps(result, indent=2)
+    out = run.run_dir / "eval.json"
+    tmp = out.with_name(".eval.json.tmp")
+    tmp.write_text(text + "\n")
+    os.replace(tmp, out)  # never leave a half-written eval.json
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

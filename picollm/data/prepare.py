@@ -324,12 +324,25 @@ def _tokenize_corpus(
         return min(max(left, _MIN_BATCH_CHARS), _MAX_BATCH_CHARS)
 
     docs = iter(sources.iter_documents(data_cfg))
+    train_done, skipped_train = False, False
     for batch in _batches(docs, chars_wanted):
         flags = [sources.is_val_doc(d, val_fraction) for d in batch]
+        streams.n_docs += len(batch)
+        if train_done:
+            # Train has its budget; read on only to fill the held-out split, so the val set
+            # (the first val_tokens of val documents in corpus order) is the same for every
+            # budget and runs of different sizes are scored on the same tokens.
+            val_docs = [d for d, v in zip(batch, flags) if v]
+            skipped_train = skipped_train or len(val_docs) < len(batch)
+            if val_docs:
+                val.add(_doc_stream(encode_batch(enc, val_docs, threads), bos, val.dtype))
+                streams.n_val_docs += len(val_docs)
+            if val.full:
+                break
+            continue
         encoded = encode_batch(enc, batch, threads)
         val_lists = [t for t, v in zip(encoded, flags) if v]
         train_lists = [t for t, v in zip(encoded, flags) if not v]
-        streams.n_docs += len(batch)
         streams.n_val_docs += len(val_lists)
         streams.n_train_docs += len(train_lists)
         if val_lists and not val.full:
@@ -340,8 +353,12 @@ def _tokenize_corpus(
             train.add(_doc_stream(train_lists[:-1], bos, train.dtype))
             pending = _doc_stream(train_lists[-1:], bos, train.dtype)
         if train.total >= n_train_tokens:
-            streams.exhausted = next(docs, None) is None  # peek: did we happen to read everything?
-            break
+            train_done = True
+            if val.full:
+                break
+    # Exhausted: every train document of the corpus is in the train stream.
+    rest_empty = next(docs, None) is None
+    streams.exhausted = (not train_done) or (rest_empty and not skipped_train)
     if streams.n_docs < 2:
         raise sources.DataSourceError(
             f"the corpus has {streams.n_docs} non-empty document(s); at least 2 are needed for a train and a val split."

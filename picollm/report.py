@@ -1,0 +1,271 @@
+"""A run's report: what was planned, what happened, how well it did, with plots.
+
+    python -m picollm.report run_dir=runs/cpu [samples=true] [checkpoint=STEP]
+
+Writes run_dir/report.md plus loss.png, throughput.png and lr.png beside it. Everything
+comes from files in run_dir (plan.json, metrics.jsonl, eval.json, config.yaml), so a
+report can be rebuilt at any time, also while the run is still training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+from typing import Callable, Optional, Union
+
+import torch
+from matplotlib.figure import Figure  # the object API: no pyplot state, no display backend needed
+from matplotlib.ticker import PercentFormatter
+
+from picollm.runs import RunError, boolean, check_run_dir, load_run, parse_args, read_metrics
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+# ----------------------------------------------------------------------------- formatting
+
+def si(x: Optional[float], digits: int = 3) -> str:
+    """1234567 -> '1.23M'; None -> 'n/a'."""
+    if x is None:
+        return "n/a"
+    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(x) >= scale:
+            return f"{x / scale:.{digits}g}{unit}"
+    return f"{x:.{digits}g}"
+
+
+def duration(seconds: float) -> str:
+    seconds = int(round(seconds))
+    if seconds >= 3600:
+        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
+
+
+def fenced(text: str) -> str:
+    """A code block whose fence is longer than any backtick run inside ``text``."""
+    longest, run = 0, 0
+    for ch in text:
+        run = run + 1 if ch == "`" else 0
+        longest = max(longest, run)
+    fence = "`" * max(3, longest + 1)
+    return f"{fence}\n{text}\n{fence}"
+
+
+def table(rows: list[tuple[str, str]]) -> list[str]:
+    return ["| | |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows]
+
+
+# ----------------------------------------------------------------------------- plots
+
+def _save(fig: Figure, path: Path) -> None:
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+
+
+def plot_loss(train: list[dict], evals: list[dict], path: Path) -> None:
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
+    if train:
+        ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], lw=0.8, alpha=0.7, label="train loss")
+    if evals:
+        ax.plot([r["tokens"] for r in evals], [r["val_loss"] for r in evals], "o-", ms=4, label="val loss")
+    ax.set_xlabel("tokens")
+    ax.set_ylabel("loss (nats/token)")
+    ax.set_title("loss")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+
+
+def plot_pair(train: list[dict], keys: tuple[str, str], labels: tuple[str, str], title: str, path: Path,
+              log_second: bool = False) -> None:
+    """Two stacked panels of per-step train metrics sharing the step axis."""
+    fig = Figure(figsize=(7, 5))
+    axes = fig.subplots(2, 1, sharex=True)
+    for ax, key, label in zip(axes, keys, labels):
+        points = [(r["step"], r[key]) for r in train if r.get(key) is not None]
+        if points:
+            ax.plot(*zip(*points), lw=0.9)
+        ax.set_ylabel(label)
+        ax.grid(alpha=0.3)
+    if log_second and any(r.get(keys[1]) for r in train):
+        axes[1].set_yscale("log")
+    if keys[1] == "mfu":
+        axes[1].yaxis.set_major_formatter(PercentFormatter(1.0))
+    axes[0].set_title(title)
+    axes[1].set_xlabel("step")
+    _save(fig, path)
+
+
+# ----------------------------------------------------------------------------- content
+
+def git_commit() -> str:
+    """The picollm commit the report was written with, or 'unknown' outside a git checkout."""
+    if not (REPO / ".git").exists():  # an installed package: a parent repo's commit would mislead
+        return "unknown"
+    try:
+        head = subprocess.run(["git", "-C", str(REPO), "rev-parse", "HEAD"], capture_output=True, text=True,
+                              timeout=10, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "-C", str(REPO), "status", "--porcelain"], capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return head + (" (with uncommitted changes)" if dirty else "")
+
+
+def final_eval(run_dir: Path, evals: list[dict]) -> Optional[dict]:
+    """eval.json (the full held-out split) when present, else the last in-training evaluation."""
+    path = run_dir / "eval.json"
+    if path.is_file():
+        try:
+            return {**json.loads(path.read_text()), "source": "eval.json (full validation split)"}
+        except ValueError:
+            pass
+    if evals:
+        return {**evals[-1], "source": f"last evaluation during training (step {evals[-1]['step']})"}
+    return None
+
+
+def plan_section(plan: dict) -> list[str]:
+    g = plan["model"]
+    return ["## Plan", "", f"Budget: {plan['budget']}", ""] + table([
+        ("model", f"{g['arch']}, n_layer={g['n_layer']}, d_model={g['d_model']}, n_head={g['n_head']}, "
+                  f"seq_len={g['seq_len']}, vocab={g['vocab_size']}"),
+        ("N (matmul params)", f"{si(plan['n_params'])} ({plan['n_params']:,})"),
+        ("total params", f"{si(plan['n_params_total'])} ({plan['n_params_total']:,})"),
+        ("D (tokens)", f"{si(plan['n_tokens'])} ({plan['n_tokens']:,})"),
+        ("D/N", f"{plan['tokens_per_param']:.1f}"),
+        ("C (FLOPs)", f"{plan['compute']:.3e} ({si(plan['flops_per_token'])} FLOPs/token)"),
+        ("steps", f"{plan['steps']:,}"),
+        ("batch", f"{plan['tokens_per_step']:,} tokens/step = {plan['batch_seqs']} seqs "
+                  f"({plan['world_size']} proc x {plan['micro_batch']} micro x {plan['accum_steps']} accum)"),
+        ("LR", f"{plan['lr']:.2e} peak -> {plan['min_lr']:.2e}, warmup {plan['warmup_steps']} steps, cosine"),
+        ("device", f"{plan['device']}, {plan['dtype']}"),
+        ("estimated time", f"{duration(plan['est_seconds'])} ({plan['est_source']})"
+         if math.isfinite(plan.get("est_seconds", math.nan)) else "n/a"),  # NaN when no peak was known
+    ]) + [f"\n> warning: {w}" for w in plan.get("warnings") or []]
+
+
+def happened_section(plan: dict, train: list[dict]) -> list[str]:
+    if not train:
+        return ["## What happened", "", "No training steps are recorded in metrics.jsonl yet."]
+    last = train[-1]
+    mfus = [r["mfu"] for r in train if r.get("mfu") is not None]
+    data_tokens = plan.get("data_tokens")
+    skipped = sum(1 for r in train if r.get("skipped"))
+    return ["## What happened", ""] + table([
+        ("steps done", f"{last['step']:,} of {plan['steps']:,}"),
+        ("tokens", f"{si(last['tokens'])} ({last['tokens']:,})"),
+        ("FLOPs", f"{last['flops']:.3e}"),
+        ("train wall clock", duration(sum(r["dt"] for r in train))),
+        ("median throughput", f"{si(statistics.median(r['tok_per_s'] for r in train))} tok/s"),
+        ("median MFU", f"{statistics.median(mfus):.1%}" if mfus else "n/a (no peak FLOP/s known)"),
+        ("epochs", f"{last['tokens'] / data_tokens:.2f} (of {si(data_tokens)} train tokens)" if data_tokens else "n/a"),
+        ("skipped steps", f"{skipped} (non-finite loss or gradient)"),
+        ("last train loss", f"{last['loss']:.4f}"),
+    ])
+
+
+def result_section(final: Optional[dict]) -> list[str]:
+    if final is None:
+        return ["## Result", "", "No evaluation yet; run python -m picollm.evaluate run_dir=..."]
+    return ["## Result", "", f"From {final['source']}:", ""] + table([
+        ("val_loss", f"{final['val_loss']:.4f}"),
+        ("val_bpb", f"{final['val_bpb']:.4f}"),
+        ("val tokens", f"{final['val_tokens']:,}"),
+        ("step", str(final.get("step", "n/a"))),
+    ])
+
+
+def environment_section(plan: dict) -> list[str]:
+    return ["## Environment", ""] + table([
+        ("picollm commit", git_commit()),
+        ("torch", torch.__version__),
+        ("python", platform.python_version()),
+        ("platform", platform.platform()),
+        ("training device", f"{plan['device']} ({plan['dtype']})"),
+    ])
+
+
+def write_report(run_dir: Union[str, Path], samples: Optional[list[str]] = None) -> Path:
+    """Write run_dir/report.md and its plots; ``samples`` are texts to show verbatim."""
+    run_dir = check_run_dir(run_dir)
+    plan_path = run_dir / "plan.json"
+    if not plan_path.is_file():
+        raise RunError(f"run_dir {run_dir} has no plan.json, so it is not a picollm run (or training never started); "
+                       f"train it first with python -m picollm.train run_dir={run_dir}.")
+    plan = json.loads(plan_path.read_text())
+    train, evals = read_metrics(run_dir)
+
+    plot_loss(train, evals, run_dir / "loss.png")
+    plot_pair(train, ("tok_per_s", "mfu"), ("tokens / s", "MFU"), "throughput", run_dir / "throughput.png")
+    plot_pair(train, ("lr", "grad_norm"), ("learning rate", "grad norm"), "schedule", run_dir / "lr.png",
+              log_second=True)
+
+    lines = [f"# picollm run report: {run_dir.name}", "", f"Run directory: `{run_dir.resolve()}`", ""]
+    lines += plan_section(plan) + [""]
+    lines += happened_section(plan, train) + [""]
+    lines += result_section(final_eval(run_dir, evals)) + [""]
+    lines += ["## Plots", "", "![loss](loss.png)", "", "![throughput](throughput.png)", "",
+              "![learning rate and gradient norm](lr.png)", ""]
+    if samples:
+        lines += ["## Samples", ""]
+        for text in samples:
+            lines += [fenced(text), ""]
+    lines += environment_section(plan)
+
+    out = run_dir / "report.md"
+    tmp = out.with_name(".report.md.tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, out)  # a reader never sees half a report
+    return out
+
+
+def run_samples(run_dir: Union[str, Path], checkpoint: Optional[str] = None) -> list[str]:
+    """Prompt + continuation for each of the run's configured sample.prompts."""
+    from picollm.sample import generate_text  # sampling pulls in the model; only needed here
+
+    run = load_run(run_dir, checkpoint)
+    s = run.config.sample
+    return [p + generate_text(run, p, s.max_tokens, s.temperature, s.top_k, s.seed) for p in s.prompts]
+
+
+# ----------------------------------------------------------------------------- command line
+
+RUN_USAGE = """usage: python -m picollm.report run_dir=DIR [samples=true] [checkpoint=STEP|PATH]
+Writes DIR/report.md with loss.png, throughput.png and lr.png; samples=true adds samples for
+the run's sample.prompts from the latest (or the given) checkpoint."""
+
+
+def _report_run(argv: list[str]) -> None:
+    args = parse_args(argv, {"run_dir": str, "samples": boolean, "checkpoint": str}, RUN_USAGE, required=("run_dir",))
+    try:
+        samples = run_samples(args["run_dir"], args.get("checkpoint")) if args.get("samples") else None
+        path = write_report(args["run_dir"], samples)
+    except (RunError, ValueError) as err:
+        raise SystemExit(f"error: {err}")
+    print(f"wrote {path}")
+
+
+# Subcommands: `python -m picollm.report [NAME] key=value ...`; without a name, "run".
+COMMANDS: dict[str, Callable[[list[str]], None]] = {"run": _report_run}
+
+
+def main(argv: Optional[list] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    name = "run"
+    if argv and "=" not in argv[0] and not argv[0].startswith("-"):
+        name = argv.pop(0)
+    if name not in COMMANDS:
+        raise SystemExit(f"error: unknown report command {name!r}; use one of {', '.join(COMMANDS)}.")
+    COMMANDS[name](argv)
+
+
+if __name__ == "__main__":
+    main()

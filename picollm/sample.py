@@ -1,0 +1,94 @@
+"""Sample text from a trained run, streaming it as it is generated.
+
+    python -m picollm.sample run_dir=runs/cpu prompt="def fib(n):" max_tokens=100 temperature=0.8 top_k=50 seed=0
+
+The prompt is prefixed with BOS (every training document starts with it), and the same
+seed gives the same text. Settings left out come from the run's ``sample`` config.
+"""
+
+from __future__ import annotations
+
+import codecs
+import sys
+from typing import Iterator, Optional
+
+import torch
+
+from picollm import hardware
+from picollm.runs import LoadedRun, RunError, load_run, optional_int, parse_args
+
+USAGE = """usage: python -m picollm.sample run_dir=DIR prompt="TEXT" [max_tokens=N] [temperature=T] [top_k=K|none]
+                              [seed=S] [checkpoint=STEP|PATH] [device=auto|cpu|cuda]
+Streams the model's continuation of TEXT; unset settings come from the run's config (sample.*).
+temperature=0 is greedy decoding; top_k=none samples from the full distribution."""
+
+
+class SampleError(ValueError):
+    pass
+
+
+def _check(prompt: str, max_tokens: int, temperature: float, top_k: Optional[int]) -> None:
+    if not prompt:
+        raise SampleError('prompt is empty; pass prompt="..." with the text to continue.')
+    if max_tokens < 1:
+        raise SampleError(f"max_tokens={max_tokens} must be at least 1.")
+    if temperature < 0:
+        raise SampleError(f"temperature={temperature} must be 0 (greedy) or positive.")
+    if top_k is not None and top_k < 1:
+        raise SampleError(f"top_k={top_k} must be at least 1, or none for no top-k filtering.")
+
+
+def stream_text(run: LoadedRun, prompt: str, max_tokens: int = 64, temperature: float = 0.8,
+                top_k: Optional[int] = 50, seed: int = 0) -> Iterator[str]:
+    """Yield the continuation of ``prompt`` piece by piece; stops early if the model ends
+    the document (emits BOS)."""
+    _check(prompt, max_tokens, temperature, top_k)
+    enc = run.tokenizer
+    # encode_ordinary, as in data preparation: "<|bos|>" typed in a prompt stays plain text.
+    ids = [run.bos_id] + enc.encode_ordinary(prompt)
+    idx = torch.tensor([ids], dtype=torch.long, device=run.device)
+    generator = torch.Generator(device=run.device).manual_seed(seed)
+    # A token can end mid-way through a multi-byte character; the incremental decoder
+    # holds those bytes back until the character is complete.
+    decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for token in run.model.generate(idx, max_tokens, temperature, top_k, generator):
+        tid = int(token)
+        if tid == run.bos_id:
+            break
+        piece = decoder.decode(enc.decode_single_token_bytes(tid))
+        if piece:
+            yield piece
+    tail = decoder.decode(b"", final=True)
+    if tail:
+        yield tail
+
+
+def generate_text(run: LoadedRun, prompt: str, max_tokens: int = 64, temperature: float = 0.8,
+                  top_k: Optional[int] = 50, seed: int = 0) -> str:
+    """The continuation of ``prompt`` (without the prompt itself)."""
+    return "".join(stream_text(run, prompt, max_tokens, temperature, top_k, seed))
+
+
+def main(argv: Optional[list] = None) -> None:
+    args = parse_args(sys.argv[1:] if argv is None else argv,
+                      {"run_dir": str, "prompt": str, "max_tokens": int, "temperature": float, "top_k": optional_int,
+                       "seed": int, "checkpoint": str, "device": str},
+                      USAGE, required=("run_dir", "prompt"))
+    try:
+        if not args["prompt"]:  # fail before loading the model
+            raise SampleError('prompt is empty; pass prompt="..." with the text to continue.')
+        run = load_run(args["run_dir"], args.get("checkpoint"), hardware.pick_device(args.get("device", "auto")))
+        defaults = run.config.get("sample") or {}
+        settings = {k: args.get(k, defaults.get(k, fallback))
+                    for k, fallback in (("max_tokens", 64), ("temperature", 0.8), ("top_k", 50), ("seed", 0))}
+        sys.stdout.write(args["prompt"])
+        for piece in stream_text(run, args["prompt"], **settings):
+            sys.stdout.write(piece)
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    except (RunError, SampleError, ValueError) as err:
+        raise SystemExit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()
