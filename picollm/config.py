@@ -99,6 +99,16 @@ class TrainSchema:
     log_every: int = 10  # progress line every k steps (metrics.jsonl gets every step)
     resume: str = "auto"  # auto | never | PATH
     num_threads: Optional[int] = None  # CPU threads for torch; default all cores
+    # Bad steps: a non-finite loss or gradient norm skips the update. After max_bad_steps in
+    # a row: rollback (to the last good checkpoint, LR scaled by rollback_lr_scale) or stop.
+    max_bad_steps: int = 3
+    on_bad_steps: str = "rollback"  # rollback | stop
+    rollback_lr_scale: float = 0.5
+    max_rollbacks: int = 3
+    spike_sigmas: float = 6.0  # a loss this many running std devs above its running mean is a spike
+    # Fault injection for tests and drills: make these steps' loss NaN / gradients inf once.
+    inject_nan_loss: List[int] = field(default_factory=list)
+    inject_inf_grad: List[int] = field(default_factory=list)
 
 
 @dataclass

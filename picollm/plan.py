@@ -307,12 +307,14 @@ def make_plan(cfg: DictConfig, device_info, world_size: int = 1,
 # Settings that may change between the plan and a resume without changing the run.
 HARMLESS = ("train.eval_every", "train.save_every", "train.log_every", "train.keep_checkpoints", "train.resume",
             "train.eval_tokens", "train.num_threads", "train.compile", "train.device", "wandb", "sample", "plan",
-            "run_dir", "budget.probe_seconds", "data.cache_dir", "extra")
+            "run_dir", "budget.probe_seconds", "data.cache_dir", "extra", "train.max_bad_steps", "train.on_bad_steps",
+            "train.rollback_lr_scale", "train.max_rollbacks", "train.spike_sigmas", "train.inject_nan_loss",
+            "train.inject_inf_grad")
 
 
-def _strip_harmless(container: dict) -> dict:
+def _strip_harmless(container: dict, ignore=HARMLESS) -> dict:
     out = json.loads(json.dumps(container))
-    for key in HARMLESS:
+    for key in ignore:
         node, *rest = key.split(".")
         if not rest:
             out.pop(node, None)
@@ -321,9 +323,9 @@ def _strip_harmless(container: dict) -> dict:
     return out
 
 
-def config_changes(old: dict, new: dict) -> list[str]:
-    """Dotted names of the fields that differ, ignoring harmless ones."""
-    a, b = _strip_harmless(old), _strip_harmless(new)
+def config_changes(old: dict, new: dict, ignore=HARMLESS) -> list[str]:
+    """Dotted names of the fields that differ, ignoring the harmless ones by default."""
+    a, b = _strip_harmless(old, ignore), _strip_harmless(new, ignore)
     changed = []
     for group in sorted(set(a) | set(b)):
         x, y = a.get(group), b.get(group)
@@ -347,6 +349,9 @@ def plan_for_run(cfg: DictConfig, device: hardware.DeviceInfo, info: dist.DistIn
         if changed and not extend:
             raise ConfigError(f"run_dir {run_dir} holds a run with a different {', '.join(changed)}; resuming would "
                               "mix two runs. Restore those settings, or use a new run_dir.")
+        harmless = [c for c in config_changes(resume_state["config"], current, ignore=("run_dir",)) if c not in changed]
+        if harmless and info.is_main:
+            print(f"resuming with changed {', '.join(harmless)} (harmless: the run's data, model and schedule are unchanged)")
         plan = Plan(**resume_state["plan"])
         if extend:
             if cfg.train.steps < resume_state["step"]:

@@ -15,7 +15,9 @@ import datetime
 import json
 import math
 import os
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -128,6 +130,8 @@ def _run(cfg: DictConfig, info: dist.DistInfo) -> dict:
     t = cfg.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
+    if t.on_bad_steps not in ("rollback", "stop"):
+        raise ConfigError(f"train.on_bad_steps={t.on_bad_steps!r} is unknown; use rollback or stop.")
     # Cheap checks first: nothing expensive happens with a config that cannot work.
     try:
         validate_source(cfg.data)
@@ -156,148 +160,335 @@ def _run(cfg: DictConfig, info: dist.DistInfo) -> dict:
         log(f"data         {data.dir} ({data.n_train_tokens:,} train / {data.n_val_tokens:,} val tokens, "
             f"{plan.epochs:.2f} epochs{', reused' if data.reused else ''})", info)
         _copy_tokenizer(data, run_dir)
+    if plan.model["vocab_size"] != data.vocab_size:
+        raise TrainError(f"the prepared data has vocabulary {data.vocab_size} but the plan expects "
+                         f"{plan.model['vocab_size']}; delete the plan in run_dir or use a new run_dir.")
 
-    gcfg = plan.gpt_config()
-    if gcfg.vocab_size != data.vocab_size:
-        raise TrainError(f"the prepared data has vocabulary {data.vocab_size} but the plan expects {gcfg.vocab_size}; "
-                         "delete the plan in run_dir or use a new run_dir.")
-    torch.manual_seed(t.seed)
-    model = GPT(gcfg).to(device.device)
-    model.activation_checkpointing = t.activation_checkpointing
-    optimizer = make_optimizer(model, plan.lr, t.weight_decay, (t.beta1, t.beta2), device.device)
-    scaler = torch.amp.GradScaler("cuda") if device.dtype == "fp16" else None
-    # max_tokens pins the stream length, so a cache later rebuilt larger by another run
-    # (a strict superset: same prefix) leaves this run's sample order unchanged.
-    loader = PackedLoader(data.train_shards, gcfg.seq_len, plan.batch_seqs, plan.micro_batch, t.seed,
-                          info.rank, info.world_size, max_tokens=plan.stream_tokens)
-
-    start_step, stats = 0, {"skipped_steps": 0, "best_val_loss": None, "train_seconds": 0.0}
+    trainer = Trainer(cfg, info, device, plan, data, run_dir)
     if resume_state is not None:
-        model.load_state_dict(resume_state["model"])
-        optimizer.load_state_dict(resume_state["optimizer"])
-        if scaler is not None and resume_state.get("scaler"):
-            scaler.load_state_dict(resume_state["scaler"])
-        loader.load_state_dict(resume_state["loader"])
-        rngs = resume_state["rng"]
-        ckpt.set_rng_state(rngs[info.rank] if info.rank < len(rngs) else rngs[0])
-        start_step = int(resume_state["step"])
-        stats.update(resume_state.get("stats", {}))
-        log(f"resumed from {resume_path} at step {start_step}", info)
-    resume_state = None  # free the memory
+        trainer.restore(resume_state)
+        log(f"resumed from {resume_path} at step {trainer.step}", info)
+    del resume_state
+    with _StopOnSignal() as stopper:
+        return trainer.fit(stopper)
 
-    train_model = model
-    if info.enabled:
-        ids = [device.device.index] if device.is_cuda else None
-        train_model = torch.nn.parallel.DistributedDataParallel(model, device_ids=ids)
-    if t.compile:
-        train_model = torch.compile(train_model)
 
-    metrics = MetricsLog(run_dir, cfg, info.is_main)
-    byte_lengths = token_byte_lengths(data.tokenizer, gcfg.vocab_size)
-    eval_batch = plan.micro_batch
-    amp = lambda: autocast(device)
+class _StopOnSignal:
+    """SIGTERM / SIGINT (preemption, Ctrl-C) set a flag; the loop finishes the current step,
+    saves and exits. A second Ctrl-C interrupts at once."""
 
-    def run_eval(step: int, max_tokens: Optional[int]) -> dict:
-        result = evaluate(model, data.val_shards, gcfg.seq_len, eval_batch, byte_lengths, amp, max_tokens,
-                          device.device, info.rank, info.world_size)
-        best = stats["best_val_loss"]
-        stats["best_val_loss"] = result["val_loss"] if best is None else min(best, result["val_loss"])
-        metrics.write({"kind": "eval", "step": step, "tokens": step * plan.tokens_per_step,
-                       "flops": step * plan.tokens_per_step * plan.flops_per_token, **result})
-        log(f"eval step {step}: val_loss {result['val_loss']:.4f}, val_bpb {result['val_bpb']:.4f}", info)
-        return result
+    def __enter__(self):
+        self.signum, self.previous = None, {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self.previous[sig] = signal.signal(sig, self._handle)
+        return self
 
-    def save(step: int) -> None:
-        state = {
-            "step": step, "model": model.state_dict(), "optimizer": optimizer.state_dict(),
-            "scaler": scaler.state_dict() if scaler else None, "loader": loader.state_dict(),
-            "rng": _gather_rng(info), "config": OmegaConf.to_container(cfg, resolve=True),
-            "plan": plan.to_dict(), "stats": dict(stats),
-            "tokenizer": {"ref": data.tokenizer_ref, "bos_id": data.bos_id, "vocab_size": data.vocab_size},
+    def _handle(self, signum, frame):
+        if self.signum is not None and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.signum = signum
+
+    def __exit__(self, *exc):
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+        return False
+
+
+class Trainer:
+    """Model, optimizer, data cursor and run bookkeeping for one run; ``fit`` is the loop."""
+
+    def __init__(self, cfg: DictConfig, info: dist.DistInfo, device: hardware.DeviceInfo, plan: Plan,
+                 data: PreparedData, run_dir: Path) -> None:
+        t = self.t = cfg.train
+        self.cfg, self.info, self.device, self.plan, self.data, self.run_dir = cfg, info, device, plan, data, run_dir
+        gcfg = self.gcfg = plan.gpt_config()
+        torch.manual_seed(t.seed)
+        self.model = GPT(gcfg).to(device.device)
+        self.model.activation_checkpointing = t.activation_checkpointing
+        self.optimizer = make_optimizer(self.model, plan.lr, t.weight_decay, (t.beta1, t.beta2), device.device)
+        self.scaler = torch.amp.GradScaler("cuda") if device.dtype == "fp16" else None
+        # max_tokens pins the stream length, so a cache later rebuilt larger by another run
+        # (a strict superset: same prefix) leaves this run's sample order unchanged.
+        self.loader = PackedLoader(data.train_shards, gcfg.seq_len, plan.batch_seqs, plan.micro_batch, t.seed,
+                                   info.rank, info.world_size, max_tokens=plan.stream_tokens)
+        self.step = 0
+        self.stats = {"skipped_steps": 0, "best_val_loss": None, "best_step": None, "train_seconds": 0.0,
+                      "lr_scale": 1.0, "rollbacks": 0}
+        self.train_model = self.model
+        if info.enabled:
+            ids = [device.device.index] if device.is_cuda else None
+            self.train_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
+        if t.compile:
+            self.train_model = torch.compile(self.train_model)
+        self.metrics = MetricsLog(run_dir, cfg, info.is_main)
+        self.byte_lengths = token_byte_lengths(data.tokenizer, gcfg.vocab_size)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.injected: set = set()
+        self.spikes = SpikeDetector(t.spike_sigmas)
+
+    # ---------------------------------------------------------------- state
+    def state(self) -> dict:
+        return {
+            "step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "scaler": self.scaler.state_dict() if self.scaler else None, "loader": self.loader.state_dict(),
+            "rng": _gather_rng(self.info), "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "plan": self.plan.to_dict(), "stats": dict(self.stats),
+            "tokenizer": {"ref": self.data.tokenizer_ref, "bos_id": self.data.bos_id,
+                          "vocab_size": self.data.vocab_size},
             "torch_version": torch.__version__,
         }
-        if info.is_main:
-            ckpt.save_checkpoint(run_dir, step, state, keep=t.keep_checkpoints)
-        dist.barrier()
 
-    if start_step == 0:
-        run_eval(0, t.eval_tokens)
-    params = [p for p in model.parameters() if p.requires_grad]
-    tokens_per_step = plan.tokens_per_step
-    peak = (plan.peak_flops or 0) * info.world_size
-    log_every = max(1, t.log_every)
-    window_start, window_steps = time.perf_counter(), 0
-    last_val = None
-    batches = loader.batches(start_step, plan.steps)
-    for step in range(start_step, plan.steps):
-        step_start = time.perf_counter()
-        lr = lr_at(step, plan.lr, plan.warmup_steps, plan.steps, t.min_lr_ratio)
-        for group in optimizer.param_groups:
-            group["lr"] = lr
-        loss_sum = torch.zeros((), device=device.device)
+    def restore(self, state: dict, keep_stats: tuple = ()) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and state.get("scaler"):
+            self.scaler.load_state_dict(state["scaler"])
+        self.loader.load_state_dict(state["loader"])
+        rngs = state["rng"]
+        ckpt.set_rng_state(rngs[self.info.rank] if self.info.rank < len(rngs) else rngs[0])
+        self.step = int(state["step"])
+        kept = {k: self.stats[k] for k in keep_stats}
+        self.stats.update(state.get("stats", {}))
+        self.stats.update(kept)
+
+    def save(self) -> None:
+        """Every rank contributes its RNG state; rank 0 writes. A failed write is fatal
+        but leaves the earlier checkpoints intact (the write is atomic)."""
+        state = self.state()
+        error = None
+        if self.info.is_main:
+            try:
+                ckpt.save_checkpoint(self.run_dir, self.step, state, keep=self.t.keep_checkpoints,
+                                     extra_keep=self.stats["best_step"])
+            except ckpt.CheckpointError as err:
+                error = str(err)
+        error = dist.broadcast_object(error)
+        if error:
+            raise TrainError(error)
+
+    def event(self, name: str, **fields) -> None:
+        self.metrics.write({"kind": "event", "event": name, "step": self.step, **fields})
+
+    # ---------------------------------------------------------------- evaluation
+    def evaluate(self) -> dict:
+        plan = self.plan
+        result = evaluate(self.model, self.data.val_shards, self.gcfg.seq_len, plan.micro_batch, self.byte_lengths,
+                          lambda: autocast(self.device), self.t.eval_tokens, self.device.device, self.info.rank,
+                          self.info.world_size)
+        best = self.stats["best_val_loss"]
+        if best is None or result["val_loss"] < best:
+            self.stats["best_val_loss"], self.stats["best_step"] = result["val_loss"], self.step
+        tokens = self.step * plan.tokens_per_step
+        self.metrics.write({"kind": "eval", "step": self.step, "tokens": tokens,
+                            "flops": tokens * plan.flops_per_token, **result})
+        log(f"eval step {self.step}: val_loss {result['val_loss']:.4f}, val_bpb {result['val_bpb']:.4f}", self.info)
+        return result
+
+    # ---------------------------------------------------------------- one step
+    def train_step(self, batches) -> tuple[float, float]:
+        """Forward/backward over the accumulation micro-batches, clip, update unless the
+        loss or gradient norm is non-finite. Returns (mean loss, pre-clip grad norm)."""
+        plan, info = self.plan, self.info
+        step = self.step
+        loss_sum = torch.zeros((), device=self.device.device)
         for micro in range(plan.accum_steps):
             s, m, x, y = next(batches)
             assert (s, m) == (step, micro), "loader out of step"
-            x, y = x.to(device.device, non_blocking=True), y.to(device.device, non_blocking=True)
+            x = x.to(self.device.device, non_blocking=True)
+            y = y.to(self.device.device, non_blocking=True)
             last = micro == plan.accum_steps - 1
-            sync = contextlib.nullcontext() if last or not info.enabled else train_model.no_sync()
+            sync = contextlib.nullcontext() if last or not info.enabled else self.train_model.no_sync()
             with sync:
-                with amp():
-                    loss = train_model(x, y)
+                with autocast(self.device):
+                    loss = self.train_model(x, y)
+                if step in self.t.inject_nan_loss and step not in self.injected:
+                    loss = loss * float("nan")
                 scaled = loss / plan.accum_steps  # k micro-batches == one batch k times larger
-                (scaler.scale(scaled) if scaler else scaled).backward()
+                (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += loss.detach()
-        if scaler is not None:
-            scaler.unscale_(optimizer)
-        grad_norm = torch.nn.utils.clip_grad_norm_(params, t.grad_clip if t.grad_clip > 0 else float("inf"))
+        if step in self.t.inject_inf_grad and step not in self.injected:
+            self.params[0].grad.view(-1)[0] = float("inf")
+        if step in self.t.inject_nan_loss or step in self.t.inject_inf_grad:
+            self.injected.add(step)
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        clip = self.t.grad_clip if self.t.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
         loss_mean = dist.all_reduce_mean(loss_sum / plan.accum_steps)
         finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss_mean))
-        if scaler is not None:
-            scaler.step(optimizer)  # skips the update itself on inf/nan gradients
-            scaler.update()
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the update itself on inf/nan gradients
+            self.scaler.update()
         elif finite:
-            optimizer.step()
-        if not finite:
-            stats["skipped_steps"] += 1
-            log(f"step {step}: non-finite loss or gradient norm; update skipped", info)
-        optimizer.zero_grad(set_to_none=True)
-        if device.is_cuda:
-            torch.cuda.synchronize(device.device)
-        dt = time.perf_counter() - step_start
-        stats["train_seconds"] += dt
-        done = step + 1
-        tok_s = tokens_per_step / dt
-        flops_s = tok_s * plan.flops_per_token
-        metrics.write({
-            "kind": "train", "step": done, "loss": float(loss_mean), "lr": lr, "grad_norm": float(grad_norm),
-            "tokens": done * tokens_per_step, "flops": done * tokens_per_step * plan.flops_per_token,
-            "tok_per_s": tok_s, "mfu": flops_s / peak if peak else None, "dt": dt, "skipped": not finite,
-            "time": time.time(),
-        })
-        window_steps += 1
-        if info.is_main and (done % log_every == 0 or done == plan.steps or done == start_step + 1):
-            elapsed = time.perf_counter() - window_start
-            rate = elapsed / window_steps
-            mfu = f" | MFU {flops_s / peak:.1%}" if peak else ""
-            log(f"step {done}/{plan.steps} | loss {float(loss_mean):.4f} | lr {lr:.2e} | gnorm {float(grad_norm):.2f} "
-                f"| {tok_s / 1e3:.1f}k tok/s{mfu} | ETA {_eta(rate * (plan.steps - done))}")
-            window_start, window_steps = time.perf_counter(), 0
-        if done % plan.eval_every == 0 and done != plan.steps:
-            last_val = run_eval(done, t.eval_tokens)
-        if done % plan.save_every == 0 and done != plan.steps:
-            save(done)
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return float(loss_mean), float(grad_norm)
 
-    if start_step < plan.steps or not ckpt.list_checkpoints(run_dir):
-        last_val = run_eval(plan.steps, t.eval_tokens)
-        save(plan.steps)
-    else:
-        log(f"run in {run_dir} is already complete ({plan.steps} steps); nothing to train.", info)
-    metrics.close()
-    final = {"steps": plan.steps, "skipped_steps": stats["skipped_steps"], "train_seconds": stats["train_seconds"],
-             **(last_val or {})}
-    if info.is_main:
-        (run_dir / "final.json").write_text(json.dumps(final, indent=2))
-    return final
+    def handle_bad_step(self, bad_streak: int) -> bool:
+        """After too many non-finite steps in a row: roll back (True) or stop (raises)."""
+        t = self.t
+        if bad_streak < t.max_bad_steps:
+            return False
+        latest = ckpt.latest_valid(self.run_dir) if self.info.is_main else None
+        latest = dist.broadcast_object(str(latest) if latest else None)
+        if t.on_bad_steps == "stop" or latest is None or self.stats["rollbacks"] >= t.max_rollbacks:
+            why = ("no checkpoint to roll back to" if latest is None and t.on_bad_steps == "rollback" else
+                   f"{self.stats['rollbacks']} rollbacks already" if t.on_bad_steps == "rollback" else
+                   "train.on_bad_steps=stop")
+            raise TrainError(f"{bad_streak} non-finite steps in a row at step {self.step} ({why}); stopping. "
+                             "Lower train.lr, check the data, or resume from an earlier checkpoint.")
+        state = ckpt.load_checkpoint(Path(latest))
+        self.restore(state, keep_stats=("skipped_steps", "rollbacks", "lr_scale", "train_seconds"))
+        self.stats["rollbacks"] += 1
+        self.stats["lr_scale"] *= t.rollback_lr_scale
+        self.event("rollback", checkpoint=latest, lr_scale=self.stats["lr_scale"])
+        log(f"rolled back to {latest} (step {self.step}); LR now scaled by {self.stats['lr_scale']:g}", self.info)
+        return True
+
+    # ---------------------------------------------------------------- the loop
+    def fit(self, stopper: "_StopOnSignal") -> dict:
+        plan, t, info = self.plan, self.t, self.info
+        already_done = self.step >= plan.steps and ckpt.list_checkpoints(self.run_dir)
+        if already_done:
+            log(f"run in {self.run_dir} is already complete ({plan.steps} steps); nothing to train.", info)
+            return self.finish(None, trained=False)
+        if self.step == 0:
+            self.evaluate()
+        peak = (plan.peak_flops or 0) * info.world_size
+        window_start, window_steps, bad_streak, last_val = time.perf_counter(), 0, 0, None
+        batches = self.loader.batches(self.step, plan.steps)
+        while self.step < plan.steps:
+            step_start = time.perf_counter()
+            lr = self.stats["lr_scale"] * lr_at(self.step, plan.lr, plan.warmup_steps, plan.steps, t.min_lr_ratio)
+            for group in self.optimizer.param_groups:
+                group["lr"] = lr
+            loss, grad_norm = self.train_step(batches)
+            if self.device.is_cuda:
+                torch.cuda.synchronize(self.device.device)
+            dt = time.perf_counter() - step_start
+            self.stats["train_seconds"] += dt
+            finite = math.isfinite(loss) and math.isfinite(grad_norm)
+            self.step += 1
+            tok_s = plan.tokens_per_step / dt
+            self.metrics.write({
+                "kind": "train", "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
+                "tokens": self.step * plan.tokens_per_step, "flops": self.step * plan.tokens_per_step * plan.flops_per_token,
+                "tok_per_s": tok_s, "mfu": tok_s * plan.flops_per_token / peak if peak else None, "dt": dt,
+                "skipped": not finite, "time": time.time(),
+            })
+            if finite:
+                bad_streak = 0
+                spike = self.spikes.update(loss)
+                if spike:
+                    self.event("spike", **spike)
+                    log(f"step {self.step}: loss spike {loss:.4f} (running mean {spike['mean']:.4f})", info)
+            else:
+                bad_streak += 1
+                self.stats["skipped_steps"] += 1
+                self.event("skipped_step", loss=loss, grad_norm=grad_norm)
+                log(f"step {self.step}: non-finite loss or gradient norm; update skipped ({bad_streak} in a row)", info)
+                if self.handle_bad_step(bad_streak):
+                    bad_streak = 0
+                    batches.close()  # stop the old prefetch thread before restarting at the rollback step
+                    batches = self.loader.batches(self.step, plan.steps)
+                    continue
+            window_steps += 1
+            if self.step % max(1, t.log_every) == 0 or self.step in (plan.steps, 1):
+                rate = (time.perf_counter() - window_start) / window_steps
+                mfu = f" | MFU {tok_s * plan.flops_per_token / peak:.1%}" if peak else ""
+                log(f"step {self.step}/{plan.steps} | loss {loss:.4f} | lr {lr:.2e} | gnorm {grad_norm:.2f} "
+                    f"| {tok_s / 1e3:.1f}k tok/s{mfu} | ETA {_eta(rate * (plan.steps - self.step))}", info)
+                window_start, window_steps = time.perf_counter(), 0
+            if self.step == plan.steps:
+                break
+            if self.step % plan.eval_every == 0:
+                last_val = self.evaluate()
+            stop = _agree_to_stop(stopper.signum is not None, info)
+            if self.step % plan.save_every == 0 or stop:
+                self.save()
+            if stop:
+                name = signal.Signals(stopper.signum).name if stopper.signum else "a signal on another rank"
+                log(f"stopped by {name} after step {self.step}; checkpoint saved in {self.run_dir}. "
+                    "Rerun the same command to resume.", info)
+                self.metrics.close()
+                raise Interrupted(stopper.signum or signal.SIGTERM)
+        last_val = self.evaluate()
+        self.save()
+        return self.finish(last_val, trained=True)
+
+    def finish(self, last_val: Optional[dict], trained: bool) -> dict:
+        self.metrics.close()
+        final = {"steps": self.plan.steps, "skipped_steps": self.stats["skipped_steps"],
+                 "rollbacks": self.stats["rollbacks"], "train_seconds": self.stats["train_seconds"],
+                 "best_val_loss": self.stats["best_val_loss"], "best_step": self.stats["best_step"],
+                 **(last_val or {})}
+        if self.info.is_main:
+            if trained or not (self.run_dir / "model.safetensors").exists():
+                export_weights(self.model, self.run_dir)
+            if trained or not (self.run_dir / "final.json").exists():
+                (self.run_dir / "final.json").write_text(json.dumps(final, indent=2))
+            else:
+                final = json.loads((self.run_dir / "final.json").read_text())
+        return final
+
+
+class SpikeDetector:
+    """Running mean and variance of the loss (EMA); a loss ``sigmas`` std devs above the
+    mean (and 5% above it, so a flat curve's tiny variance does not cry wolf) is a spike."""
+
+    def __init__(self, sigmas: float, beta: float = 0.95, warmup: int = 20) -> None:
+        self.sigmas, self.beta, self.warmup = sigmas, beta, warmup
+        self.mean, self.var, self.seen = None, 0.0, 0
+
+    def update(self, loss: float) -> Optional[dict]:
+        if self.mean is None:
+            self.mean = loss
+            return None
+        dev, std = loss - self.mean, math.sqrt(self.var)
+        self.seen += 1
+        spike = self.seen > self.warmup and dev > self.sigmas * std and dev > 0.05 * self.mean
+        result = {"loss": loss, "mean": self.mean, "std": std} if spike else None
+        self.mean += (1 - self.beta) * dev
+        self.var = self.beta * (self.var + (1 - self.beta) * dev * dev)
+        return result
+
+
+class Interrupted(Exception):
+    def __init__(self, signum: int) -> None:
+        super().__init__(signum)
+        self.signum = int(signum)
+
+
+def _agree_to_stop(local: bool, info: dist.DistInfo) -> bool:
+    """Every rank stops at the same step if any rank got a signal."""
+    if not info.enabled:
+        return local
+    flag = torch.tensor([1.0 if local else 0.0])
+    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
+    return bool(flag.item())
+
+
+def export_weights(model: GPT, run_dir: Path) -> None:
+    """The final model as safetensors plus its JSON config: loadable with
+    ``picollm.train.load_weights`` and no optimizer state."""
+    from safetensors.torch import save_model
+
+    tmp = run_dir / ".model.safetensors.tmp"
+    save_model(model, str(tmp))  # handles gpt2's tied embedding/head
+    os.replace(tmp, run_dir / "model.safetensors")
+    (run_dir / "model_config.json").write_text(json.dumps(model.config_dict(), indent=2))
+
+
+def load_weights(run_dir: Path, device="cpu") -> GPT:
+    from safetensors.torch import load_model
+
+    from picollm.model import GPTConfig
+
+    cfg = GPTConfig(**json.loads((Path(run_dir) / "model_config.json").read_text()))
+    model = GPT(cfg)
+    load_model(model, str(Path(run_dir) / "model.safetensors"), device=str(device))
+    return model.to(device)
 
 
 def _gather_rng(info: dist.DistInfo) -> list:
@@ -342,6 +533,8 @@ def main(argv: Optional[list] = None) -> None:
         run(load_config(overrides))
     except (ConfigError, TrainError, ckpt.CheckpointError) as err:
         raise SystemExit(f"error: {err}")
+    except Interrupted as stop:
+        raise SystemExit(128 + stop.signum)
     except KeyboardInterrupt:
         raise SystemExit("interrupted; rerun the same command to resume from the last checkpoint.")
 

@@ -1,0 +1,188 @@
+"""Chinchilla arithmetic: how to split a compute budget between parameters and tokens.
+
+Conventions (see DESIGN.md): N counts the parameters that cost FLOPs per token, D counts
+training tokens, and a training run costs C ~= 6*N*D FLOPs. Everything here is plain
+arithmetic on floats (numpy arrays work where noted); nothing imports torch.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+PF_DAY = 1e15 * 86400  # FLOPs in one petaflop/s-day, Kaplan et al.'s compute unit
+
+
+def chinchilla_optimal(compute: float, tokens_per_param: float = 20.0) -> tuple[float, float]:
+    """(N, D) spending `compute` with D = r*N: solving C = 6*N*(r*N) gives N = sqrt(C/(6r))."""
+    if compute <= 0 or tokens_per_param <= 0:
+        raise ValueError(
+            f"compute ({compute}) and tokens_per_param ({tokens_per_param}) must both be positive."
+        )
+    n = math.sqrt(compute / (6.0 * tokens_per_param))
+    return n, tokens_per_param * n
+
+
+@dataclass(frozen=True)
+class ScalingLaw:
+    """L(N, D) = E + A / N**alpha + B / D**beta (Hoffmann et al. 2022, eq. 2)."""
+
+    E: float
+    A: float
+    alpha: float
+    B: float
+    beta: float
+
+    @property
+    def a(self) -> float:
+        """Exponent of N_opt(C) ~ C**a; D_opt grows as C**(1 - a)."""
+        return self.beta / (self.alpha + self.beta)
+
+    def loss(self, n_params, n_tokens):
+        """Predicted loss; broadcasts over numpy arrays."""
+        n = np.asarray(n_params, dtype=float)
+        d = np.asarray(n_tokens, dtype=float)
+        out = self.E + self.A / n**self.alpha + self.B / d**self.beta
+        return float(out) if out.ndim == 0 else out
+
+    def optimal(self, compute: float) -> tuple[float, float]:
+        """Loss-minimising (N, D) under 6*N*D = C, in closed form (Hoffmann et al. eq. 4)."""
+        if compute <= 0:
+            raise ValueError(f"compute must be positive, got {compute}.")
+        s = self.alpha + self.beta
+        g = (self.alpha * self.A / (self.beta * self.B)) ** (1.0 / s)
+        n = g * (compute / 6.0) ** (self.beta / s)
+        return n, (compute / 6.0) / n
+
+    def optimal_loss(self, compute: float) -> float:
+        """Predicted loss at the compute-optimal (N, D)."""
+        return self.loss(*self.optimal(compute))
+
+    def tokens_per_param(self, compute: float) -> float:
+        """D/N at the compute-optimal point; it drifts with C unless alpha == beta."""
+        n, d = self.optimal(compute)
+        return d / n
+
+
+# Hoffmann et al. 2022, eq. 10 (their Approach 3 fit).
+CHINCHILLA = ScalingLaw(E=1.69, A=406.4, alpha=0.34, B=410.7, beta=0.28)
+# Besiroglu et al. 2024, "Chinchilla Scaling: A replication attempt": refit of the same data.
+EPOCH = ScalingLaw(E=1.8172, A=482.01, alpha=0.3478, B=2085.43, beta=0.3658)
+LAWS: dict[str, ScalingLaw] = {"chinchilla": CHINCHILLA, "epoch": EPOCH}
+
+
+def _tokens_for_loss(law: ScalingLaw, n_params: float, loss: float) -> float:
+    """D that reaches `loss` with N params, or inf where N alone cannot get there."""
+    gap = loss - law.E - law.A / n_params**law.alpha
+    return (law.B / gap) ** (1.0 / law.beta) if gap > 0 else math.inf
+
+
+def inference_optimal(
+    law: ScalingLaw, loss: float, inference_tokens: float
+) -> tuple[float, float]:
+    """(N, D) reaching `loss` with the least lifetime compute 6*N*D + 2*N*inference_tokens.
+
+    Sardana et al. 2023: serving many tokens favours a smaller model trained for longer.
+    With inference_tokens = 0 this is the compute-optimal point for that loss.
+    """
+    from scipy.optimize import minimize_scalar
+
+    if inference_tokens < 0:
+        raise ValueError(f"inference_tokens must be >= 0, got {inference_tokens}.")
+    if loss <= law.E:
+        raise ValueError(
+            f"loss {loss} is unreachable: the law's irreducible loss E is {law.E}; "
+            "ask for a loss above E."
+        )
+    # Below n_min even infinite data cannot reach the loss (D -> inf as N -> n_min).
+    log_n_min = math.log(law.A / (loss - law.E)) / law.alpha
+
+    def log_cost(log_n: float) -> float:
+        # log(6ND + 2NI), kept in log space because D explodes near n_min.
+        gap = loss - law.E - law.A * math.exp(-law.alpha * log_n)
+        if gap <= 0:
+            return math.inf
+        log_d = (math.log(law.B) - math.log(gap)) / law.beta
+        log_i = math.log(2.0 * inference_tokens) if inference_tokens > 0 else -math.inf
+        return log_n + np.logaddexp(math.log(6.0) + log_d, log_i)
+
+    # A coarse grid first finds the basin (the cost has a wall at n_min), then Brent polishes.
+    grid = log_n_min + np.geomspace(1e-6, 50.0, 400)
+    costs = np.array([log_cost(x) for x in grid])
+    i = int(np.argmin(costs))
+    lo, hi = grid[max(i - 1, 0)], grid[min(i + 1, len(grid) - 1)]
+    res = minimize_scalar(log_cost, bounds=(lo, hi), method="bounded", options={"xatol": 1e-10})
+    n = math.exp(res.x)
+    return n, _tokens_for_loss(law, n, loss)
+
+
+def kaplan_optimal(compute: float) -> tuple[float, float]:
+    """Kaplan et al. 2020 compute-efficient allocation, for comparison with Chinchilla.
+
+    Source: Kaplan et al. 2020, Table 6 / Figure 14: N_opt = 1.3e9 * C_min**0.73 with C in
+    PF-days (1 PF-day = 8.64e19 FLOPs); N there excludes embeddings. D = C / (6N).
+    """
+    if compute <= 0:
+        raise ValueError(f"compute must be positive, got {compute}.")
+    n = 1.3e9 * (compute / PF_DAY) ** 0.73
+    return n, compute / (6.0 * n)
+
+
+# Dense (no 2:4 sparsity) peak tensor-core FLOP/s from vendor datasheets, in the training
+# dtype each card supports: bf16 where it exists, else fp16 (T4, V100 have no bf16).
+# MFU must be measured against the peak of the dtype actually used.
+GPU_PEAK_FLOPS: dict[str, float] = {
+    "h100-sxm": 989e12,  # bf16
+    "h100-pcie": 756e12,  # bf16
+    "h200": 989e12,  # bf16 (SXM; same compute as H100 SXM)
+    "a100": 312e12,  # bf16
+    "a10g": 70e12,  # bf16; AWS G5 variant, no public NVIDIA datasheet (A10 is 125e12)
+    "l4": 121e12,  # bf16
+    "t4": 65e12,  # fp16
+    "v100": 125e12,  # fp16 (SXM2)
+    "rtx4090": 165e12,  # bf16 with fp32 accumulate
+    "rtx3090": 71e12,  # bf16 with fp32 accumulate
+}
+
+
+def compute_for_time(seconds: float, peak_flops: float, mfu: float, n_gpus: int = 1) -> float:
+    """Model FLOPs a run achieves: wall time * peak * MFU * number of GPUs."""
+    if not 0 < mfu <= 1:
+        raise ValueError(f"mfu must be in (0, 1], got {mfu}; e.g. 0.4 for 40%.")
+    if seconds < 0 or peak_flops <= 0 or n_gpus < 1:
+        raise ValueError("seconds must be >= 0, peak_flops > 0 and n_gpus >= 1.")
+    return seconds * peak_flops * mfu * n_gpus
+
+
+def cost(seconds: float, price_per_hour: float, n_gpus: int = 1) -> float:
+    """Rental cost of `n_gpus` for `seconds` at `price_per_hour` per GPU."""
+    return seconds / 3600.0 * price_per_hour * n_gpus
+
+
+def compare_allocations(
+    compute: float, law: ScalingLaw | None = None, law_name: str | None = None
+) -> list[dict]:
+    """Rows comparing Chinchilla-20, a law's optimum and Kaplan at one compute budget.
+
+    Losses are predicted by `law` (EPOCH when omitted), so every row is judged alike.
+    """
+    law = EPOCH if law is None else law
+    if law_name is None:
+        law_name = next((k for k, v in LAWS.items() if v == law), "fitted")
+    rules = [
+        ("chinchilla-20", chinchilla_optimal(compute)),
+        (f"{law_name}-optimal", law.optimal(compute)),
+        ("kaplan", kaplan_optimal(compute)),
+    ]
+    return [
+        {
+            "rule": rule,
+            "n_params": n,
+            "n_tokens": d,
+            "tokens_per_param": d / n,
+            "loss": law.loss(n, d),
+        }
+        for rule, (n, d) in rules
+    ]

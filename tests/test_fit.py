@@ -1,0 +1,251 @@
+"""Scaling-law fitting: the Chinchilla data, synthetic recovery, IsoFLOP profiles, I/O, plots."""
+
+import csv
+import json
+import math
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from picollm.fit import (
+    fit_isoflop,
+    fit_parametric,
+    load_runs,
+    main,
+    plot_isoflop,
+    plot_optimal_allocation,
+    plot_predicted_vs_measured,
+)
+from picollm.scaling import ScalingLaw
+
+DATA_NAME = "chinchilla_fig4_epoch.csv"
+TRUE = ScalingLaw(E=1.8, A=400.0, alpha=0.33, B=1500.0, beta=0.37)
+# A coarse grid keeps the synthetic tests quick; it still brackets TRUE.
+SMALL_GRID = {"alpha": [0.0, 0.5, 1.0], "beta": [0.0, 0.5, 1.0], "e": [-1.0, 0.0, 1.0],
+              "a": [0.0, 5.0, 10.0], "b": [0.0, 5.0, 10.0]}
+
+
+def _find_shared_csv() -> Path | None:
+    """shared/data/<csv> from $PICOLLM_SHARED, else beside one of this file's ancestors."""
+    if os.environ.get("PICOLLM_SHARED"):
+        p = Path(os.environ["PICOLLM_SHARED"]) / "data" / DATA_NAME
+        return p if p.is_file() else None
+    here = Path(__file__).resolve()
+    for k in range(4):
+        for base in (here.parents[k], here.parents[k].parent):
+            p = base / "shared" / "data" / DATA_NAME
+            if p.is_file():
+                return p
+    return None
+
+
+@pytest.fixture(scope="module")
+def chinchilla_points():
+    path = _find_shared_csv()
+    if path is None:
+        pytest.skip(f"shared/data/{DATA_NAME} not found (set PICOLLM_SHARED to the shared/ folder)")
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    n = np.array([float(r["Model Size"]) for r in rows])
+    c = np.array([float(r["Training FLOP"]) for r in rows])
+    loss = np.array([float(r["loss"]) for r in rows])
+    keep = np.argsort(loss)[:-5]  # Epoch drop the 5 highest losses
+    n, c, loss = n[keep], c[keep], loss[keep]
+    return n, c / (6 * n), loss
+
+
+def test_reproduces_epoch_fit_on_chinchilla_data(chinchilla_points):
+    n, d, loss = chinchilla_points
+    assert len(n) == 240
+    fit = fit_parametric(n, d, loss)
+    assert fit.E == pytest.approx(1.817, abs=1e-3)
+    assert fit.A == pytest.approx(478, rel=0.03)
+    assert fit.B == pytest.approx(2143, rel=0.03)
+    assert fit.alpha == pytest.approx(0.347, abs=2e-3)
+    assert fit.beta == pytest.approx(0.367, abs=2e-3)
+    assert fit.intervals is None
+
+
+def _synthetic(law: ScalingLaw, noise: float, seed: int = 0, k: int = 120):
+    rng = np.random.default_rng(seed)
+    n = 10 ** rng.uniform(7, 10, k)
+    d = n * 10 ** rng.uniform(0, 2.5, k)
+    loss = law.loss(n, d) * np.exp(noise * rng.standard_normal(k))
+    return n, d, loss
+
+
+def test_recovers_known_law_from_synthetic_data():
+    n, d, loss = _synthetic(TRUE, noise=0.002)
+    fit = fit_parametric(n, d, loss, grid=SMALL_GRID)
+    assert fit.E == pytest.approx(TRUE.E, rel=0.03)
+    assert fit.alpha == pytest.approx(TRUE.alpha, abs=0.03)
+    assert fit.beta == pytest.approx(TRUE.beta, abs=0.03)
+    assert fit.a == pytest.approx(TRUE.a, abs=0.02)
+    # The fitted law predicts the (noise-free) truth closely where there is data.
+    assert np.max(np.abs(fit.law.loss(n, d) / TRUE.loss(n, d) - 1)) < 0.005
+
+
+def test_bootstrap_intervals_contain_truth():
+    n, d, loss = _synthetic(TRUE, noise=0.005, seed=1)
+    fit = fit_parametric(n, d, loss, grid=SMALL_GRID, bootstrap=12, seed=3)
+    assert set(fit.intervals) == {"E", "A", "alpha", "B", "beta", "a"}
+    assert fit.samples.shape == (12, 5)
+    for name in ("E", "A", "alpha", "B", "beta", "a"):
+        lo, hi = fit.intervals[name]
+        assert lo <= getattr(fit, name) <= hi or math.isclose(lo, hi)
+        assert lo <= getattr(TRUE, name) <= hi, (name, lo, hi)
+
+
+def test_parametric_rejects_bad_input():
+    with pytest.raises(ValueError, match="at least 5"):
+        fit_parametric([1e8, 1e9], [1e9, 1e10], [3.0, 2.5])
+    with pytest.raises(ValueError, match="positive"):
+        fit_parametric([1e8] * 6, [1e9] * 6, [3.0, 2.5, 2.0, 2.2, 0.0, 2.1])
+    with pytest.raises(ValueError, match="grid is missing"):
+        fit_parametric(*_synthetic(TRUE, 0.0, k=10), grid={"alpha": [0.5]})
+
+
+def _isoflop_sweep(law: ScalingLaw, budgets, width: float = 1.0, shift: float = 0.0,
+                   sizes: int = 9, noise: float = 0.0, seed: int = 0):
+    """Runs on a log grid of sizes around each budget's true optimum (times 10**shift)."""
+    rng = np.random.default_rng(seed)
+    c, n = [], []
+    for budget in budgets:
+        n_star = law.optimal(budget)[0] * 10**shift
+        for x in np.linspace(-width, width, sizes):
+            c.append(budget)
+            n.append(n_star * 10**x)
+    c, n = np.array(c), np.array(n)
+    d = c / (6 * n)
+    loss = law.loss(n, d) * np.exp(noise * rng.standard_normal(len(c)))
+    return c, n, d, loss
+
+
+def test_isoflop_recovers_exponent():
+    budgets = np.geomspace(1e17, 1e21, 5)
+    c, n, d, loss = _isoflop_sweep(TRUE, budgets, noise=0.001)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a bracketed sweep must not warn
+        res = fit_isoflop(c, n, loss)
+    assert res.a == pytest.approx(TRUE.a, abs=0.02)
+    assert res.b == pytest.approx(1 - TRUE.a, abs=0.02)
+    assert res.a + res.b == pytest.approx(1.0, abs=1e-9)  # D_opt = C / (6 N_opt)
+    lo, hi = res.a_interval
+    assert lo < res.a < hi and hi - lo < 0.1
+    assert "standard error" in res.interval_method
+    assert res.warnings == []
+    # Power-law predictions sit on the per-budget minima and near the truth.
+    assert np.allclose(res.predict_n(res.compute), res.n_opt, rtol=0.1)
+    assert res.predict_n(1e19) == pytest.approx(TRUE.optimal(1e19)[0], rel=0.15)
+    assert res.predict_d(1e19) == pytest.approx(TRUE.optimal(1e19)[1], rel=0.15)
+
+
+def test_isoflop_bootstrap_and_actual_tokens():
+    budgets = np.geomspace(1e17, 1e21, 4)
+    c, n, d, loss = _isoflop_sweep(TRUE, budgets, noise=0.002, seed=2)
+    d_real = d * 0.9  # e.g. attention FLOPs make the real token count lower than C/(6N)
+    res = fit_isoflop(c, n, loss, n_tokens=d_real, bootstrap=30, seed=1)
+    assert "bootstrap" in res.interval_method
+    lo, hi = res.a_interval
+    assert lo <= res.a <= hi
+    assert np.allclose(res.d_opt, 0.9 * res.compute / (6 * res.n_opt), rtol=1e-6)
+
+
+def test_isoflop_edge_warning_when_grid_misses_minimum():
+    budgets = np.geomspace(1e17, 1e20, 4)
+    # Every size tried is 10x-1000x below the optimum: the profile's minimum is off the grid.
+    c, n, d, loss = _isoflop_sweep(TRUE, budgets, width=1.0, shift=-2.0)
+    with pytest.warns(UserWarning, match="edge of the sizes tried; add larger models"):
+        res = fit_isoflop(c, n, loss)
+    assert len(res.warnings) == len(budgets)
+    assert not any(cv["bracketed"] for cv in res.curves)
+
+
+def test_isoflop_skips_unusable_budgets():
+    budgets = np.geomspace(1e17, 1e20, 3)
+    c, n, d, loss = _isoflop_sweep(TRUE, budgets)
+    # A budget with two sizes only, and one with (1 + 1e-9) jitter in C that must group as one.
+    c = np.concatenate([c, [5e21, 5e21]])
+    n = np.concatenate([n, [1e9, 2e9]])
+    loss = np.concatenate([loss, [2.2, 2.1]])
+    c[0] *= 1 + 1e-9
+    with pytest.warns(UserWarning, match="parabola needs 3"):
+        res = fit_isoflop(c, n, loss)
+    assert len(res.compute) == 3
+    with pytest.raises(ValueError, match="at least 2 budgets"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            fit_isoflop([1e18, 1e18, 1e19], [1e7, 2e7, 1e8], [3.0, 2.9, 2.5])
+    with pytest.raises(ValueError, match="positive and finite"):
+        fit_isoflop([1e18] * 3, [1e7, 2e7, 4e7], [3.0, float("nan"), 2.9])
+
+
+def _write_table(tmp_path: Path, fmt: str, rows: list[dict]) -> Path:
+    if fmt == "csv":
+        path = tmp_path / "runs.csv"
+        with open(path, "w", newline="") as f:
+            w = csv.DictWriter(f, fieldnames=list(rows[0]))
+            w.writeheader()
+            w.writerows(rows)
+    else:
+        path = tmp_path / "runs.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.mark.parametrize("fmt", ["csv", "jsonl"])
+def test_load_runs(tmp_path, fmt):
+    rows = [{"name": f"r{i}", "n_params": 1e6 * (i + 1), "n_tokens": 2e7, "compute": 6e13 * (i + 1) * 2,
+             "val_loss": 3.0 - 0.1 * i} for i in range(4)]
+    rows[3]["val_loss"] = float("nan")  # a diverged run
+    with pytest.warns(UserWarning, match="dropped 1 run"):
+        runs = load_runs(_write_table(tmp_path, fmt, rows))
+    assert runs.n_params.tolist() == [1e6, 2e6, 3e6]
+    assert runs.n_tokens.tolist() == [2e7] * 3
+    assert runs.compute.tolist() == [1.2e14, 2.4e14, 3.6e14]
+    assert runs.val_loss.tolist() == pytest.approx([3.0, 2.9, 2.8])
+
+
+def test_load_runs_errors_and_derived_columns(tmp_path):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
+        load_runs(tmp_path / "nope.csv")
+    bad = _write_table(tmp_path, "csv", [{"n_params": 1e6, "loss": 3.0}])
+    with pytest.raises(ValueError, match="needs columns"):
+        load_runs(bad)
+    only_c = _write_table(tmp_path, "jsonl", [{"n_params": 1e6, "compute": 1.2e14, "val_loss": 3.0},
+                                              {"n_params": 2e6, "compute": 2.4e14, "val_loss": None}])
+    with pytest.warns(UserWarning, match="dropped 1 run"):
+        assert load_runs(only_c).n_tokens.tolist() == [2e7]
+    text = tmp_path / "text.csv"
+    text.write_text("n_params,n_tokens,val_loss\n1e6,abc,3.0\n")
+    with pytest.raises(ValueError, match="not a number"):
+        load_runs(text)
+
+
+def _is_png(path: Path) -> bool:
+    return path.is_file() and path.stat().st_size > 1000 and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_plots_write_png(tmp_path):
+    budgets = np.geomspace(1e17, 1e20, 4)
+    c, n, d, loss = _isoflop_sweep(TRUE, budgets, noise=0.001)
+    res = fit_isoflop(c, n, loss)
+    assert _is_png(plot_isoflop(res, tmp_path / "iso.png"))
+    assert _is_png(plot_optimal_allocation(res, tmp_path / "sub" / "alloc.png"))
+    assert _is_png(plot_predicted_vs_measured(TRUE, n, d, loss, tmp_path / "pvm.png"))
+
+
+def test_cli_end_to_end(tmp_path, capsys):
+    budgets = np.geomspace(1e17, 1e20, 4)
+    c, n, d, loss = _isoflop_sweep(TRUE, budgets, noise=0.001)
+    rows = [{"n_params": a, "n_tokens": b, "compute": x, "val_loss": y}
+            for a, b, x, y in zip(n, d, c, loss)]
+    table = _write_table(tmp_path, "csv", rows)
+    assert main([str(table), "--out", str(tmp_path / "out")]) == 0
+    text = capsys.readouterr().out
+    assert "alpha" in text and "N_opt ~ C^a" in text
+    for name in ("isoflop.png", "optimal_allocation.png", "predicted_vs_measured.png"):
+        assert _is_png(tmp_path / "out" / name)
