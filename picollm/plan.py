@@ -214,7 +214,7 @@ def make_plan(cfg: DictConfig, device_info, world_size: int = 1,
                 break
             tried.add((guess.n_layer, guess.d_model))
             gcfg = guess
-            rate = measure_flops(gcfg, _probe_micro_batch(t, gcfg))
+            rate = measure_flops(gcfg, t.micro_batch or (32 if device_info.is_cuda else 16))
             if explicit:
                 break
         if not explicit:
@@ -385,10 +385,6 @@ def save_plan(run_dir: Path, cfg: DictConfig, plan: Plan) -> None:
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.yaml").write_text(to_yaml(cfg))
     (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
-
-
-def _probe_micro_batch(t: DictConfig, gcfg: GPTConfig) -> int:
-    return t.micro_batch or 8
 
 
 def _micro_batch(t: DictConfig, gcfg: GPTConfig, per_rank: int, device_info) -> tuple[int, dict]:

@@ -23,7 +23,7 @@ import torch
 from matplotlib.figure import Figure  # the object API: no pyplot state, no display backend needed
 from matplotlib.ticker import PercentFormatter
 
-from picollm.runs import RunError, boolean, check_run_dir, load_run, parse_args, read_metrics
+from picollm.runs import RunError, boolean, check_run_dir, load_run, parse_args, read_events, read_metrics
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -183,6 +183,25 @@ def result_section(final: Optional[dict]) -> list[str]:
     ])
 
 
+def events_section(events: list[dict]) -> list[str]:
+    """Skipped steps, loss spikes and rollbacks, as the trainer logged them."""
+    lines = ["## Events", ""]
+    if not events:
+        return lines + ["None: no skipped steps, loss spikes or rollbacks.", ""]
+    counts = {}
+    for e in events:
+        counts[e["event"]] = counts.get(e["event"], 0) + 1
+    lines += [", ".join(f"{n} {name.replace('_', ' ')}{'s' if n > 1 else ''}" for name, n in counts.items()), "",
+              "| step | event | details |", "|---|---|---|"]
+    for e in events[:50]:
+        details = ", ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in e.items()
+                            if k not in ("kind", "event", "step"))
+        lines.append(f"| {e['step']} | {e['event'].replace('_', ' ')} | {details} |")
+    if len(events) > 50:
+        lines.append(f"| ... | {len(events) - 50} more in metrics.jsonl | |")
+    return lines + [""]
+
+
 def environment_section(plan: dict) -> list[str]:
     return ["## Environment", ""] + table([
         ("picollm commit", git_commit()),
@@ -212,6 +231,7 @@ def write_report(run_dir: Union[str, Path], samples: Optional[list[str]] = None)
     lines += plan_section(plan) + [""]
     lines += happened_section(plan, train) + [""]
     lines += result_section(final_eval(run_dir, evals)) + [""]
+    lines += events_section(read_events(run_dir))
     lines += ["## Plots", "", "![loss](loss.png)", "", "![throughput](throughput.png)", "",
               "![learning rate and gradient norm](lr.png)", ""]
     if samples:

@@ -135,6 +135,22 @@ def read_metrics(run_dir: Union[str, Path]) -> tuple[list[dict], list[dict]]:
     return ordered(latest["train"]), ordered(latest["eval"])
 
 
+def read_events(run_dir: Union[str, Path]) -> list[dict]:
+    """Every event the trainer logged (skipped steps, loss spikes, rollbacks), in order.
+    Unlike train records they are never deduplicated: a replayed step's event still happened."""
+    path = Path(run_dir) / "metrics.jsonl"
+    events = []
+    if path.is_file():
+        for line in path.read_text(encoding="utf-8").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and record.get("kind") == "event":
+                events.append(record)
+    return events
+
+
 # ----------------------------------------------------------------------------- key=value CLIs
 
 def parse_args(argv: list[str], spec: dict[str, Callable[[str], Any]], usage: str,
