@@ -99,6 +99,7 @@ class TrainSchema:
     log_every: int = 10  # progress line every k steps (metrics.jsonl gets every step)
     resume: str = "auto"  # auto | never | PATH
     num_threads: Optional[int] = None  # CPU threads for torch; default all cores
+    peak_flops: Optional[float] = None  # the MFU yardstick; unset: measured (CPU) or published (GPU)
     # Bad steps: a non-finite loss or gradient norm skips the update. After max_bad_steps in
     # a row: rollback (to the last good checkpoint, LR scaled by rollback_lr_scale) or stop.
     max_bad_steps: int = 3
@@ -130,6 +131,27 @@ class WandbSchema:
 @dataclass
 class PlanSchema:
     format: str = "text"  # text | json
+    # Calculator views (pure arithmetic; see picollm/plan.py): card | compute | time | params | inference
+    view: str = "card"
+    law: str = "epoch"  # the fitted law judging losses: epoch | chinchilla
+    gpu: Optional[str] = None  # a name from scaling.GPU_PEAK_FLOPS; unset: this machine, probed
+    n_gpus: int = 1
+    hours: Optional[float] = None  # wall-clock budget of the time view
+    mfu: float = 0.4  # model FLOPs utilisation assumed on the named GPU
+    price_per_hour: Optional[float] = None  # per GPU, in your currency
+    inference_tokens: Optional[float] = None  # tokens the model will serve in its lifetime
+    target_loss: Optional[float] = None  # the inference view's loss target
+
+
+@dataclass
+class SweepSchema:
+    """An IsoFLOP grid (python -m picollm.sweep); each run gets the other overrides."""
+    budgets: List[float] = field(default_factory=list)  # compute budgets C in FLOPs
+    sizes: int = 5  # model sizes per budget
+    span: float = 4.0  # sizes run log-spaced from N_opt/span to N_opt*span
+    dir: Optional[str] = None  # where run dirs, results.jsonl, plots and summary go
+    bootstrap: int = 100  # resamples for the fits' 95% intervals (0: regression intervals only)
+    fit: bool = True
 
 
 @dataclass
@@ -143,6 +165,7 @@ class Config:
     sample: SampleSchema = field(default_factory=SampleSchema)
     wandb: WandbSchema = field(default_factory=WandbSchema)
     plan: PlanSchema = field(default_factory=PlanSchema)
+    sweep: SweepSchema = field(default_factory=SweepSchema)
     extra: Any = None  # free-form slot for experiment notes
 
 

@@ -42,13 +42,28 @@ def token_byte_lengths(enc: tiktoken.Encoding, vocab_size: int) -> torch.Tensor:
     return lengths
 
 
+def position_buckets(seq_len: int, first: int = 16) -> list[tuple[int, int]]:
+    """Half-open position ranges [0, 16), [16, 32), [32, 64), ...: equal width at the start,
+    then doubling, so a long context still gives a handful of buckets."""
+    buckets, start, end = [], 0, min(first, seq_len)
+    while start < seq_len:
+        buckets.append((start, end))
+        start, end = end, min(max(2 * end, first), seq_len)
+    return buckets
+
+
 @torch.no_grad()
 def evaluate(model: torch.nn.Module, val_shards: Sequence, seq_len: int, batch_size: int,
              byte_lengths: torch.Tensor, autocast_ctx, max_tokens: Optional[int] = None,
-             device: torch.device = torch.device("cpu"), rank: int = 0, world_size: int = 1) -> dict:
+             device: torch.device = torch.device("cpu"), rank: int = 0, world_size: int = 1,
+             by_position: bool = False) -> dict:
+    """val_loss, val_bpb, val_tokens; with ``by_position`` also ``loss_by_position``, the mean
+    loss of targets in each of ``position_buckets(seq_len)`` (from the same forward passes)."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats all, tokens, nats bpb, bytes
+    # Every window is full, so each position has the same count: count / seq_len.
+    position_nats = torch.zeros(seq_len, dtype=torch.float64, device=device)
     lengths = byte_lengths.to(device)
     for x, y in ValLoader(val_shards, seq_len, batch_size, max_tokens, rank, world_size):
         x, y = x.to(device), y.to(device)
@@ -56,6 +71,7 @@ def evaluate(model: torch.nn.Module, val_shards: Sequence, seq_len: int, batch_s
             losses = model(x, y, reduction="none").double()
         nbytes = lengths[y.reshape(-1)]
         has_bytes = nbytes > 0
+        position_nats += losses.view(y.shape).sum(dim=0)
         sums += torch.stack([losses.sum(), torch.tensor(float(losses.numel()), dtype=torch.float64, device=device),
                              losses[has_bytes].sum(), nbytes.sum().double()])
     dist.all_reduce_sum(sums)
@@ -64,8 +80,15 @@ def evaluate(model: torch.nn.Module, val_shards: Sequence, seq_len: int, batch_s
     if count == 0:
         raise ValueError("the validation split has no full window of seq_len+1 tokens; "
                          "raise data.val_fraction or data.val_tokens, or lower model.seq_len.")
-    return {"val_loss": nats / count, "val_bpb": nats_bpb / (math.log(2) * max(nbytes, 1.0)),
-            "val_tokens": int(count)}
+    result = {"val_loss": nats / count, "val_bpb": nats_bpb / (math.log(2) * max(nbytes, 1.0)),
+              "val_tokens": int(count)}
+    if by_position:
+        dist.all_reduce_sum(position_nats)
+        windows = count / seq_len
+        result["loss_by_position"] = [
+            {"first": a, "last": b - 1, "loss": position_nats[a:b].sum().item() / (windows * (b - a))}
+            for a, b in position_buckets(seq_len)]
+    return result
 
 
 # ----------------------------------------------------------------------------- command line
@@ -74,7 +97,8 @@ def evaluate(model: torch.nn.Module, val_shards: Sequence, seq_len: int, batch_s
 EVAL_USAGE = """usage: python -m picollm.evaluate run_dir=DIR [checkpoint=STEP|PATH] [max_tokens=N] [device=auto|cpu|cuda]
                                 [dtype=auto|fp32|bf16]
 Validation loss and bits per byte on the run's whole held-out split (or its first max_tokens
-tokens); writes run_dir/eval.json and prints it."""
+tokens), plus the mean loss per position bucket (loss_by_position: 0-15, 16-31, 32-63, ...);
+writes run_dir/eval.json and prints it."""
 
 
 class EvalError(RuntimeError):
@@ -117,7 +141,7 @@ def evaluate_run(run: LoadedRun, max_tokens: Optional[int] = None, dtype: str = 
     start = time.perf_counter()
     result = evaluate(run.model, data.val_shards, seq_len, int(run.plan.get("micro_batch") or 8),
                       token_byte_lengths(run.tokenizer, run.model.cfg.vocab_size), lambda: autocast(info),
-                      max_tokens, run.device)
+                      max_tokens, run.device, by_position=True)
     return {"step": run.step, "checkpoint": str(run.path), **result, "val_split_tokens": data.n_val_tokens,
             "max_tokens": max_tokens, "data_dir": str(data.dir), "device": str(run.device), "dtype": info.dtype,
             "seconds": round(time.perf_counter() - start, 3)}

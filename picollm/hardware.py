@@ -58,16 +58,25 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 @functools.lru_cache(maxsize=None)
-def measure_matmul_peak(dtype: str, size: int = 2048, repeats: int = 3) -> float:
-    """Best FLOP/s of a few square matmuls in ``dtype`` on the CPU (the same-run yardstick)."""
-    a = torch.randn(size, size, dtype=DTYPES[dtype])
-    b = torch.randn(size, size, dtype=DTYPES[dtype])
-    a @ b  # warm the kernels up
-    best = 0.0
-    for _ in range(repeats):
-        start = time.perf_counter()
-        a @ b
-        best = max(best, 2 * size**3 / (time.perf_counter() - start))
+def measure_matmul_peak(dtype: str, max_size: int = 4096, repeats: int = 3, budget_s: float = 0.5) -> float:
+    """Best FLOP/s of square matmuls in ``dtype`` on the CPU (the same-run yardstick).
+    Sizes grow from 1024 until one product takes ``budget_s`` or ``max_size`` is reached,
+    since small products underrate the peak and huge emulated-bf16 ones take seconds."""
+    best, size = 0.0, 1024
+    while size <= max_size:
+        a = torch.randn(size, size, dtype=DTYPES[dtype])
+        b = torch.randn(size, size, dtype=DTYPES[dtype])
+        a @ b  # warm the kernels up
+        slowest = 0.0
+        for _ in range(repeats):
+            start = time.perf_counter()
+            a @ b
+            elapsed = time.perf_counter() - start
+            slowest = max(slowest, elapsed)
+            best = max(best, 2 * size**3 / elapsed)
+        if slowest > budget_s:
+            break
+        size *= 2
     return best
 
 
@@ -110,9 +119,13 @@ def available_memory(device: torch.device) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
-def describe(device_name: str = "auto", dtype: str = "auto", measure: bool = True) -> DeviceInfo:
+def describe(device_name: str = "auto", dtype: str = "auto", measure: bool = True,
+             peak_flops: Optional[float] = None) -> DeviceInfo:
     device = pick_device(device_name)
     dt = resolve_dtype(dtype, device)
+    if peak_flops:
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
+        return DeviceInfo(device, name, dt, float(peak_flops), "given", available_memory(device))
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         peak = next((p.get(dt) for key, p in GPU_PEAKS if key in name), None)

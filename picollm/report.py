@@ -273,8 +273,104 @@ def _report_run(argv: list[str]) -> None:
     print(f"wrote {path}")
 
 
+# ----------------------------------------------------------------------------- comparing runs
+
+def run_summary(run_dir: Path) -> dict:
+    """The numbers one row of the comparison table needs, from files in run_dir."""
+    run_dir = check_run_dir(run_dir)
+    plan_path = run_dir / "plan.json"
+    if not plan_path.is_file():
+        raise RunError(f"run_dir {run_dir} has no plan.json, so it is not a picollm run; "
+                       "pass the directories of runs you trained.")
+    plan = json.loads(plan_path.read_text())
+    train, evals = read_metrics(run_dir)
+    mfus = [r["mfu"] for r in train if r.get("mfu") is not None]
+    return {"run_dir": run_dir, "plan": plan, "evals": evals, "final": final_eval(run_dir, evals),
+            "steps_done": train[-1]["step"] if train else 0,
+            "wall": sum(r["dt"] for r in train),
+            "tok_per_s": statistics.median(r["tok_per_s"] for r in train) if train else None,
+            "mfu": statistics.median(mfus) if mfus else None}
+
+
+def run_labels(run_dirs: list[Path]) -> list[str]:
+    """Folder names, or full paths where two runs share a name."""
+    names = [d.name for d in run_dirs]
+    return [n if names.count(n) == 1 else str(d) for n, d in zip(names, run_dirs)]
+
+
+def compare_table(summaries: list[dict], labels: list[str]) -> list[str]:
+    lines = ["| run | N | D | D/N | C (FLOPs) | steps | val_loss | val_bpb | train wall clock | median tok/s | median MFU |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
+    for label, s in zip(labels, summaries):
+        plan, final = s["plan"], s["final"]
+        lines.append(" | ".join([
+            f"| {label}", si(plan["n_params"]), si(plan["n_tokens"]), f"{plan['tokens_per_param']:.3g}",
+            f"{plan['compute']:.3e}", f"{s['steps_done']:,} of {plan['steps']:,}",
+            f"{final['val_loss']:.4f}" if final else "n/a", f"{final['val_bpb']:.4f}" if final else "n/a",
+            duration(s["wall"]), si(s["tok_per_s"]), f"{s['mfu']:.1%}" if s["mfu"] is not None else "n/a"]) + " |")
+    return lines
+
+
+def plot_compare(summaries: list[dict], labels: list[str], key: str, xlabel: str, path: Path) -> None:
+    """Val loss of every run against tokens or FLOPs, log x (step 0 has x=0, so it is left out)."""
+    fig = Figure(figsize=(7, 4))
+    ax = fig.add_subplot()
+    for label, s in zip(labels, summaries):
+        points = [(r[key], r["val_loss"]) for r in s["evals"] if r.get(key)]
+        if points:
+            ax.plot(*zip(*points), "o-", ms=3, label=label)
+    if ax.lines:
+        ax.set_xscale("log")
+        ax.legend()
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel("val loss (nats/token)")
+    ax.set_title(f"val loss vs {xlabel}")
+    ax.grid(alpha=0.3, which="both")
+    _save(fig, path)
+
+
+def write_compare(run_dirs: list[Union[str, Path]], out: Union[str, Path] = "compare") -> Path:
+    """out/compare.md (one table, one row per run) with val_loss_vs_tokens.png and val_loss_vs_flops.png."""
+    if not run_dirs:
+        raise RunError("no runs to compare; pass run directories, e.g. python -m picollm.report compare runs/a runs/b.")
+    summaries = [run_summary(Path(d)) for d in run_dirs]
+    labels = run_labels([s["run_dir"] for s in summaries])
+    out = Path(out).expanduser()
+    out.mkdir(parents=True, exist_ok=True)
+    plot_compare(summaries, labels, "tokens", "tokens", out / "val_loss_vs_tokens.png")
+    plot_compare(summaries, labels, "flops", "FLOPs", out / "val_loss_vs_flops.png")
+    lines = ["# picollm run comparison", ""] + compare_table(summaries, labels) + [
+        "", "val_loss / val_bpb come from each run's eval.json when present, else its last evaluation during training.",
+        "", "## Runs", ""] + [f"- {label}: `{s['run_dir'].resolve()}`" for label, s in zip(labels, summaries)] + [
+        "", "## Plots", "", "![val loss vs tokens](val_loss_vs_tokens.png)", "",
+        "![val loss vs FLOPs](val_loss_vs_flops.png)", ""]
+    path = out / "compare.md"
+    tmp = path.with_name(".compare.md.tmp")
+    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    os.replace(tmp, path)
+    return path
+
+
+COMPARE_USAGE = """usage: python -m picollm.report compare RUN_DIR RUN_DIR ... [out=DIR]
+Writes DIR/compare.md (default DIR: compare/) with one table of every run (N, D, D/N, C, steps,
+val_loss, val_bpb, wall clock, tok/s, MFU) and val loss vs tokens / FLOPs plots overlaying all runs."""
+
+
+def _compare(argv: list[str]) -> None:
+    if any(a in ("-h", "--help") for a in argv):
+        print(COMPARE_USAGE)
+        raise SystemExit(0)
+    settings = parse_args([a for a in argv if a.startswith("out=")], {"out": str}, COMPARE_USAGE)
+    run_dirs = [a for a in argv if not a.startswith("out=")]
+    try:
+        path = write_compare(run_dirs, settings.get("out", "compare"))
+    except (RunError, ValueError, KeyError) as err:
+        raise SystemExit(f"error: {err}")
+    print(f"wrote {path}")
+
+
 # Subcommands: `python -m picollm.report [NAME] key=value ...`; without a name, "run".
-COMMANDS: dict[str, Callable[[list[str]], None]] = {"run": _report_run}
+COMMANDS: dict[str, Callable[[list[str]], None]] = {"run": _report_run, "compare": _compare}
 
 
 def main(argv: Optional[list] = None) -> None:

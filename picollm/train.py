@@ -55,6 +55,7 @@ def resolve_run_dir(cfg: DictConfig, info: dist.DistInfo) -> Path:
         name = "runs/" + datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
     name = dist.broadcast_object(name)
     run_dir = Path(name).expanduser().resolve()
+    error = None
     if info.is_main:
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
@@ -62,7 +63,10 @@ def resolve_run_dir(cfg: DictConfig, info: dist.DistInfo) -> Path:
             probe.write_text("ok")
             probe.unlink()
         except OSError as err:
-            raise TrainError(f"run_dir {run_dir} is not writable ({err.strerror}); pick another run_dir.") from None
+            error = f"run_dir {run_dir} is not writable ({err.strerror}); pick another run_dir."
+    error = dist.broadcast_object(error)  # every rank stops with the same sentence
+    if error:
+        raise TrainError(error)
     return run_dir
 
 
@@ -136,7 +140,7 @@ def _run(cfg: DictConfig, info: dist.DistInfo) -> dict:
     try:
         validate_source(cfg.data)
         validate_tokenizer_config(cfg.tokenizer)
-        device = hardware.describe(t.device, t.dtype, measure=info.is_main)
+        device = hardware.describe(t.device, t.dtype, measure=info.is_main, peak_flops=t.peak_flops)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if info.enabled:  # one measured peak for all ranks; each rank on its own GPU
@@ -149,8 +153,7 @@ def _run(cfg: DictConfig, info: dist.DistInfo) -> dict:
     resume_state = ckpt.load_checkpoint(resume_path) if resume_path else None
     plan = plan_for_run(cfg, device, info, run_dir, resume_state)
     if plan.world_size != info.world_size:
-        raise TrainError(f"this run was planned for {plan.world_size} processes, not {info.world_size}; "
-                         "launch it with the same number of processes.")
+        plan = _reshard(plan, info)
     log(plan.card(), info)
 
     data = prepare(cfg, plan, info)
@@ -171,6 +174,20 @@ def _run(cfg: DictConfig, info: dist.DistInfo) -> dict:
     del resume_state
     with _StopOnSignal() as stopper:
         return trainer.fit(stopper)
+
+
+def _reshard(plan: Plan, info: dist.DistInfo) -> Plan:
+    """A run continued on a different number of processes: the global batch and the
+    sample order are properties of the run, so only the accumulation split changes."""
+    per_step = info.world_size * plan.micro_batch
+    if plan.batch_seqs % per_step:
+        raise TrainError(f"this run's global batch of {plan.batch_seqs} sequences cannot be split over "
+                         f"{info.world_size} processes x micro-batch {plan.micro_batch}; use a world size that divides "
+                         f"{plan.batch_seqs // plan.micro_batch}.")
+    log(f"continuing a {plan.world_size}-process run on {info.world_size}: accumulation "
+        f"{plan.accum_steps} -> {plan.batch_seqs // per_step} steps, same global batch and sample order", info)
+    plan.world_size, plan.accum_steps = info.world_size, plan.batch_seqs // per_step
+    return plan
 
 
 class _StopOnSignal:

@@ -5,8 +5,8 @@
 
 Each variant runs in a fresh subprocess (so its peak RSS is its own) and reports model
 FLOP/s (DESIGN's flops_per_token x tokens / median step time) as a fraction of the best
-of a few large square matmuls in the same dtype, measured in the same process just
-before. Prints a markdown table and writes JSON next to it with --out.
+of square matmuls in the same dtype (picollm.hardware.measure_matmul_peak, the same
+yardstick the trainer's MFU uses), measured in the same process just before. Prints a markdown table and writes JSON next to it with --out.
 """
 
 from __future__ import annotations
@@ -23,24 +23,16 @@ REFERENCE = dict(n_layer=6, d_model=384, n_head=6, seq_len=256, vocab_size=8192)
 SPEEDRUN = dict(n_layer=2, d_model=128, n_head=2, seq_len=256, vocab_size=2048)
 
 
-def matmul_peak(dtype_name: str) -> float:
-    import torch
-
-    from picollm.hardware import measure_matmul_peak
-
-    return max(measure_matmul_peak(dtype_name, size) for size in (2048, 3072, 4096))
-
-
 def child(args: argparse.Namespace) -> None:
     import torch
 
-    from picollm.hardware import describe
+    from picollm.hardware import describe, measure_matmul_peak
     from picollm.model import GPTConfig
     from picollm.throughput import measure_train_flops
 
     shape = json.loads(args.shape)
     info = describe("auto", args.dtype, measure=False)
-    peak = matmul_peak(info.dtype) if not info.is_cuda else None
+    peak = measure_matmul_peak(info.dtype) if not info.is_cuda else None
     if info.is_cuda:
         info = describe("auto", args.dtype)
         peak = info.peak_flops

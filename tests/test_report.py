@@ -149,6 +149,11 @@ def test_evaluate_cli_uses_the_full_validation_split(run_dir: Path, capsys) -> N
     n_val = load_prepared(data_dir).n_val_tokens
     assert saved["val_tokens"] == (n_val - 1) // SEQ_LEN * SEQ_LEN  # every full window
     assert saved["val_tokens"] > 1024  # more than the in-training train.eval_tokens cap
+    buckets = saved["loss_by_position"]
+    assert [(b["first"], b["last"]) for b in buckets] == [(0, 15), (16, 31), (32, 63)]  # seq_len 64
+    # Same forward passes: the position-weighted mean of the buckets is val_loss.
+    mean = sum(b["loss"] * (b["last"] - b["first"] + 1) for b in buckets) / SEQ_LEN
+    assert mean == pytest.approx(saved["val_loss"], rel=1e-9)
 
     evaluate.main([f"run_dir={run_dir}", "checkpoint=2", "max_tokens=640"])
     capped = json.loads((run_dir / "eval.json").read_text())
@@ -209,6 +214,38 @@ def test_report_cli_with_samples(run_dir: Path, capsys) -> None:
     assert "## Samples" in text
     for prompt in ("def ", "import ", "class "):  # the default sample.prompts
         assert re.search(r"`{3,}\n" + re.escape(prompt), text)
+
+
+def test_compare_two_runs(run_dir: Path, tmp_path: Path, capsys) -> None:
+    other = run_dir.parent / "run_short"
+    if not other.exists():
+        train_run(load_config([
+            "model=tiny", "model.seq_len=32", "tokenizer.vocab_size=300", "tokenizer.train_chars=100000",
+            "data.max_docs=100", "data.val_tokens=4096", "train.steps=2", "train.batch_tokens=256",
+            "train.eval_every=1", "train.eval_tokens=512", "train.num_threads=1", f"run_dir={other}"]))
+    out = tmp_path / "cmp"
+    report.main(["compare", str(run_dir), str(other), f"out={out}"])
+    assert "wrote" in capsys.readouterr().out
+    text = (out / "compare.md").read_text()
+    assert len([line for line in text.splitlines() if line.startswith("|")]) == 4  # header, rule, 2 runs
+    assert "| run | N | D | D/N | C (FLOPs) | steps | val_loss | val_bpb | train wall clock | median tok/s" in text
+    final = json.loads((run_dir / "eval.json").read_text())
+    assert f"| {run_dir.name} |" in text and f"{final['val_loss']:.4f}" in text and "| 4 of 4 |" in text
+    assert "| run_short |" in text and "| 2 of 2 |" in text
+    for name in ("val_loss_vs_tokens.png", "val_loss_vs_flops.png"):
+        data = (out / name).read_bytes()
+        assert data.startswith(PNG_MAGIC) and len(data) > 1000 and f"]({name})" in text
+
+
+def test_compare_errors(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(SystemExit, match="no runs to compare"):
+        report.main(["compare"])
+    with pytest.raises(SystemExit, match="has no plan.json"):
+        report.main(["compare", str(tmp_path)])
+    with pytest.raises(SystemExit, match="does not exist"):
+        report.main(["compare", str(tmp_path / "nope")])
+    assert not (tmp_path / "compare").exists()  # nothing written when a run is unusable
 
 
 def test_report_cli_errors(tmp_path: Path) -> None:

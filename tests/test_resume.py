@@ -55,7 +55,7 @@ def reference(tmp_path_factory):
 
 
 def start(run_dir, *extra):
-    cmd = [sys.executable, "-m", "picollm.train", *BASE, "train.steps=12", "train.save_every=2",
+    cmd = [sys.executable, "-m", "picollm.train", *BASE, "train.steps=12", "train.save_every=2", "train.peak_flops=1e11",
            f"run_dir={run_dir}", *extra]
     return subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             env={**os.environ, "PYTHONPATH": str(REPO)})

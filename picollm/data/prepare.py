@@ -512,7 +512,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         cfg = load_config(overrides)
         validate_tokenizer_config(cfg.tokenizer)
-        device = hardware.describe(cfg.train.device, cfg.train.dtype)
+        device = hardware.describe(cfg.train.device, cfg.train.dtype, peak_flops=cfg.train.peak_flops)
         if cfg.run_dir:
             plan = plan_for_run(cfg, device, DistInfo(), Path(cfg.run_dir), None)
             save_plan(Path(cfg.run_dir), cfg, plan)

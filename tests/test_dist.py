@@ -1,0 +1,126 @@
+"""Real torchrun on CPU (gloo): two processes match one process sample for sample, runs
+move between world sizes, and torchrun's elastic restart resumes by itself."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from picollm import checkpoint as ckpt
+from picollm.config import load_config
+from picollm.train import run
+from tests.conftest import TINY
+
+REPO = Path(__file__).resolve().parents[1]
+# One thread per process: two processes on two cores, no oversubscription.
+BASE = TINY + ["train.batch_tokens=256", "train.micro_batch=2", "train.dtype=fp32", "train.warmup_steps=2",
+               "train.eval_every=1000", "train.num_threads=1",
+        "train.peak_flops=1e11"]  # skip the per-process peak measurement: start-up dominates these tests
+
+pytestmark = pytest.mark.slow
+
+
+def torchrun(nproc, overrides, *extra, wait=True):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra,
+           "-m", "picollm.train", *overrides]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    if not wait:
+        return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                start_new_session=True)
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    return out
+
+
+def losses(run_dir):
+    out = {}
+    for line in (Path(run_dir) / "metrics.jsonl").read_text().splitlines():
+        r = json.loads(line)
+        if r["kind"] == "train":
+            out[r["step"]] = r["loss"]
+    return out
+
+
+def weights(run_dir, step):
+    return ckpt.load_checkpoint(ckpt.ckpt_dir(run_dir) / f"step_{step:07d}.pt")["model"]
+
+
+@pytest.fixture(scope="module")
+def single(tmp_path_factory):
+    """One process: the reference for two processes with half the accumulation."""
+    run_dir = tmp_path_factory.mktemp("single") / "run"
+    run(load_config(BASE + ["train.steps=6", f"run_dir={run_dir}"]))
+    torch.set_num_threads(os.cpu_count())
+    return run_dir
+
+
+def test_two_processes_match_one_with_twice_the_accumulation(tmp_path, single):
+    run_dir = tmp_path / "ddp"
+    out = torchrun(2, BASE + ["train.steps=6", f"run_dir={run_dir}"])
+    plan = json.loads((run_dir / "plan.json").read_text())
+    single_plan = json.loads((single / "plan.json").read_text())
+    assert plan["world_size"] == 2 and single_plan["world_size"] == 1
+    assert plan["accum_steps"] * 2 == single_plan["accum_steps"]  # same global batch, split over ranks
+    a, b = losses(single), losses(run_dir)
+    assert sorted(b) == list(range(1, 7))  # rank 0 alone wrote metrics, once per step
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5)
+    for k, w in weights(single, 6).items():
+        torch.testing.assert_close(weights(run_dir, 6)[k], w, rtol=1e-4, atol=1e-5)
+    assert not list(run_dir.glob(".hydra")) and "rank" not in " ".join(p.name for p in run_dir.iterdir())
+
+
+def test_a_two_process_run_resumes_on_one_process_and_back(tmp_path, single):
+    run_dir = tmp_path / "mixed"
+    torchrun(2, BASE + ["train.steps=6", "train.save_every=2", f"run_dir={run_dir}"])
+    for step in (4, 6):  # as if stopped after step 2
+        for suffix in (".pt", ".json"):
+            (ckpt.ckpt_dir(run_dir) / f"step_{step:07d}{suffix}").unlink(missing_ok=True)
+    run(load_config(BASE + ["train.steps=6", "train.save_every=2", f"run_dir={run_dir}"]))
+    torch.set_num_threads(os.cpu_count())
+    a, b = losses(single), losses(run_dir)
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5)
+    # ...and from one process back to two.
+    for suffix in (".pt", ".json"):
+        (ckpt.ckpt_dir(run_dir) / f"step_0000006{suffix}").unlink()
+    torchrun(2, BASE + ["train.steps=6", "train.save_every=2", f"run_dir={run_dir}"])
+    for step in a:
+        assert losses(run_dir)[step] == pytest.approx(a[step], rel=1e-5)
+
+
+def test_unsplittable_batch_fails_on_every_rank_with_one_message(tmp_path):
+    cmd_over = BASE + ["train.steps=2", "train.batch_tokens=96", "model.seq_len=32", "train.micro_batch=1",
+                       f"run_dir={tmp_path / 'bad'}"]
+    out = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+                          "-m", "picollm.train", *cmd_over], cwd=REPO, capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    assert out.returncode != 0
+    text = out.stdout + out.stderr
+    assert text.count("not divisible by the world size 2") == 2  # both ranks, the same sentence
+
+
+def test_elastic_restart_resumes_after_a_worker_is_killed(tmp_path, single):
+    run_dir = tmp_path / "elastic"
+    overrides = BASE + ["train.steps=6", "train.save_every=1", f"run_dir={run_dir}"]
+    proc = torchrun(2, overrides, "--max-restarts=2", wait=False)
+    deadline = time.time() + 300
+    while time.time() < deadline and not ckpt.list_checkpoints(run_dir):
+        time.sleep(0.05)
+    assert ckpt.list_checkpoints(run_dir), "no checkpoint appeared"
+    workers = subprocess.run(["pgrep", "-f", "picollm.train", "-P", str(proc.pid)], capture_output=True, text=True)
+    pids = [int(p) for p in workers.stdout.split()]
+    assert pids, "could not find a worker process"
+    os.kill(pids[-1], signal.SIGKILL)
+    out, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, out[-3000:]
+    assert "resumed from" in out
+    a, b = losses(single), losses(run_dir)
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5)
