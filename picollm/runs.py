@@ -10,7 +10,7 @@ import json
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 import tiktoken
 import torch
@@ -116,21 +116,27 @@ def load_run(run_dir: Union[str, Path], checkpoint: Union[None, int, str, Path] 
                      config=OmegaConf.create(state["config"]), device=device)
 
 
-def read_metrics(run_dir: Union[str, Path]) -> tuple[list[dict], list[dict]]:
-    """(train records, eval records) from metrics.jsonl, each sorted by step.
-
-    A resumed run re-logs the steps after its last checkpoint, so the latest record of
-    each step wins; a torn last line (a crash mid-write) is skipped."""
+def _records(run_dir: Union[str, Path]) -> Iterator[dict]:
+    """Every well-formed record of metrics.jsonl; a torn last line (a crash mid-write) is skipped."""
     path = Path(run_dir) / "metrics.jsonl"
+    if not path.is_file():
+        return
+    for line in path.read_text(encoding="utf-8").splitlines():
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue
+        if isinstance(record, dict) and "step" in record:
+            yield record
+
+
+def read_metrics(run_dir: Union[str, Path]) -> tuple[list[dict], list[dict]]:
+    """(train records, eval records) from metrics.jsonl, each sorted by step. A resumed
+    run re-logs the steps after its last checkpoint, so the latest record of each step wins."""
     latest: dict[str, dict[int, dict]] = {"train": {}, "eval": {}}
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and record.get("kind") in latest and "step" in record:
-                latest[record["kind"]][int(record["step"])] = record
+    for record in _records(run_dir):
+        if record.get("kind") in latest:
+            latest[record["kind"]][int(record["step"])] = record
     ordered = lambda records: [records[s] for s in sorted(records)]
     return ordered(latest["train"]), ordered(latest["eval"])
 
@@ -138,17 +144,7 @@ def read_metrics(run_dir: Union[str, Path]) -> tuple[list[dict], list[dict]]:
 def read_events(run_dir: Union[str, Path]) -> list[dict]:
     """Every event the trainer logged (skipped steps, loss spikes, rollbacks), in order.
     Unlike train records they are never deduplicated: a replayed step's event still happened."""
-    path = Path(run_dir) / "metrics.jsonl"
-    events = []
-    if path.is_file():
-        for line in path.read_text(encoding="utf-8").splitlines():
-            try:
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and record.get("kind") == "event":
-                events.append(record)
-    return events
+    return [r for r in _records(run_dir) if r.get("kind") == "event"]
 
 
 # ----------------------------------------------------------------------------- key=value CLIs
