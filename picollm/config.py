@@ -100,6 +100,7 @@ class TrainSchema:
     resume: str = "auto"  # auto | never | PATH
     num_threads: Optional[int] = None  # CPU threads for torch; default all cores
     peak_flops: Optional[float] = None  # the MFU yardstick; unset: measured (CPU) or published (GPU)
+    report: bool = True  # write report.md (with samples) at the end of the run
     # Bad steps: a non-finite loss or gradient norm skips the update. After max_bad_steps in
     # a row: rollback (to the last good checkpoint, LR scaled by rollback_lr_scale) or stop.
     max_bad_steps: int = 3

@@ -309,7 +309,7 @@ HARMLESS = ("train.eval_every", "train.save_every", "train.log_every", "train.ke
             "train.eval_tokens", "train.num_threads", "train.compile", "train.device", "wandb", "sample", "plan",
             "run_dir", "budget.probe_seconds", "data.cache_dir", "extra", "train.max_bad_steps", "train.on_bad_steps",
             "train.rollback_lr_scale", "train.max_rollbacks", "train.spike_sigmas", "train.inject_nan_loss",
-            "train.inject_inf_grad", "train.peak_flops",
+            "train.inject_inf_grad", "train.peak_flops", "train.report",
             "sweep")  # the sweep's own settings never change a run
 
 

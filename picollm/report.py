@@ -22,6 +22,7 @@ from typing import Callable, Optional, Union
 import torch
 from matplotlib.figure import Figure  # the object API: no pyplot state, no display backend needed
 from matplotlib.ticker import PercentFormatter
+from omegaconf import OmegaConf
 
 from picollm.runs import RunError, boolean, check_run_dir, load_run, parse_args, read_events, read_metrics
 
@@ -69,17 +70,18 @@ def _save(fig: Figure, path: Path) -> None:
 
 
 def plot_loss(train: list[dict], evals: list[dict], path: Path) -> None:
-    fig = Figure(figsize=(7, 4))
-    ax = fig.add_subplot()
-    if train:
-        ax.plot([r["tokens"] for r in train], [r["loss"] for r in train], lw=0.8, alpha=0.7, label="train loss")
-    if evals:
-        ax.plot([r["tokens"] for r in evals], [r["val_loss"] for r in evals], "o-", ms=4, label="val loss")
-    ax.set_xlabel("tokens")
-    ax.set_ylabel("loss (nats/token)")
-    ax.set_title("loss")
-    ax.grid(alpha=0.3)
-    ax.legend()
+    """Train and val loss against tokens (left) and training FLOPs (right)."""
+    fig = Figure(figsize=(11, 4))
+    for ax, key, label in zip(fig.subplots(1, 2, sharey=True), ("tokens", "flops"), ("tokens", "training FLOPs")):
+        if train:
+            ax.plot([r[key] for r in train], [r["loss"] for r in train], lw=0.8, alpha=0.7, label="train loss")
+        if evals:
+            ax.plot([r[key] for r in evals], [r["val_loss"] for r in evals], "o-", ms=4, label="val loss")
+        ax.set_xlabel(label)
+        ax.set_title(f"loss vs {label}")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    fig.axes[0].set_ylabel("loss (nats/token)")
     _save(fig, path)
 
 
@@ -172,15 +174,44 @@ def happened_section(plan: dict, train: list[dict]) -> list[str]:
     ])
 
 
-def result_section(final: Optional[dict]) -> list[str]:
+def configured_law(run_dir: Path) -> Optional[tuple[str, "ScalingLaw"]]:
+    """The law named by the run's ``plan.law``: epoch, chinchilla, or a JSON file with
+    E, A, alpha, B, beta (top level, or under "law" or "parametric" as in a sweep's summary.json)."""
+    from picollm.scaling import LAWS, ScalingLaw
+
+    cfg_path = run_dir / "config.yaml"
+    name = OmegaConf.load(cfg_path).get("plan", {}).get("law") if cfg_path.is_file() else None
+    if not name:
+        return None
+    if name in LAWS:
+        return name, LAWS[name]
+    path = Path(str(name)).expanduser()
+    try:
+        data = json.loads(path.read_text())
+        data = data.get("law") or data.get("parametric") or data  # a sweep's summary.json keeps it under "parametric"
+        return path.name, ScalingLaw(**{k: float(data[k]) for k in ("E", "A", "alpha", "B", "beta")})
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+def result_section(final: Optional[dict], plan: dict, law: Optional[tuple] = None) -> list[str]:
     if final is None:
         return ["## Result", "", "No evaluation yet; run python -m picollm.evaluate run_dir=..."]
-    return ["## Result", "", f"From {final['source']}:", ""] + table([
+    rows = [
         ("val_loss", f"{final['val_loss']:.4f}"),
         ("val_bpb", f"{final['val_bpb']:.4f}"),
         ("val tokens", f"{final['val_tokens']:,}"),
         ("step", str(final.get("step", "n/a"))),
-    ])
+    ]
+    notes = []
+    if law is not None:
+        name, fitted = law
+        rows.append((f"{name} law's prediction for this (N, D)", f"{fitted.loss(plan['n_params'], plan['n_tokens']):.4f}"))
+        if name in ("epoch", "chinchilla"):
+            notes = ["", f"The {name} law was fitted to Chinchilla's runs (MassiveText, a 32k SentencePiece "
+                         "tokenizer), so its level in nats/token does not transfer to this corpus and tokenizer; "
+                         "compare its trend across runs, or set plan.law to a law fitted on your own sweep."]
+    return ["## Result", "", f"From {final['source']}:", ""] + table(rows) + notes
 
 
 def events_section(events: list[dict]) -> list[str]:
@@ -209,6 +240,7 @@ def environment_section(plan: dict) -> list[str]:
         ("python", platform.python_version()),
         ("platform", platform.platform()),
         ("training device", f"{plan['device']} ({plan['dtype']})"),
+        ("world size", f"{plan.get('world_size', 1)} process(es)"),
     ])
 
 
@@ -230,9 +262,9 @@ def write_report(run_dir: Union[str, Path], samples: Optional[list[str]] = None)
     lines = [f"# picollm run report: {run_dir.name}", "", f"Run directory: `{run_dir.resolve()}`", ""]
     lines += plan_section(plan) + [""]
     lines += happened_section(plan, train) + [""]
-    lines += result_section(final_eval(run_dir, evals)) + [""]
+    lines += result_section(final_eval(run_dir, evals), plan, configured_law(run_dir)) + [""]
     lines += events_section(read_events(run_dir))
-    lines += ["## Plots", "", "![loss](loss.png)", "", "![throughput](throughput.png)", "",
+    lines += ["## Plots", "", "![loss vs tokens and FLOPs](loss.png)", "", "![throughput](throughput.png)", "",
               "![learning rate and gradient norm](lr.png)", ""]
     if samples:
         lines += ["## Samples", ""]

@@ -170,6 +170,8 @@ def _run(cfg: DictConfig, info: dist.DistInfo) -> dict:
     trainer = Trainer(cfg, info, device, plan, data, run_dir)
     if resume_state is not None:
         trainer.restore(resume_state)
+        if trainer.step < plan.steps:  # a finished run that is merely rerun was not resumed
+            trainer.event("resume", checkpoint=str(resume_path), world_size=info.world_size)
         log(f"resumed from {resume_path} at step {trainer.step}", info)
     del resume_state
     with _StopOnSignal() as stopper:
@@ -447,7 +449,20 @@ class Trainer:
                 (self.run_dir / "final.json").write_text(json.dumps(final, indent=2))
             else:
                 final = json.loads((self.run_dir / "final.json").read_text())
+            if trained and self.t.report:
+                self.write_report()
         return final
+
+    def write_report(self) -> None:
+        """report.md with samples; a failure here is reported but never fails the run."""
+        from picollm.report import run_samples, write_report
+
+        try:
+            path = write_report(self.run_dir, samples=run_samples(self.run_dir))
+            log(f"report: {path}", self.info)
+        except Exception as err:  # the training result is already safe on disk
+            log(f"warning: could not write the report ({err}); run python -m picollm.report run_dir={self.run_dir}",
+                self.info)
 
 
 class SpikeDetector:

@@ -15,7 +15,7 @@ os.environ.setdefault("WANDB_MODE", "disabled")
 TINY = [
     "model=tiny", "model.seq_len=32", "tokenizer.vocab_size=300", "tokenizer.train_chars=300000",
     "data.max_docs=150", "data.val_fraction=0.05", "train.eval_tokens=2048", "train.log_every=1000",
-    "budget.probe_seconds=0.5",
+    "budget.probe_seconds=0.5", "train.report=false",  # tests that want the end-of-run report turn it on
 ]
 
 

@@ -283,3 +283,27 @@ def test_bf16_resume_matches_the_uninterrupted_run(tmp_path):
     assert sorted(resumed) == list(range(1, 7))
     for step in full:
         assert resumed[step] == pytest.approx(full[step], abs=1e-6)
+
+
+def test_report_shows_law_prediction_world_size_and_resumes(tmp_path):
+    """The report states what the configured law predicted for this (N, D), the world size,
+    and each resume as an event; a law fitted by a sweep can be named by its summary.json."""
+    from picollm.report import write_report
+    from picollm.scaling import EPOCH, ScalingLaw
+    run_dir = tmp_path / "run"
+    run(load_config(BASE + ["train.steps=4", "train.save_every=2", f"run_dir={run_dir}"]))
+    for suffix in (".pt", ".json"):
+        (ckpt.ckpt_dir(run_dir) / f"step_0000004{suffix}").unlink()
+    run(load_config(BASE + ["train.steps=4", "train.save_every=2", f"run_dir={run_dir}"]))
+    plan = json.loads((run_dir / "plan.json").read_text())
+    text = write_report(run_dir).read_text()
+    assert f"| epoch law's prediction for this (N, D) | {EPOCH.loss(plan['n_params'], plan['n_tokens']):.4f} |" in text
+    assert "| world size | 1 process(es) |" in text
+    assert "| 2 | resume |" in text
+    mine = ScalingLaw(E=1.0, A=50.0, alpha=0.3, B=80.0, beta=0.3)
+    (tmp_path / "summary.json").write_text(json.dumps({"parametric": {"E": 1.0, "A": 50.0, "alpha": 0.3,
+                                                                       "B": 80.0, "beta": 0.3, "a": 0.5}}))
+    run(load_config(BASE + ["train.steps=4", "train.save_every=2", f"plan.law={tmp_path / 'summary.json'}",
+                            f"run_dir={run_dir}"]))
+    text = write_report(run_dir).read_text()
+    assert f"| summary.json law's prediction for this (N, D) | {mine.loss(plan['n_params'], plan['n_tokens']):.4f} |" in text

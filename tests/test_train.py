@@ -26,8 +26,9 @@ def final_weights(run_dir):
 
 
 def test_tiny_run_learns_and_writes_its_outputs(tiny):
-    final, run_dir, steps, evals = train(tiny + ["budget.tokens=60000", "train.dtype=fp32"])
-    for name in ("config.yaml", "plan.json", "metrics.jsonl", "tokenizer.json", "final.json"):
+    final, run_dir, steps, evals = train(tiny + ["budget.tokens=60000", "train.dtype=fp32", "train.report=true"])
+    for name in ("config.yaml", "plan.json", "metrics.jsonl", "tokenizer.json", "final.json", "report.md", "loss.png",
+                 "model.safetensors"):
         assert (run_dir / name).exists(), name
     plan = json.loads((run_dir / "plan.json").read_text())
     assert len(steps) == plan["steps"] and steps[-1]["tokens"] == plan["n_tokens"]
@@ -41,6 +42,8 @@ def test_tiny_run_learns_and_writes_its_outputs(tiny):
     assert steps[-1]["lr"] == pytest.approx(plan["min_lr"])
     assert all(r["mfu"] is not None and r["mfu"] > 0 for r in steps)
     assert list_checkpoints(run_dir)[-1] == plan["steps"]
+    report = (run_dir / "report.md").read_text()
+    assert "## Samples" in report and f"{final['val_bpb']:.4f}" in report
 
 
 def test_accumulation_matches_one_big_batch(tmp_path):
