@@ -614,9 +614,18 @@ def format_view(res: dict) -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[list] = None) -> None:
-    from picollm import hardware
+def plan_from_config(cfg: DictConfig) -> Plan:
+    """The plan a single-process command works from: the run's own (reused or recorded
+    in run_dir) when run_dir is set, else a fresh one, probing for budget.minutes."""
+    device = hardware.describe(cfg.train.device, cfg.train.dtype, peak_flops=cfg.train.peak_flops)
+    if not cfg.run_dir:
+        return make_plan(cfg, device, measure_flops=_probe(cfg, device))
+    plan = plan_for_run(cfg, device, dist.DistInfo(), Path(cfg.run_dir), None)
+    save_plan(Path(cfg.run_dir), cfg, plan)
+    return plan
 
+
+def main(argv: Optional[list] = None) -> None:
     overrides = parse_cli(sys.argv[1:] if argv is None else argv,
                           "usage: python -m picollm.plan [overrides...]  (plan.format=json for JSON only)")
     try:
@@ -625,12 +634,7 @@ def main(argv: Optional[list] = None) -> None:
             res = calculator(cfg)
             print(json.dumps(res, indent=2) if cfg.plan.format == "json" else format_view(res))
             return
-        device = hardware.describe(cfg.train.device, cfg.train.dtype, peak_flops=cfg.train.peak_flops)
-        if cfg.run_dir:  # reuse or record the plan of that run
-            plan = plan_for_run(cfg, device, dist.DistInfo(), Path(cfg.run_dir), None)
-            save_plan(Path(cfg.run_dir), cfg, plan)
-        else:
-            plan = make_plan(cfg, device, measure_flops=_probe(cfg, device))
+        plan = plan_from_config(cfg)
     except (ConfigError, ValueError) as err:
         raise SystemExit(f"error: {err}")
     if cfg.plan.format == "json":

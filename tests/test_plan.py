@@ -143,3 +143,12 @@ def test_plan_cli_error_is_one_line_and_exit_code_nonzero():
                          cwd=REPO, capture_output=True, text=True)
     assert out.returncode != 0
     assert out.stderr.strip().startswith("error: ") and len(out.stderr.strip().splitlines()) == 1
+
+
+def test_prepare_cli_plans_a_minutes_budget_without_a_run_dir(capsys):
+    """The data stage plans like the plan stage: budget.minutes runs the probe there too."""
+    from picollm.data.prepare import main as prepare_main
+    from tests.conftest import TINY
+    prepare_main(TINY + ["budget.minutes=0.05"])
+    out = capsys.readouterr().out
+    assert ("prepared " in out or "reused " in out) and "vocabulary 300" in out

@@ -502,22 +502,15 @@ def main(argv: list[str] | None = None) -> None:
     a run's plan needs (the speedrun's tokenizer and data stages). Reuses what exists."""
     import sys
 
-    from picollm import hardware
     from picollm.config import ConfigError, load_config, parse_cli
-    from picollm.dist import DistInfo
-    from picollm.plan import make_plan, plan_for_run, save_plan
+    from picollm.plan import plan_from_config
 
     overrides = parse_cli(sys.argv[1:] if argv is None else argv,
                           "usage: python -m picollm.data.prepare [overrides...]  (the same overrides as train)")
     try:
         cfg = load_config(overrides)
         validate_tokenizer_config(cfg.tokenizer)
-        device = hardware.describe(cfg.train.device, cfg.train.dtype, peak_flops=cfg.train.peak_flops)
-        if cfg.run_dir:
-            plan = plan_for_run(cfg, device, DistInfo(), Path(cfg.run_dir), None)
-            save_plan(Path(cfg.run_dir), cfg, plan)
-        else:
-            plan = make_plan(cfg, device)
+        plan = plan_from_config(cfg)
         data = prepare_data(cfg.data, cfg.tokenizer, plan.stream_tokens)
     except (ConfigError, ValueError, RuntimeError) as err:
         raise SystemExit(f"error: {err}")
