@@ -91,6 +91,7 @@ class TrainSchema:
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     compile: bool = False
     activation_checkpointing: bool = False
+    parallel: str = "ddp"  # ddp | fsdp (FSDP2: parameters, gradients and AdamW state sharded over processes)
     seed: int = 1337
     eval_every: Optional[int] = None  # steps; default about ten evaluations per run
     eval_tokens: int = 262_144

@@ -56,16 +56,19 @@ def position_buckets(seq_len: int, first: int = 16) -> list[tuple[int, int]]:
 def evaluate(model: torch.nn.Module, val_shards: Sequence, seq_len: int, batch_size: int,
              byte_lengths: torch.Tensor, autocast_ctx, max_tokens: Optional[int] = None,
              device: torch.device = torch.device("cpu"), rank: int = 0, world_size: int = 1,
-             by_position: bool = False) -> dict:
+             by_position: bool = False, lockstep: bool = False) -> dict:
     """val_loss, val_bpb, val_tokens; with ``by_position`` also ``loss_by_position``, the mean
-    loss of targets in each of ``position_buckets(seq_len)`` (from the same forward passes)."""
+    loss of targets in each of ``position_buckets(seq_len)`` (from the same forward passes).
+    ``lockstep``: every forward pass is a collective (FSDP), so a rank with fewer batches
+    runs throwaway passes until all ranks have made the same number."""
     was_training = model.training
     model.eval()
     sums = torch.zeros(4, dtype=torch.float64, device=device)  # nats all, tokens, nats bpb, bytes
     # Every window is full, so each position has the same count: count / seq_len.
     position_nats = torch.zeros(seq_len, dtype=torch.float64, device=device)
     lengths = byte_lengths.to(device)
-    for x, y in ValLoader(val_shards, seq_len, batch_size, max_tokens, rank, world_size):
+    loader = ValLoader(val_shards, seq_len, batch_size, max_tokens, rank, world_size)
+    for x, y in loader:
         x, y = x.to(device), y.to(device)
         with autocast_ctx():
             losses = model(x, y, reduction="none").double()
@@ -74,6 +77,11 @@ def evaluate(model: torch.nn.Module, val_shards: Sequence, seq_len: int, batch_s
         position_nats += losses.view(y.shape).sum(dim=0)
         sums += torch.stack([losses.sum(), torch.tensor(float(losses.numel()), dtype=torch.float64, device=device),
                              losses[has_bytes].sum(), nbytes.sum().double()])
+    if lockstep:
+        most = len(ValLoader(val_shards, seq_len, batch_size, max_tokens, 0, world_size))  # rank 0 has the most
+        for _ in range(most - len(loader)):
+            with autocast_ctx():
+                model(torch.zeros(1, seq_len, dtype=torch.long, device=device))
     dist.all_reduce_sum(sums)
     model.train(was_training)
     nats, count, nats_bpb, nbytes = sums.tolist()

@@ -85,12 +85,15 @@ def nearest_model(m: DictConfig, vocab_size: int, n_target: float) -> GPTConfig:
     return best[1]
 
 
-def estimate_memory(gcfg: GPTConfig, micro_batch: int, dtype: str, activation_checkpointing: bool) -> dict:
+def estimate_memory(gcfg: GPTConfig, micro_batch: int, dtype: str, activation_checkpointing: bool,
+                    shards: int = 1) -> dict:
     """Peak training memory in bytes, by part. Weights, gradients and AdamW's two moments
     are fp32; activations are what autograd keeps per layer (about 12 d + 4 h values per
     token for this block shape, 2 bytes each under bf16/fp16 autocast), or only each
     block's input under activation checkpointing plus one block being recomputed; the
-    logits add about 3 fp32 copies of (tokens x vocab) for softmax and its gradient."""
+    logits add about 3 fp32 copies of (tokens x vocab) for softmax and its gradient.
+    Under FSDP over ``shards`` processes the fp32 states are split ``shards`` ways, plus
+    the gathered weights and gradients of two blocks (running and prefetched) and the root."""
     total = gcfg.num_params(total=True)
     tokens = micro_batch * gcfg.seq_len
     act_bytes = 4 if dtype == "fp32" else 2
@@ -100,7 +103,12 @@ def estimate_memory(gcfg: GPTConfig, micro_batch: int, dtype: str, activation_ch
     else:
         activations = gcfg.n_layer * per_layer
     logits = 3 * tokens * gcfg.vocab_size * 4
-    parts = {"weights": 4 * total, "gradients": 4 * total, "optimizer": 8 * total,
+    gathered = 0
+    if shards > 1:  # whole weights and their not-yet-reduced gradients, in the compute dtype
+        block = (gcfg.num_params() - gcfg.d_model * gcfg.vocab_size) // gcfg.n_layer
+        root = total - gcfg.n_layer * block  # embedding, head, final norm
+        gathered = (2 * block + root) * act_bytes * 2
+    parts = {"weights": 4 * total // shards + gathered, "gradients": 4 * total // shards, "optimizer": 8 * total // shards,
              "activations": activations + logits}
     parts["total"] = sum(parts.values())
     return parts
@@ -275,7 +283,8 @@ def make_plan(cfg: DictConfig, device_info, world_size: int = 1,
     n_tokens = steps * tokens_per_step
     compute = fpt * n_tokens
 
-    micro, memory = _micro_batch(t, gcfg, batch_seqs // world_size, device_info)
+    shards = world_size if t.parallel == "fsdp" else 1
+    micro, memory = _micro_batch(t, gcfg, batch_seqs // world_size, device_info, shards)
     accum = batch_seqs // (world_size * micro)
 
     lr = t.lr if t.lr is not None else min(LR_CAP, 0.3118 * compute ** -0.125)
@@ -309,7 +318,7 @@ HARMLESS = ("train.eval_every", "train.save_every", "train.log_every", "train.ke
             "train.eval_tokens", "train.num_threads", "train.compile", "train.device", "wandb", "sample", "plan",
             "run_dir", "budget.probe_seconds", "data.cache_dir", "extra", "train.max_bad_steps", "train.on_bad_steps",
             "train.rollback_lr_scale", "train.max_rollbacks", "train.spike_sigmas", "train.inject_nan_loss",
-            "train.inject_inf_grad", "train.peak_flops", "train.report",
+            "train.inject_inf_grad", "train.peak_flops", "train.report", "train.parallel",
             "sweep")  # the sweep's own settings never change a run
 
 
@@ -388,11 +397,11 @@ def save_plan(run_dir: Path, cfg: DictConfig, plan: Plan) -> None:
     (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
 
 
-def _micro_batch(t: DictConfig, gcfg: GPTConfig, per_rank: int, device_info) -> tuple[int, dict]:
+def _micro_batch(t: DictConfig, gcfg: GPTConfig, per_rank: int, device_info, shards: int = 1) -> tuple[int, dict]:
     """The requested micro-batch, or the largest power of two dividing the per-process
     batch that fits in 85% of the device's memory (CPU: at most 16, larger gains nothing)."""
     limit = 0.85 * device_info.memory_bytes
-    mem = lambda b: estimate_memory(gcfg, b, device_info.dtype, t.activation_checkpointing)
+    mem = lambda b: estimate_memory(gcfg, b, device_info.dtype, t.activation_checkpointing, shards)
     if t.micro_batch is not None:
         if t.micro_batch < 1 or per_rank % t.micro_batch:
             raise ConfigError(f"train.micro_batch={t.micro_batch} does not divide the {per_rank} sequences each process "

@@ -59,16 +59,16 @@ def checkpoint_path(run_dir: Path, checkpoint: Union[None, int, str, Path] = Non
                        f"python -m picollm.train run_dir={run_dir}.")
     text = str(checkpoint)
     if text.isdigit():
-        path = ckpt.ckpt_dir(run_dir) / f"step_{int(text):07d}.pt"
+        path = ckpt.step_path(run_dir, int(text))
     else:
         path = Path(text).expanduser()
         if not path.exists() and (run_dir / path).exists():  # relative to the run dir
             path = run_dir / path
-    if not path.is_file():
+    if not path.exists():
         steps = ", ".join(map(str, ckpt.list_checkpoints(run_dir))) or "none"
         raise RunError(f"checkpoint {checkpoint} does not exist in run_dir {run_dir} (steps available: {steps}); "
-                       "pass checkpoint=STEP or a path to a step_*.pt file.")
-    if path.with_suffix(".json").exists() and (problem := ckpt.verify(path)):
+                       "pass checkpoint=STEP or a path to a step_*.pt file or step_* folder.")
+    if ckpt.manifest_path(path).exists() and (problem := ckpt.verify(path)):
         raise RunError(f"checkpoint {path} is corrupt ({problem}); pass checkpoint= an earlier step.")
     return path
 
@@ -99,7 +99,7 @@ def load_run(run_dir: Union[str, Path], checkpoint: Union[None, int, str, Path] 
     except Exception as err:  # an unreadable pickle: not a checkpoint at all
         raise RunError(f"checkpoint {path} could not be read ({type(err).__name__}); pass checkpoint= another step.") from None
     if not isinstance(state, dict) or not {"model", "plan", "config", "tokenizer"} <= state.keys():
-        raise RunError(f"{path} is not a picollm checkpoint; pass checkpoint= a step_*.pt file written by picollm.train.")
+        raise RunError(f"{path} is not a picollm checkpoint; pass checkpoint= a checkpoint written by picollm.train.")
 
     device = torch.device(device)
     model = GPT(GPTConfig(**state["plan"]["model"]))

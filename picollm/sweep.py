@@ -42,6 +42,7 @@ from picollm.config import ConfigError, load_config, parse_cli
 from picollm.model import GPTConfig
 from picollm.plan import vocab_size_for
 from picollm.scaling import chinchilla_optimal
+from picollm.train import Interrupted
 
 RESULTS = "results.jsonl"
 # Keys the sweep sets per point; the same keys in the user's overrides would clash.
@@ -199,7 +200,7 @@ def run_sweep(overrides: list[str], train: Optional[Callable[[list[str]], dict]]
         start, final, error = time.perf_counter(), None, None
         try:
             final = train(base + point.overrides(sweep_dir))
-        except KeyboardInterrupt:
+        except (KeyboardInterrupt, Interrupted):  # the user stopped the sweep, not a failed point
             raise
         except Exception as err:  # one bad point must not stop the grid
             error = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
@@ -297,6 +298,9 @@ def main(argv: Optional[list] = None) -> None:
         summary = run_sweep(overrides)
     except (ConfigError, ValueError) as err:
         raise SystemExit(f"error: {err}")
+    except Interrupted as stop:
+        print("sweep stopped; rerun the same command to continue (the interrupted point resumes from its checkpoint).")
+        raise SystemExit(128 + stop.signum)
     print((Path(load_config(overrides).sweep.dir) / "summary.md").read_text())
     if summary["failed"]:
         print(f"{len(summary['failed'])} point(s) failed: {', '.join(summary['failed'])}; rerun to retry them.")

@@ -26,7 +26,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from picollm import checkpoint as ckpt
-from picollm import dist, hardware
+from picollm import dist, hardware, parallel
 from picollm.config import ConfigError, load_config, parse_cli
 from picollm.data.loader import PackedLoader
 from picollm.data.prepare import PreparedData, load_prepared, prepare_data, validate_tokenizer_config
@@ -141,6 +141,7 @@ def _run(cfg: DictConfig, info: dist.DistInfo) -> dict:
         validate_source(cfg.data)
         validate_tokenizer_config(cfg.tokenizer)
         device = hardware.describe(t.device, t.dtype, measure=info.is_main, peak_flops=t.peak_flops)
+        parallel.check_mode(t.parallel, device.dtype)
     except ValueError as err:
         raise ConfigError(str(err)) from None
     if info.enabled:  # one measured peak for all ranks; each rank on its own GPU
@@ -150,7 +151,9 @@ def _run(cfg: DictConfig, info: dist.DistInfo) -> dict:
     run_dir = resolve_run_dir(cfg, info)
 
     resume_path = _find_resume(cfg, run_dir)
-    resume_state = ckpt.load_checkpoint(resume_path) if resume_path else None
+    # FSDP reads a sharded checkpoint's tensors straight into its shards later (Trainer.restore).
+    whole = not parallel.is_sharded(t.parallel, info)
+    resume_state = ckpt.load_checkpoint(resume_path, tensors=whole) if resume_path else None
     plan = plan_for_run(cfg, device, info, run_dir, resume_state)
     if plan.world_size != info.world_size:
         plan = _reshard(plan, info)
@@ -223,8 +226,15 @@ class Trainer:
         self.cfg, self.info, self.device, self.plan, self.data, self.run_dir = cfg, info, device, plan, data, run_dir
         gcfg = self.gcfg = plan.gpt_config()
         torch.manual_seed(t.seed)
-        self.model = GPT(gcfg).to(device.device)
+        self.sharded = parallel.is_sharded(t.parallel, info)
+        # Under FSDP the full model is built on the host and its shards moved to the device,
+        # so every mode starts from the same weights.
+        self.model = GPT(gcfg).to("cpu" if self.sharded else device.device)
         self.model.activation_checkpointing = t.activation_checkpointing
+        self.train_model = parallel.wrap(self.model, t.parallel, info, device.device, device.dtype)
+        if t.compile:
+            self.train_model = torch.compile(self.train_model)
+        # The optimizer comes after wrapping: FSDP replaces the parameters with sharded ones.
         self.optimizer = make_optimizer(self.model, plan.lr, t.weight_decay, (t.beta1, t.beta2), device.device)
         self.scaler = torch.amp.GradScaler("cuda") if device.dtype == "fp16" else None
         # max_tokens pins the stream length, so a cache later rebuilt larger by another run
@@ -234,12 +244,6 @@ class Trainer:
         self.step = 0
         self.stats = {"skipped_steps": 0, "best_val_loss": None, "best_step": None, "train_seconds": 0.0,
                       "lr_scale": 1.0, "rollbacks": 0}
-        self.train_model = self.model
-        if info.enabled:
-            ids = [device.device.index] if device.is_cuda else None
-            self.train_model = torch.nn.parallel.DistributedDataParallel(self.model, device_ids=ids)
-        if t.compile:
-            self.train_model = torch.compile(self.train_model)
         self.metrics = MetricsLog(run_dir, cfg, info.is_main)
         self.byte_lengths = token_byte_lengths(data.tokenizer, gcfg.vocab_size)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -248,8 +252,11 @@ class Trainer:
 
     # ---------------------------------------------------------------- state
     def state(self) -> dict:
+        """Everything a resume needs. Model and optimizer state are keyed by parameter name
+        (this rank's shards under FSDP, so FSDP saves them with DCP, not here)."""
+        model_sd, optim_sd = parallel.training_state(self.model, self.optimizer)
         return {
-            "step": self.step, "model": self.model.state_dict(), "optimizer": self.optimizer.state_dict(),
+            "step": self.step, "model": model_sd, "optimizer": optim_sd,
             "scaler": self.scaler.state_dict() if self.scaler else None, "loader": self.loader.state_dict(),
             "rng": _gather_rng(self.info), "config": OmegaConf.to_container(self.cfg, resolve=True),
             "plan": self.plan.to_dict(), "stats": dict(self.stats),
@@ -259,8 +266,11 @@ class Trainer:
         }
 
     def restore(self, state: dict, keep_stats: tuple = ()) -> None:
-        self.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        """Continue from a checkpoint of either layout, saved with any world size."""
+        if state["model"] is None:  # a sharded checkpoint read without tensors (FSDP): DCP reshards
+            ckpt.load_sharded(Path(state["path"]), self.model, self.optimizer)
+        else:
+            parallel.load_training_state(self.model, self.optimizer, state["model"], state["optimizer"], self.sharded)
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict(state["loader"])
@@ -272,9 +282,17 @@ class Trainer:
         self.stats.update(kept)
 
     def save(self) -> None:
-        """Every rank contributes its RNG state; rank 0 writes. A failed write is fatal
-        but leaves the earlier checkpoints intact (the write is atomic)."""
+        """Every rank contributes its RNG state; rank 0 writes (under FSDP every rank writes
+        its shards). A failed write is fatal but leaves the earlier checkpoints intact."""
         state = self.state()
+        if self.sharded:
+            tensors = {"model": state.pop("model"), "optimizer": state.pop("optimizer")}
+            try:
+                ckpt.save_sharded(self.run_dir, self.step, tensors, state, self.info.is_main,
+                                  keep=self.t.keep_checkpoints, extra_keep=self.stats["best_step"])
+            except ckpt.CheckpointError as err:
+                raise TrainError(str(err)) from None
+            return
         error = None
         if self.info.is_main:
             try:
@@ -294,7 +312,7 @@ class Trainer:
         plan = self.plan
         result = evaluate(self.model, self.data.val_shards, self.gcfg.seq_len, plan.micro_batch, self.byte_lengths,
                           lambda: autocast(self.device), self.t.eval_tokens, self.device.device, self.info.rank,
-                          self.info.world_size)
+                          self.info.world_size, lockstep=self.sharded)
         best = self.stats["best_val_loss"]
         if best is None or result["val_loss"] < best:
             self.stats["best_val_loss"], self.stats["best_step"] = result["val_loss"], self.step
@@ -317,7 +335,10 @@ class Trainer:
             x = x.to(self.device.device, non_blocking=True)
             y = y.to(self.device.device, non_blocking=True)
             last = micro == plan.accum_steps - 1
-            sync = contextlib.nullcontext() if last or not info.enabled else self.train_model.no_sync()
+            # DDP reduces gradients once per step; FSDP reduce-scatters every micro-batch so that
+            # gradients stay sharded (its memory saving).
+            defer = info.enabled and not self.sharded and not last
+            sync = self.train_model.no_sync() if defer else contextlib.nullcontext()
             with sync:
                 with autocast(self.device):
                     loss = self.train_model(x, y)
@@ -327,13 +348,13 @@ class Trainer:
                 (self.scaler.scale(scaled) if self.scaler else scaled).backward()
             loss_sum += loss.detach()
         if step in self.t.inject_inf_grad and step not in self.injected:
-            self.params[0].grad.view(-1)[0] = float("inf")
+            parallel.local_shard(self.params[0].grad).view(-1)[0] = float("inf")
         if step in self.t.inject_nan_loss or step in self.t.inject_inf_grad:
             self.injected.add(step)
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         clip = self.t.grad_clip if self.t.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.params, clip)
+        grad_norm = parallel.local_value(torch.nn.utils.clip_grad_norm_(self.params, clip))
         loss_mean = dist.all_reduce_mean(loss_sum / plan.accum_steps)
         finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss_mean))
         if self.scaler is not None:
@@ -357,7 +378,7 @@ class Trainer:
                    "train.on_bad_steps=stop")
             raise TrainError(f"{bad_streak} non-finite steps in a row at step {self.step} ({why}); stopping. "
                              "Lower train.lr, check the data, or resume from an earlier checkpoint.")
-        state = ckpt.load_checkpoint(Path(latest))
+        state = ckpt.load_checkpoint(Path(latest), tensors=not self.sharded)
         self.restore(state, keep_stats=("skipped_steps", "rollbacks", "lr_scale", "train_seconds"))
         self.stats["rollbacks"] += 1
         self.stats["lr_scale"] *= t.rollback_lr_scale
@@ -442,9 +463,12 @@ class Trainer:
                  "rollbacks": self.stats["rollbacks"], "train_seconds": self.stats["train_seconds"],
                  "best_val_loss": self.stats["best_val_loss"], "best_step": self.stats["best_step"],
                  **(last_val or {})}
+        exported = dist.broadcast_object((self.run_dir / "model.safetensors").exists())
+        if trained or not exported:
+            weights = parallel.full_model_state(self.model, self.sharded)  # collective under FSDP
+            if self.info.is_main:
+                export_weights(self._whole_model(weights), self.run_dir)
         if self.info.is_main:
-            if trained or not (self.run_dir / "model.safetensors").exists():
-                export_weights(self.model, self.run_dir)
             if trained or not (self.run_dir / "final.json").exists():
                 (self.run_dir / "final.json").write_text(json.dumps(final, indent=2))
             else:
@@ -452,6 +476,13 @@ class Trainer:
             if trained and self.t.report:
                 self.write_report()
         return final
+
+    def _whole_model(self, weights: dict) -> GPT:
+        if not self.sharded:
+            return self.model
+        whole = GPT(self.gcfg)
+        whole.load_state_dict(weights)
+        return whole
 
     def write_report(self) -> None:
         """report.md with samples; a failure here is reported but never fails the run."""

@@ -1,6 +1,6 @@
 """The CPU scaling-law capstone: an IsoFLOP sweep, fits, and one held-out prediction.
 
-    python scripts/capstone.py            # full: 4 budgets x 5 sizes, ~40-60 min on 2 cores
+    python scripts/capstone.py            # full: 3 budgets x 5 sizes + a held-out run, ~40 min on 2 cores
     python scripts/capstone.py --quick    # tiny version for validation, a few minutes
     python scripts/capstone.py --estimate # print the planned FLOPs and time, train nothing
 
@@ -26,8 +26,9 @@ from picollm.config import load_config  # noqa: E402
 from picollm.hardware import describe  # noqa: E402
 from picollm.plan import make_plan, vocab_size_for  # noqa: E402
 from picollm.scaling import ScalingLaw  # noqa: E402
+from picollm.train import Interrupted  # noqa: E402
 
-FULL = dict(budgets=[1e12, 2.5e12, 6e12, 1.5e13], sizes=5, bootstrap=200,
+FULL = dict(budgets=[1e12, 2.5e12, 6e12], sizes=5, bootstrap=200,
             overrides=["model.seq_len=128", "tokenizer.vocab_size=1024", "model.head_dim=32",
                        "model.aspect_ratio=32", "train.device=cpu"])
 QUICK = dict(budgets=[2e9, 6e9, 2e10], sizes=3, bootstrap=50,
@@ -123,7 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.estimate:
         return 0
 
-    summary = sweep.run_sweep(sweep_overrides(spec, out))
+    try:
+        summary = sweep.run_sweep(sweep_overrides(spec, out))
+    except Interrupted as stop:
+        print("capstone stopped; rerun the same command to continue where it left off.")
+        return 128 + stop.signum
     rows = sweep.read_table(out / "sweep" / sweep.RESULTS).values()
     sweep_seconds = sum(r["seconds"] for r in rows)
     if not summary.get("parametric"):
