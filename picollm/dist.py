@@ -37,9 +37,24 @@ def setup(device_name: str = "auto") -> DistInfo:
         use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
         if use_cuda:
             torch.cuda.set_device(info.local_rank)
-        dist.init_process_group(backend="nccl" if use_cuda else "gloo",
-                                timeout=datetime.timedelta(minutes=30))
+        timeout = datetime.timedelta(minutes=30)
+        dist.init_process_group(backend="nccl" if use_cuda else "gloo", timeout=timeout,
+                                **_elastic_store(info, timeout))
     return info
+
+
+def _elastic_store(info: DistInfo, timeout: datetime.timedelta) -> dict:
+    """Under torchrun's c10d rendezvous every restart of the worker group talks to the same
+    agent-hosted TCPStore, and torch adds no per-attempt prefix, so a restarted worker can
+    read the address a dead worker of the previous attempt published and fail to connect
+    (or hang). Prefixing the store with the restart count keeps each attempt to itself."""
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return {}
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info.world_size,
+                          is_master=False, timeout=timeout)
+    attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
+    return {"store": dist.PrefixStore(f"picollm/attempt_{attempt}", store), "rank": info.rank,
+            "world_size": info.world_size}
 
 
 def teardown() -> None:
