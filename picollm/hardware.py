@@ -119,6 +119,15 @@ def available_memory(device: torch.device) -> int:
     return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES"))
 
 
+def peak_memory_mib(device: torch.device) -> float:
+    """This process's peak memory so far: allocated device memory on CUDA, resident set on CPU."""
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    import resource
+
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
 def describe(device_name: str = "auto", dtype: str = "auto", measure: bool = True,
              peak_flops: Optional[float] = None) -> DeviceInfo:
     device = pick_device(device_name)

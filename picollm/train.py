@@ -462,7 +462,7 @@ class Trainer:
         final = {"steps": self.plan.steps, "skipped_steps": self.stats["skipped_steps"],
                  "rollbacks": self.stats["rollbacks"], "train_seconds": self.stats["train_seconds"],
                  "best_val_loss": self.stats["best_val_loss"], "best_step": self.stats["best_step"],
-                 **(last_val or {})}
+                 "peak_memory_mib": hardware.peak_memory_mib(self.device.device), **(last_val or {})}
         exported = dist.broadcast_object((self.run_dir / "model.safetensors").exists())
         if trained or not exported:
             weights = parallel.full_model_state(self.model, self.sharded)  # collective under FSDP

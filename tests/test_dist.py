@@ -29,9 +29,12 @@ BASE = TINY + ["train.batch_tokens=256", "train.micro_batch=2", "train.dtype=fp3
 pytestmark = pytest.mark.slow
 
 
-def torchrun(nproc, overrides, *extra, wait=True):
+def torchrun(nproc, overrides, *extra, wait=True, console_script=False):
+    """``torchrun -m picollm.train``, or with the installed ``picollm-train`` console script."""
+    target = ["--no-python", str(Path(sys.executable).with_name("picollm-train"))] if console_script else \
+        ["-m", "picollm.train"]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", *extra,
-           "-m", "picollm.train", *overrides]
+           *target, *overrides]
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     if not wait:
         return subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
@@ -167,6 +170,7 @@ def test_fsdp_matches_ddp_and_its_sharded_checkpoints_move_between_world_sizes(t
     for step in a:  # FSDP reduce-scatters instead of all-reducing: same sums, other order
         assert b[step] == pytest.approx(a[step], rel=1e-5)
     exported = load_weights(run_dir).state_dict()  # gathered from the shards at the end of the run
+    assert json.loads((run_dir / "final.json").read_text())["peak_memory_mib"] > 0
     for k, w in weights(ddp, 6).items():
         torch.testing.assert_close(exported[k], w, rtol=1e-4, atol=1e-5)
         torch.testing.assert_close(weights(run_dir, 6)[k], w, rtol=1e-4, atol=1e-5)  # the DCP folder, read whole
@@ -194,7 +198,8 @@ def test_fsdp_matches_ddp_and_its_sharded_checkpoints_move_between_world_sizes(t
 
 def test_a_sharded_checkpoint_consolidates_into_one_file(tmp_path):
     run_dir = tmp_path / "fsdp"
-    torchrun(2, BASE + ["train.steps=3", "train.parallel=fsdp", f"run_dir={run_dir}"])
+    torchrun(2, BASE + ["train.steps=3", "train.parallel=fsdp", f"run_dir={run_dir}"], console_script=True)
+    assert sorted(losses(run_dir)) == [1, 2, 3]
     out_file = tmp_path / "whole.pt"
     cli = subprocess.run([sys.executable, "-m", "picollm.checkpoint", str(ckpt.step_path(run_dir, 3)), str(out_file)],
                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})

@@ -95,6 +95,21 @@ def test_memory_estimate_counts_adam_state_and_shrinks_with_checkpointing():
     assert ckpt["activations"] < full["activations"]
 
 
+def test_fsdp_memory_estimate_divides_the_states_by_the_shards():
+    g = model_config(load_config(["model=reference"]).model, 8192)
+    total = g.num_params(total=True)
+    one, eight = estimate_memory(g, 16, "bf16", False), estimate_memory(g, 16, "bf16", False, shards=8)
+    assert eight["optimizer"] == 8 * total // 8 and eight["gradients"] == 4 * total // 8
+    block = 4 * g.d_model ** 2 + 3 * g.d_model * g.hidden  # attention + SwiGLU matmuls of one block
+    root = total - g.n_layer * block  # embedding, head and the norms
+    assert eight["weights"] == 4 * total // 8 + (2 * block + root) * 2 * 2  # + gathered bf16 weights and grads
+    assert eight["activations"] == one["activations"]  # sharding the states leaves activations alone
+    p1 = plan("model=reference", "train.batch_tokens=16384", "train.parallel=fsdp")
+    assert p1.memory["weights"] == 4 * total  # one process: nothing to shard
+    p2 = plan("model=reference", "train.batch_tokens=16384", "train.parallel=fsdp", world_size=2)
+    assert p2.memory["optimizer"] == 8 * total // 2
+
+
 def test_micro_batch_shrinks_to_fit_and_refuses_when_nothing_fits():
     small = DeviceInfo(torch.device("cpu"), "small", "fp32", 1e11, "measured", 600 * 2**20)
     p = plan("model=reference", "train.batch_tokens=16384", device=small)
