@@ -93,3 +93,17 @@ def test_sweep_trains_tables_skips_and_survives_a_failure(tmp_path):
     assert summary["failed"] == []
     assert mtimes == {n: (out / n / "final.json").stat().st_mtime_ns for n in mtimes}
     assert sweep.read_table(out / sweep.RESULTS)[broken]["status"] == "ok"
+
+
+def test_a_signal_stops_the_sweep_instead_of_failing_the_point(tmp_path):
+    """SIGTERM/Ctrl-C inside a point (the trainer raises Interrupted after saving) ends the
+    sweep; the point is not recorded as failed, so a rerun resumes it."""
+    from picollm.train import Interrupted
+
+    def interrupted(overrides):
+        raise Interrupted(15)
+
+    out = tmp_path / "sweep"
+    with pytest.raises(Interrupted):
+        sweep.run_sweep(GRID + [f"sweep.dir={out}"], train=interrupted, log=lambda s: None)
+    assert not sweep.read_table(out / sweep.RESULTS)
