@@ -158,6 +158,10 @@ def _run(cfg: DictConfig, info: dist.DistInfo) -> dict:
     if plan.world_size != info.world_size:
         plan = _reshard(plan, info)
     log(plan.card(), info)
+    if t.parallel == "fsdp":
+        log("parallel     FSDP2 over " + (f"{info.world_size} processes: parameters, gradients and AdamW state "
+                                          "sharded; checkpoints are sharded folders" if info.enabled else
+                                          "one process: nothing to shard, so the plain model trains"), info)
 
     data = prepare(cfg, plan, info)
     plan.with_data(data.n_train_tokens, data.corpus_exhausted)

@@ -178,7 +178,7 @@ def test_fsdp_matches_ddp_and_its_sharded_checkpoints_move_between_world_sizes(t
     # Resharding: continue the 2-process checkpoint of step 2 on 4 FSDP processes...
     drop_checkpoints(run_dir, 4, 6)
     out = torchrun(4, overrides)
-    assert "continuing a 2-process run on 4" in out.stdout
+    assert "continuing a 2-process run on 4" in out.stdout and "FSDP2 over 4 processes" in out.stdout
     assert len(list(ckpt.step_path(run_dir, 6).glob("*.distcp"))) == 4
     for step in ref:
         assert losses(run_dir)[step] == pytest.approx(ref[step], rel=1e-5)
