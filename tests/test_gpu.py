@@ -47,3 +47,17 @@ def test_compiled_model_trains_like_eager_on_cpu(tiny, tmp_path):
     run(load_config(base + ["train.compile=true", f"run_dir={tmp_path / 'compiled'}"]))
     for a, b in zip(losses(tmp_path / "eager"), losses(tmp_path / "compiled")):
         assert b == pytest.approx(a, rel=1e-4)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs 2 CUDA GPUs")
+def test_nccl_fsdp_bf16_matches_ddp(tmp_path):
+    """FSDP2 on NCCL with bf16 gathered weights and fp32 reduction, against DDP on the same GPUs."""
+    from tests.test_dist import BASE, losses as step_losses, torchrun
+
+    common = [o for o in BASE if not o.startswith("train.dtype")] + ["train.steps=6", "train.device=cuda",
+                                                                       "train.dtype=bf16"]
+    torchrun(2, common + [f"run_dir={tmp_path / 'ddp'}"])
+    torchrun(2, common + ["train.parallel=fsdp", f"run_dir={tmp_path / 'fsdp'}"])
+    a, b = step_losses(tmp_path / "ddp"), step_losses(tmp_path / "fsdp")
+    for step in a:
+        assert b[step] == pytest.approx(a[step], abs=0.05)
