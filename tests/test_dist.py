@@ -196,6 +196,17 @@ def test_fsdp_matches_ddp_and_its_sharded_checkpoints_move_between_world_sizes(t
     assert "truncated" in ckpt.verify(ckpt.step_path(run_dir, 4))
 
 
+def test_fsdp_bad_steps_skip_on_every_rank_and_roll_back_to_a_sharded_checkpoint(tmp_path):
+    run_dir = tmp_path / "fsdp"
+    torchrun(2, BASE + ["train.steps=8", "train.save_every=2", "train.keep_checkpoints=5", "train.parallel=fsdp",
+                        "train.inject_inf_grad=[3,4,5]", f"run_dir={run_dir}"])
+    final = json.loads((run_dir / "final.json").read_text())
+    assert final["rollbacks"] == 1 and final["skipped_steps"] == 3 and final["steps"] == 8
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    rollback = next(e for e in events if e.get("event") == "rollback")
+    assert rollback["lr_scale"] == 0.5 and rollback["checkpoint"].endswith("step_0000004")  # a sharded folder
+
+
 def test_a_sharded_checkpoint_consolidates_into_one_file(tmp_path):
     run_dir = tmp_path / "fsdp"
     torchrun(2, BASE + ["train.steps=3", "train.parallel=fsdp", f"run_dir={run_dir}"], console_script=True)
