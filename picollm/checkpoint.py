@@ -79,9 +79,24 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def _write_failed(path: Path, err: OSError) -> CheckpointError:
-    return CheckpointError(f"could not write checkpoint {path} ({err.strerror or err}); free disk space or fix the "
+def _write_failed(path: Path, err: BaseException) -> CheckpointError:
+    return CheckpointError(f"could not write checkpoint {path} ({_root_cause(err)}); free disk space or fix the "
                            "permissions of the run directory. Earlier checkpoints are untouched.")
+
+
+def _root_cause(err: BaseException) -> str:
+    """The OS's words for the failure, also when a library wrapped it: DCP collects each
+    rank's exception, and torch.save's zip writer reports a full disk only as a bad position."""
+    failures = getattr(err, "failures", None)  # torch.distributed.checkpoint's CheckpointException
+    if failures:
+        err = next(iter(failures.values()))[0]
+    while err.__cause__ is not None:
+        err = err.__cause__
+    if getattr(err, "strerror", None):
+        return err.strerror
+    if "unexpected pos" in str(err):
+        return "a short write: the disk is probably full"
+    return str(err).splitlines()[0][:200]
 
 
 def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int = 2, extra_keep: Optional[int] = None) -> Path:
@@ -100,9 +115,7 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int = 2, extra_
 
 def write_file(path: Path, state: dict) -> None:
     """One-file checkpoint ``path`` and its manifest, both atomically."""
-    buf = io.BytesIO()
-    torch.save(state, buf)
-    data = buf.getvalue()
+    data = _to_bytes(state)
     try:
         _write_atomic(path, data)
         manifest = {"step": state.get("step"), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
@@ -136,9 +149,8 @@ def save_sharded(run_dir: Path, step: int, tensors: dict, train_state: dict, is_
     if not any(errors):
         try:
             dcp.save(tensors, checkpoint_id=str(tmp))  # raises on every rank if any rank failed
-        except Exception as err:  # noqa: BLE001 - DCP wraps OSError in CheckpointException
-            error = f"could not write checkpoint {final} ({_root_cause(err)}); free disk space or fix the " \
-                    "permissions of the run directory. Earlier checkpoints are untouched."
+        except (OSError, dcp.api.CheckpointException) as err:  # the latter derives from BaseException
+            error = str(_write_failed(final, err))
         if is_main and error is None:
             try:
                 _write_atomic(tmp / TRAIN_STATE, _to_bytes(train_state))
@@ -161,12 +173,6 @@ def save_sharded(run_dir: Path, step: int, tensors: dict, train_state: dict, is_
     if is_main:
         _prune(d, keep, extra_keep)
     return final
-
-
-def _root_cause(err: BaseException) -> str:
-    while err.__cause__ is not None:
-        err = err.__cause__
-    return getattr(err, "strerror", None) or str(err).splitlines()[0][:200]
 
 
 def _to_bytes(obj) -> bytes:

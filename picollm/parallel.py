@@ -79,8 +79,6 @@ def load_training_state(model: nn.Module, optimizer: torch.optim.Optimizer, mode
                    options=StateDictOptions(full_state_dict=sharded))
 
 
-def full_model_state(model: nn.Module, sharded: bool) -> dict:
-    """Collective under FSDP: the whole model on CPU in rank 0 (empty elsewhere)."""
-    if not sharded:
-        return model.state_dict()
+def gathered_model_state(model: nn.Module) -> dict:
+    """Collective: an FSDP model's whole weights, on CPU in rank 0 (empty elsewhere)."""
     return get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))

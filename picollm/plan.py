@@ -108,8 +108,8 @@ def estimate_memory(gcfg: GPTConfig, micro_batch: int, dtype: str, activation_ch
         block = (gcfg.num_params() - gcfg.d_model * gcfg.vocab_size) // gcfg.n_layer
         root = total - gcfg.n_layer * block  # embedding, head, final norm
         gathered = (2 * block + root) * act_bytes * 2
-    parts = {"weights": 4 * total // shards + gathered, "gradients": 4 * total // shards, "optimizer": 8 * total // shards,
-             "activations": activations + logits}
+    parts = {"weights": 4 * total // shards + gathered, "gradients": 4 * total // shards,
+             "optimizer": 8 * total // shards, "activations": activations + logits}
     parts["total"] = sum(parts.values())
     return parts
 

@@ -42,7 +42,7 @@ from picollm.config import ConfigError, load_config, parse_cli
 from picollm.model import GPTConfig
 from picollm.plan import vocab_size_for
 from picollm.scaling import chinchilla_optimal
-from picollm.train import Interrupted
+from picollm.train import Interrupted, run
 
 RESULTS = "results.jsonl"
 # Keys the sweep sets per point; the same keys in the user's overrides would clash.
@@ -153,8 +153,6 @@ def is_done(row: Optional[dict], sweep_dir: Path) -> bool:
 
 def train_point(overrides: list[str]) -> dict:
     """One run in this process; returns its final metrics. Tests replace this to inject faults."""
-    from picollm.train import run
-
     return run(load_config(overrides))
 
 

@@ -469,9 +469,9 @@ class Trainer:
                  "peak_memory_mib": hardware.peak_memory_mib(self.device.device), **(last_val or {})}
         exported = dist.broadcast_object((self.run_dir / "model.safetensors").exists())
         if trained or not exported:
-            weights = parallel.full_model_state(self.model, self.sharded)  # collective under FSDP
+            whole = self._whole_model()
             if self.info.is_main:
-                export_weights(self._whole_model(weights), self.run_dir)
+                export_weights(whole, self.run_dir)
         if self.info.is_main:
             if trained or not (self.run_dir / "final.json").exists():
                 (self.run_dir / "final.json").write_text(json.dumps(final, indent=2))
@@ -481,9 +481,13 @@ class Trainer:
                 self.write_report()
         return final
 
-    def _whole_model(self, weights: dict) -> GPT:
+    def _whole_model(self) -> Optional[GPT]:
+        """Collective under FSDP: the unsharded model in rank 0 (None on the other ranks)."""
         if not self.sharded:
             return self.model
+        weights = parallel.gathered_model_state(self.model)
+        if not self.info.is_main:
+            return None
         whole = GPT(self.gcfg)
         whole.load_state_dict(weights)
         return whole

@@ -25,7 +25,7 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 SHAPE = ["model=reference", "model.seq_len=256", "tokenizer.vocab_size=8192", "train.batch_tokens=4096",
          "train.micro_batch=4", "train.dtype=fp32", "train.eval_tokens=16384", "train.report=false",
-         "train.log_every=1000", "budget.probe_seconds=2"]
+         "train.log_every=1000"]
 
 
 def run(cmd: list[str], env: dict) -> None:

@@ -62,3 +62,17 @@ def test_local_parquet_corpus_trains_offline(tiny, tmp_path, monkeypatch):
     final = run(load_config(tiny + ["data=files", f"data.paths=[{tmp_path / 'corpus.parquet'}]",
                                     "train.steps=3", "train.batch_tokens=128"]))
     assert final["steps"] == 3 and final["val_loss"] > 0
+
+
+def test_unknown_parallel_mode_fails_before_any_work(tiny, tmp_path):
+    with pytest.raises(ConfigError, match=r"train.parallel='zero' is unknown; use ddp or fsdp\."):
+        run(load_config(tiny + ["train.parallel=zero", "train.steps=1"]))
+    assert not (tmp_path / "run" / "plan.json").exists()
+
+
+def test_fsdp_refuses_fp16_loss_scaling():
+    from picollm.parallel import check_mode
+    with pytest.raises(ValueError, match="train.parallel=fsdp does not support fp16"):
+        check_mode("fsdp", "fp16")
+    check_mode("fsdp", "bf16")
+    check_mode("ddp", "fp16")

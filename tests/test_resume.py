@@ -250,6 +250,33 @@ def test_full_disk_fails_clearly_and_keeps_the_previous_checkpoint(tmp_path):
         subprocess.run(["umount", str(disk)])
 
 
+def test_a_checkpoint_with_index_keyed_optimizer_state_still_resumes_exactly(tmp_path):
+    """Checkpoints key optimizer state by parameter name now; ones written before (keyed by
+    index, as optimizer.state_dict() gives it) still resume bit for bit."""
+    from picollm.model import GPT, GPTConfig
+    from picollm.optim import make_optimizer
+    from picollm.parallel import load_training_state
+
+    run_dir = tmp_path / "run"
+    overrides = BASE + ["train.steps=6", "train.save_every=2", "train.keep_checkpoints=5", f"run_dir={run_dir}"]
+    run(load_config(overrides))
+    first = losses(run_dir)
+    final_weights = checkpoint_state(run_dir, 6)["model"]
+    old = checkpoint_state(run_dir, 2)
+    assert set(old["optimizer"]["state"]) == set(old["model"])  # the current layout: by name
+    model = GPT(GPTConfig(**old["plan"]["model"]))
+    optimizer = make_optimizer(model, 1e-3, 0.1, (0.9, 0.95), torch.device("cpu"))
+    load_training_state(model, optimizer, old["model"], old["optimizer"], sharded=False)
+    old["optimizer"] = optimizer.state_dict()  # the layout earlier versions wrote
+    assert all(isinstance(k, int) for k in old["optimizer"]["state"])
+    for step in (2, 4, 6):
+        ckpt.manifest_path(ckpt.step_path(run_dir, step)).unlink()
+    ckpt.write_file(ckpt.ckpt_dir(run_dir) / "step_0000002.pt", old)
+    run(load_config(overrides))
+    assert losses(run_dir) == first
+    assert same_weights(checkpoint_state(run_dir, 6)["model"], final_weights)
+
+
 def test_retention_keeps_the_newest_and_the_best(tmp_path):
     for step in (1, 2, 3, 4):
         ckpt.save_checkpoint(tmp_path, step, {"step": step}, keep=2, extra_keep=2)
