@@ -225,33 +225,31 @@ def test_fsdp_full_disk_fails_on_every_rank_and_keeps_the_previous_checkpoint(tm
         subprocess.run(["umount", str(disk)])
 
 
-def test_a_sharded_checkpoint_consolidates_into_one_file(tmp_path):
-    run_dir = tmp_path / "fsdp"
-    torchrun(2, BASE + ["train.steps=3", "train.parallel=fsdp", f"run_dir={run_dir}"], console_script=True)
-    assert sorted(losses(run_dir)) == [1, 2, 3]
-    out_file = tmp_path / "whole.pt"
-    cli = subprocess.run([sys.executable, "-m", "picollm.checkpoint", str(ckpt.step_path(run_dir, 3)), str(out_file)],
-                         cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert cli.returncode == 0, cli.stderr
-    assert ckpt.verify(out_file) is None
-    whole = ckpt.load_checkpoint(out_file)
-    assert whole["step"] == 3 and set(whole["optimizer"]["state"]) == set(whole["model"])  # name-keyed AdamW state
-    for k, w in load_weights(run_dir).state_dict().items():
-        torch.testing.assert_close(whole["model"][k], w, rtol=0, atol=0)
-    # It is an ordinary checkpoint: evaluation loads it like any step_*.pt.
-    loaded = load_run(run_dir, checkpoint=out_file)
-    assert loaded.plan["steps"] == 3
-    bad = subprocess.run([sys.executable, "-m", "picollm.checkpoint", str(out_file), str(tmp_path / "x.pt")],
-                         cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
-    assert bad.returncode != 0 and "is not a sharded checkpoint folder" in bad.stderr
-
-
-def test_fsdp_bf16_mixed_precision_trains_on_cpu(tmp_path, single):
-    """bf16 gathered weights with fp32 gradient reduction (gloo): close to the fp32 run."""
+def test_fsdp_bf16_from_the_console_script_and_consolidation_into_one_file(tmp_path, single):
+    """bf16 gathered weights with fp32 gradient reduction (gloo), launched through the
+    installed picollm-train script; then its sharded checkpoint becomes one file."""
     run_dir = tmp_path / "bf16"
-    torchrun(2, BASE + ["train.steps=6", "train.parallel=fsdp", "train.dtype=bf16", f"run_dir={run_dir}"])
+    torchrun(2, BASE + ["train.steps=6", "train.parallel=fsdp", "train.dtype=bf16", f"run_dir={run_dir}"],
+             console_script=True)
     a, b = losses(single), losses(run_dir)
+    assert sorted(b) == sorted(a)
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=2e-2)
     assert any(b[step] != a[step] for step in a)  # the policy did cast: bf16 rounding shows
     assert json.loads((run_dir / "plan.json").read_text())["dtype"] == "bf16"
+
+    out_file = tmp_path / "whole.pt"
+    cli = subprocess.run([sys.executable, "-m", "picollm.checkpoint", str(ckpt.step_path(run_dir, 6)), str(out_file)],
+                         cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert cli.returncode == 0, cli.stderr
+    assert ckpt.verify(out_file) is None
+    whole = ckpt.load_checkpoint(out_file)
+    assert whole["step"] == 6 and set(whole["optimizer"]["state"]) == set(whole["model"])  # name-keyed AdamW state
+    for k, w in load_weights(run_dir).state_dict().items():  # fp32 master weights, gathered at the end
+        torch.testing.assert_close(whole["model"][k], w, rtol=0, atol=0)
+    # It is an ordinary checkpoint: evaluation loads it like any step_*.pt.
+    loaded = load_run(run_dir, checkpoint=out_file)
+    assert loaded.plan["steps"] == 6
+    bad = subprocess.run([sys.executable, "-m", "picollm.checkpoint", str(out_file), str(tmp_path / "x.pt")],
+                         cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
+    assert bad.returncode != 0 and "is not a sharded checkpoint folder" in bad.stderr
