@@ -95,14 +95,20 @@ def resolve_dtype(requested: str, device: torch.device) -> str:
     if requested not in ("auto", *DTYPES):
         raise ValueError(f"train.dtype={requested!r} is unknown; use auto, bf16, fp32 or fp16.")
     if requested != "auto":
-        if requested == "fp16" and device.type != "cuda":
-            raise ValueError("train.dtype=fp16 (with loss scaling) is for GPUs without bf16; on CPU use bf16 or fp32.")
         if requested == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ValueError("this GPU has no bf16 support; use train.dtype=fp16 (loss-scaled) or fp32.")
         return requested
     if device.type == "cuda":
         return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
     return "bf16" if cpu_has_fast_bf16() else "fp32"
+
+
+def combined_peak(info: "DeviceInfo", world_size: int) -> Optional[float]:
+    """The MFU yardstick of a run on ``world_size`` processes: every GPU brings its own
+    peak, while CPU processes share one machine's cores, whose peak counts once."""
+    if not info.peak_flops:
+        return None
+    return info.peak_flops * (world_size if info.is_cuda else 1)
 
 
 def available_memory(device: torch.device) -> int:

@@ -208,13 +208,15 @@ def make_plan(cfg: DictConfig, device_info, world_size: int = 1,
     r = b.tokens_per_param
     explicit = model_is_explicit(cfg.model)
     measured_rate = None
+    # The probe measures one process. GPUs add up; CPU processes share one machine's cores.
+    devices = world_size if device_info.is_cuda else 1
 
     if "minutes" in chosen:
         if measure_flops is None:
             raise ConfigError("budget.minutes needs a throughput probe on this machine; run it through picollm.train or picollm.plan.")
         seconds = 60.0 * b.minutes
         # First guess from the peak, then re-measure on the chosen shape until it settles.
-        rate = (device_info.peak_flops or 1e12) * ASSUMED_MFU[device_info.device.type]
+        rate = devices * (device_info.peak_flops or 1e12) * ASSUMED_MFU[device_info.device.type]
         gcfg, tried = None, set()
         for _ in range(3):
             guess = model_config(cfg.model, vocab) if explicit else nearest_model(cfg.model, vocab, chinchilla_optimal(rate * seconds, r)[0])
@@ -222,7 +224,7 @@ def make_plan(cfg: DictConfig, device_info, world_size: int = 1,
                 break
             tried.add((guess.n_layer, guess.d_model))
             gcfg = guess
-            rate = measure_flops(gcfg, t.micro_batch or (32 if device_info.is_cuda else 16))
+            rate = devices * measure_flops(gcfg, t.micro_batch or (32 if device_info.is_cuda else 16))
             if explicit:
                 break
         if not explicit:
@@ -230,7 +232,8 @@ def make_plan(cfg: DictConfig, device_info, world_size: int = 1,
         measured_rate = rate
         compute = rate * seconds
         n_tokens = compute / gcfg.flops_per_token()
-        budget = f"{b.minutes:g} min at a measured {rate / 1e9:.3g} GFLOP/s -> C={compute:.3e}"
+        budget = (f"{b.minutes:g} min at a measured {rate / 1e9:.3g} GFLOP/s"
+                  + (f" ({devices} GPUs)" if devices > 1 else "") + f" -> C={compute:.3e}")
     elif "compute" in chosen:
         gcfg = model_config(cfg.model, vocab) if explicit else nearest_model(cfg.model, vocab, chinchilla_optimal(b.compute, r)[0])
         n_tokens, budget = b.compute / gcfg.flops_per_token(), f"compute C={b.compute:.3e} FLOPs"
@@ -296,7 +299,7 @@ def make_plan(cfg: DictConfig, device_info, world_size: int = 1,
         est, source = compute / measured_rate, "measured throughput"
     elif device_info.peak_flops:
         mfu = ASSUMED_MFU[device_info.device.type]
-        est, source = compute / (device_info.peak_flops * mfu * world_size), f"assuming {mfu:.0%} MFU"
+        est, source = compute / (device_info.peak_flops * mfu * devices), f"assuming {mfu:.0%} MFU"
     else:
         est, source = float("nan"), "no peak known for this device"
 

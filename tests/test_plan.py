@@ -69,6 +69,30 @@ def test_minutes_budget_converts_measured_throughput_into_compute():
     assert p.est_source == "measured throughput"
 
 
+def test_minutes_budget_counts_every_gpu_but_cpu_processes_share_the_cores():
+    """The probe measures one process: 8 GPUs deliver 8 times its rate, while 2 CPU
+    processes share one machine's cores and deliver its rate once."""
+    measure = lambda gcfg, micro: 2e10
+    gpu = DeviceInfo(torch.device("cuda", 0), "test gpu", "bf16", 1e15, "published", 80 * 2**30)
+    one_gpu = plan("budget.minutes=10", "tokenizer.vocab_size=2048", device=gpu, measure=measure)
+    eight = plan("budget.minutes=10", "tokenizer.vocab_size=2048", device=gpu, world_size=8, measure=measure)
+    assert eight.compute == pytest.approx(8 * 2e10 * 600, rel=0.02)
+    assert one_gpu.compute == pytest.approx(2e10 * 600, rel=0.02)
+    assert eight.est_seconds == pytest.approx(600, rel=0.05)  # same wall clock, 8x the work
+    two_cpu = plan("budget.minutes=10", "tokenizer.vocab_size=2048", world_size=2, measure=measure)
+    assert two_cpu.compute == pytest.approx(2e10 * 600, rel=0.02)
+    assert two_cpu.est_seconds == pytest.approx(600, rel=0.05)
+
+
+def test_mfu_yardstick_is_the_current_device_counted_once_per_device():
+    from picollm.hardware import combined_peak
+
+    gpu = DeviceInfo(torch.device("cuda", 0), "test gpu", "bf16", 1e15, "published", 80 * 2**30)
+    assert combined_peak(gpu, 8) == 8e15
+    assert combined_peak(CPU, 2) == CPU.peak_flops  # processes share the cores
+    assert combined_peak(DeviceInfo(torch.device("cpu"), "x", "fp32", None, "unknown", 1), 1) is None
+
+
 def test_derived_hyperparameters_follow_the_documented_rules():
     p = plan("budget.compute=1e18", "tokenizer.vocab_size=32768", "model.seq_len=1024")
     assert p.lr == pytest.approx(min(3e-3, 0.3118 * p.compute ** -0.125))
