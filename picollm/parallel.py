@@ -4,7 +4,8 @@ ddp:  every process holds the whole model, gradients and AdamW state; DDP averag
       gradients (once per step: the other micro-batches run under ``no_sync``).
 fsdp: FSDP2 (``fully_shard``) splits parameters, gradients and AdamW state over the
       processes, one unit per transformer block plus the root (embedding, final norm,
-      head), and gathers a block's weights only while it runs. With bf16 the gathered
+      head), and gathers a block's weights only while it runs (the root stays gathered
+      from its forward to the end of its backward). With bf16 the gathered
       weights are bf16 and gradients are reduced in fp32. Use it when the model's training
       state does not fit on one GPU.
 
@@ -50,7 +51,10 @@ def wrap(model: nn.Module, mode: str, info: DistInfo, device: torch.device, dtyp
                   else MixedPrecisionPolicy())
         for block in model.blocks:
             fully_shard(block, mp_policy=policy)
-        fully_shard(model, mp_policy=policy)  # moves the shards to the mesh's device
+        # The root (embedding, final norm, head) is the biggest unit of a small model and the
+        # backward needs it again at once: keep it gathered from forward to backward instead of
+        # gathering it twice per micro-batch. Moves the shards to the mesh's device.
+        fully_shard(model, mp_policy=policy, reshard_after_forward=False)
         return model
     ids = [device.index] if device.type == "cuda" else None
     return nn.parallel.DistributedDataParallel(model, device_ids=ids)

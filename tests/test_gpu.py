@@ -61,3 +61,49 @@ def test_nccl_fsdp_bf16_matches_ddp(tmp_path):
     a, b = step_losses(tmp_path / "ddp"), step_losses(tmp_path / "fsdp")
     for step in a:
         assert b[step] == pytest.approx(a[step], abs=0.05)
+
+
+# ----------------------------------------------------------------------------- FSDP2 root on CPU
+
+def _root_gathered_worker(rank: int, store_dir: str) -> None:
+    """One of two gloo processes: which units are gathered between forward and backward."""
+    import torch.distributed as torch_dist
+    from torch.distributed.tensor import DTensor
+
+    from picollm import parallel
+    from picollm.dist import DistInfo
+    from picollm.model import GPT, GPTConfig
+
+    torch.set_num_threads(1)
+    torch_dist.init_process_group("gloo", init_method=f"file://{store_dir}/store", rank=rank, world_size=2)
+    try:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(n_layer=2, n_head=2, d_model=64, seq_len=16, vocab_size=128))
+        parallel.wrap(model, "fsdp", DistInfo(rank, rank, 2), torch.device("cpu"), "fp32")
+        x = torch.randint(0, 128, (2, 16))
+        gathered = lambda p: not isinstance(p, DTensor)  # FSDP2 swaps in the plain tensor while unsharded
+        seen = {}
+        for step in range(2):
+            loss = model(x, x)
+            seen[f"head_after_forward_{step}"] = gathered(model.lm_head.weight)
+            seen[f"block_after_forward_{step}"] = gathered(model.blocks[0].mlp.up.weight)
+            loss.backward()
+            seen[f"head_after_backward_{step}"] = gathered(model.lm_head.weight)
+        (Path(store_dir) / f"rank{rank}.json").write_text(json.dumps(seen))
+    finally:
+        torch_dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_fsdp_keeps_the_root_gathered_from_forward_to_backward(tmp_path):
+    """The root (embedding, final norm, head) is not freed after forward only to be gathered
+    again by the backward; blocks are, and everything is sharded again after backward."""
+    import torch.multiprocessing as mp
+
+    mp.spawn(_root_gathered_worker, args=(str(tmp_path),), nprocs=2, join=True)
+    for rank in (0, 1):
+        seen = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        for step in (0, 1):
+            assert seen[f"head_after_forward_{step}"] is True
+            assert seen[f"block_after_forward_{step}"] is False
+            assert seen[f"head_after_backward_{step}"] is False
