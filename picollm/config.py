@@ -7,10 +7,14 @@ and nothing writes Hydra output folders behind the user's back.
 
 from __future__ import annotations
 
+import difflib
+import math
 import os
-from dataclasses import dataclass, field
+import re
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, List, Optional
+from typing import Any, Callable, List, Optional
 
 from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
@@ -61,6 +65,7 @@ class DataSchema:
     val_fraction: float = 0.01
     val_tokens: int = 1_000_000
     max_docs: Optional[int] = None
+    workers: Optional[int] = None  # processes for tokenization; None: all cores
     cache_dir: str = "${oc.env:PICOLLM_CACHE,${oc.env:HOME,.}/.cache/picollm}/data"
 
 
@@ -128,6 +133,9 @@ class WandbSchema:
     mode: str = "disabled"  # disabled | offline | online
     project: str = "picollm"
     name: Optional[str] = None
+    entity: Optional[str] = None  # team or user the run is logged under; unset: wandb's default
+    group: Optional[str] = None  # groups runs in the UI, e.g. one sweep
+    tags: List[str] = field(default_factory=list)
 
 
 @dataclass
@@ -182,16 +190,238 @@ def _register() -> None:
 _register()
 
 
+# ----------------------------------------------------------------------------- value rules
+# One pass over the composed config refuses every value that cannot work, before any command
+# does work: a Rule takes (key, value) and returns the sentence refusing it, or None.
+
+Rule = Callable[[str, Any], Optional[str]]
+
+# Kept here so composing a config needs no torch; tests/test_config.py checks they match
+# picollm.model.ARCHS and picollm.plan.VIEWS.
+ARCHS = ("llama", "gpt2")
+PLAN_VIEWS = ("card", "compute", "time", "params", "inference")
+
+
+def _or_list(choices) -> str:
+    """('a', 'b', 'c') -> 'a, b or c'."""
+    choices = list(choices)
+    return choices[0] if len(choices) == 1 else f"{', '.join(choices[:-1])} or {choices[-1]}"
+
+
+def _bounds_text(lo, hi, lo_open: bool, hi_open: bool) -> str:
+    if hi is None:
+        if lo_open:
+            return "positive" if lo == 0 else f"above {lo}"
+        return f"at least {lo}"
+    return f"in {'(' if lo_open else '['}{lo}, {hi}{')' if hi_open else ']'}"
+
+
+def number(lo=None, hi=None, *, lo_open: bool = False, hi_open: bool = False, nullable: bool = False,
+           text: Optional[str] = None) -> Rule:
+    """A finite number within [lo, hi] (either end open or absent); null allowed if ``nullable``."""
+    bounds = text or _bounds_text(lo, hi, lo_open, hi_open)
+    or_null = " (or null)" if nullable else ""
+
+    def rule(key: str, value: Any) -> Optional[str]:
+        if value is None:
+            return None if nullable else f"{key} is unset; it must be {bounds}."
+        if not math.isfinite(value):
+            return f"{key}={value} is not a finite number; it must be {bounds}{or_null}."
+        too_low = lo is not None and (value <= lo if lo_open else value < lo)
+        too_high = hi is not None and (value >= hi if hi_open else value > hi)
+        return f"{key}={value} must be {bounds}{or_null}." if too_low or too_high else None
+    return rule
+
+
+def at_least(lo: int, nullable: bool = False) -> Rule:
+    return number(lo, nullable=nullable)
+
+
+def positive(nullable: bool = False) -> Rule:
+    return number(0, lo_open=True, nullable=nullable)
+
+
+SEED = number(0, 2**63, hi_open=True, text="from 0 to 2**63 - 1")
+
+
+def one_of(*choices: str, path: Optional[str] = None, nullable: bool = False) -> Rule:
+    """One of ``choices``; with ``path`` (what the file should be) also an existing file's path."""
+    allowed = _or_list(list(choices) + ([path] if path else []))
+
+    def rule(key: str, value: Any) -> Optional[str]:
+        if (value is None and nullable) or value in choices:
+            return None
+        if path and value and Path(str(value)).expanduser().exists():
+            return None
+        if path:
+            return f"{key}={value!r} is not {_or_list(choices)} and no such path exists; use {allowed}."
+        return f"{key}={value!r} is unknown; use {allowed}."
+    return rule
+
+
+def device_name(key: str, value: Any) -> Optional[str]:
+    if re.fullmatch(r"auto|cpu|cuda(:\d+)?", str(value)):
+        return None
+    return f"{key}={value!r} is unknown; use auto, cpu, cuda or cuda:N (N: the GPU index)."
+
+
+def each(rule: Rule) -> Rule:
+    """``rule`` for every item of a list."""
+    def check(key: str, values: Any) -> Optional[str]:
+        return next((p for i, v in enumerate(values or []) if (p := rule(f"{key}[{i}]", v))), None)
+    return check
+
+
+def _lazy_one_of(module: str, name: str, **kw) -> Rule:
+    """one_of the keys of a table in a light module, imported when the check runs."""
+    def rule(key: str, value: Any) -> Optional[str]:
+        import importlib
+        return one_of(*getattr(importlib.import_module(module), name), **kw)(key, value)
+    return rule
+
+
+RULES: dict[str, Rule] = {
+    "model.arch": one_of(*ARCHS),
+    "model.depth": at_least(1, nullable=True),
+    "model.n_layer": at_least(1, nullable=True),
+    "model.d_model": at_least(1, nullable=True),
+    "model.n_head": at_least(1, nullable=True),
+    "model.head_dim": at_least(1),
+    "model.aspect_ratio": at_least(1),
+    "model.seq_len": at_least(1),
+    "model.mlp_hidden": at_least(1, nullable=True),
+    "model.rope_theta": positive(),
+    "model.max_depth": at_least(1),
+    "tokenizer.vocab_size": number(258, 2**32, hi_open=True, text="above 257 (256 bytes + BOS) and below 2**32 "
+                                                                  "(the largest shard token dtype)"),
+    "tokenizer.train_chars": at_least(1),
+    "data.source": _lazy_one_of("picollm.data.sources", "SOURCES"),
+    "data.format": _lazy_one_of("picollm.data.sources", "FORMATS"),
+    "data.val_fraction": number(0, 1, lo_open=True, hi_open=True),
+    "data.val_tokens": at_least(1),
+    "data.max_docs": number(2, nullable=True, text="at least 2 (one document for validation)"),
+    "data.workers": at_least(1, nullable=True),
+    "budget.compute": positive(nullable=True),
+    "budget.params": positive(nullable=True),
+    "budget.tokens": positive(nullable=True),
+    "budget.minutes": positive(nullable=True),
+    "budget.tokens_per_param": positive(),
+    "budget.probe_seconds": positive(),
+    "train.steps": at_least(1, nullable=True),
+    "train.batch_tokens": at_least(1, nullable=True),
+    "train.micro_batch": at_least(1, nullable=True),
+    "train.lr": positive(nullable=True),
+    "train.min_lr_ratio": number(0, 1),
+    "train.warmup_steps": at_least(0, nullable=True),
+    "train.warmup_frac": number(0, 1, hi_open=True),
+    "train.weight_decay": at_least(0),
+    "train.beta1": number(0, 1, hi_open=True),
+    "train.beta2": number(0, 1, hi_open=True),
+    "train.grad_clip": number(0, text="at least 0 (0 turns clipping off)"),
+    "train.dtype": one_of("auto", "bf16", "fp32", "fp16"),
+    "train.device": device_name,
+    "train.parallel": one_of("ddp", "fsdp"),
+    "train.seed": SEED,
+    "train.eval_every": at_least(1, nullable=True),
+    "train.eval_tokens": at_least(1),
+    "train.save_every": at_least(1, nullable=True),
+    "train.keep_checkpoints": at_least(1),
+    "train.log_every": at_least(1),
+    "train.resume": one_of("auto", "never", path="a path to a step_*.pt checkpoint"),
+    "train.num_threads": at_least(1, nullable=True),
+    "train.peak_flops": positive(nullable=True),
+    "train.max_bad_steps": at_least(1),
+    "train.on_bad_steps": one_of("rollback", "stop"),
+    "train.rollback_lr_scale": number(0, 1, lo_open=True),
+    "train.max_rollbacks": at_least(0),
+    "train.spike_sigmas": positive(),
+    "train.inject_nan_loss": each(at_least(0)),
+    "train.inject_inf_grad": each(at_least(0)),
+    "sample.max_tokens": at_least(1),
+    "sample.temperature": number(0, text="at least 0 (0 is greedy decoding)"),
+    "sample.top_k": at_least(1, nullable=True),
+    "sample.seed": SEED,
+    "wandb.mode": one_of("disabled", "offline", "online"),
+    "plan.format": one_of("text", "json"),
+    "plan.view": one_of(*PLAN_VIEWS),
+    "plan.law": _lazy_one_of("picollm.scaling", "LAWS", path="a path to a fitted law's JSON (a sweep's summary.json)"),
+    "plan.gpu": _lazy_one_of("picollm.scaling", "GPU_PEAK_FLOPS", nullable=True),
+    "plan.n_gpus": at_least(1),
+    "plan.hours": positive(nullable=True),
+    "plan.mfu": number(0, 1, lo_open=True, text="in (0, 1], e.g. 0.4 for 40%"),
+    "plan.price_per_hour": at_least(0, nullable=True),
+    "plan.inference_tokens": at_least(0, nullable=True),
+    "plan.target_loss": positive(nullable=True),
+    "sweep.budgets": each(positive()),
+    "sweep.sizes": at_least(1),
+    "sweep.span": number(1, lo_open=True),
+    "sweep.bootstrap": at_least(0),
+}
+
+
+def value_problems(cfg: DictConfig) -> list[str]:
+    """The sentence for every value in ``cfg`` that RULES refuses, in RULES order."""
+    problems = (rule(key, OmegaConf.select(cfg, key)) for key, rule in RULES.items())
+    return [p for p in problems if p]
+
+
+def unknown_keys(node: Any, schema: type = None, prefix: str = "") -> list[str]:
+    """Dotted keys in ``node`` that the schema dataclass does not have (``+key=value``
+    additions slip past Hydra's own check). ``extra`` (typed Any) is free-form."""
+    schema = schema or Config
+    hints = typing.get_type_hints(schema)
+    found = []
+    for key in node.keys():
+        path = f"{prefix}{key}"
+        if key not in hints:
+            found.append(path)
+        elif is_dataclass(hints[key]) and isinstance(node[key], DictConfig):
+            found += unknown_keys(node[key], hints[key], path + ".")
+    return found
+
+
+def _unknown_key_message(key: str) -> str:
+    parent, _, name = key.rpartition(".")
+    schema = Config
+    for part in filter(None, parent.split(".")):
+        schema = typing.get_type_hints(schema).get(part, Config)
+    siblings = [f.name for f in fields(schema)] if is_dataclass(schema) else []
+    close = difflib.get_close_matches(name, siblings, n=1)
+    hint = f" (did you mean {parent + '.' if parent else ''}{close[0]}?)" if close else ""
+    return (f"{key} is not a picollm setting{hint}; remove it or fix its spelling "
+            "(`python -m picollm.plan --help` lists the groups, the files in configs/ every field).")
+
+
+def _hydra_message(err: Exception) -> str:
+    """Hydra's whole message (the options it lists are the fix), minus its search path and
+    the schema entries it offers as options; a cause's first line names the bad value."""
+    text = str(err).strip()
+    unknown = re.match(r"Could not override '([^']+)'", text)
+    if unknown:
+        return _unknown_key_message(unknown.group(1))
+    text = text.split("\nConfig search path:")[0]
+    lines = [line for line in text.splitlines() if not re.fullmatch(r"\s+\w+_schema", line)]
+    lead, detail = lines[0], "\n".join(lines[1:]).strip("\n")
+    cause = str(err.__cause__ or "").strip().splitlines()
+    if cause:
+        lead += f": {cause[0]}"
+    return (f"bad config or override ({lead}); see `python -m picollm.plan --help` for the groups."
+            + (f"\n{detail}" if detail else ""))
+
+
 def load_config(overrides: Optional[List[str]] = None, config_name: str = "config") -> DictConfig:
-    """Compose ``configs/<config_name>.yaml`` with command-line style overrides."""
+    """Compose ``configs/<config_name>.yaml`` with command-line style overrides, refusing
+    unknown keys and out-of-range values (ConfigError, one sentence per problem)."""
     overrides = list(overrides or [])
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=overrides)
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as err:
-        first = str(err).strip().splitlines()[0]
-        raise ConfigError(f"bad config or override ({first}); see `python -m picollm.plan --help` for the groups.") from None
+        raise ConfigError(_hydra_message(err)) from None
+    problems = [_unknown_key_message(k) for k in unknown_keys(cfg)] or value_problems(cfg)
+    if problems:
+        raise ConfigError(" ".join(problems))
     return cfg
 
 
