@@ -16,6 +16,7 @@ import csv
 import itertools
 import json
 import math
+import sys
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -355,50 +356,80 @@ class Runs:
     n_tokens: np.ndarray
     compute: np.ndarray
     val_loss: np.ndarray
+    # The IsoFLOP grouping: a sweep's nominal budget per run where the table has one, else the
+    # actual compute (a sweep's sizes round to whole steps, so their actual compute differs).
+    budget: np.ndarray | None = None
+    grouped_by: str = "compute"
 
 
 def _read_rows(path: Path) -> list[dict]:
-    text = path.read_text()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise ValueError(f"{path} is not a text file; give a CSV or JSON-lines results table.") from None
     is_json = path.suffix.lower() in (".jsonl", ".ndjson", ".json") or text.lstrip().startswith("{")
     if is_json:
         rows = []
         for k, line in enumerate(text.splitlines(), 1):
             if line.strip():
                 try:
-                    rows.append(json.loads(line))
+                    row = json.loads(line)
                 except json.JSONDecodeError as err:
-                    raise ValueError(f"{path}: line {k} is not valid JSON ({err.msg}).") from None
+                    raise ValueError(f"{path}: line {k} is not valid JSON ({err.msg}); fix or delete that line.") from None
+                if not isinstance(row, dict):
+                    raise ValueError(f"{path}: line {k} is not a JSON object with named columns; fix or delete that line.")
+                rows.append(row)
         return rows
     return list(csv.DictReader(text.splitlines()))
 
 
+def _drop_unfinished(path: Path, rows: list[dict]) -> list[dict]:
+    """A sweep's results.jsonl also lists failed runs (status "failed"); only finished ones fit."""
+    kept = [r for r in rows if r.get("status") in (None, "", "ok")]
+    if len(kept) < len(rows):
+        warnings.warn(f"{path}: dropped {len(rows) - len(kept)} run(s) whose status is not ok.", stacklevel=3)
+    return kept
+
+
 def load_runs(path: str | Path) -> Runs:
-    """Read a sweep's results (CSV or JSON lines) with columns n_params, n_tokens, compute, val_loss.
+    """Read a sweep's results (CSV or JSON lines, e.g. the sweep's own results.jsonl) with columns
+    n_params, n_tokens, compute, val_loss and optionally budget and status.
 
     Other columns are ignored. A missing n_tokens or compute is derived from C = 6*N*D;
-    runs whose val_loss is empty or not finite (diverged, unfinished) are dropped with a warning.
+    runs whose val_loss is empty or not finite (diverged, unfinished), or whose status is not
+    ok, are dropped with a warning.
     """
     path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"results file {path} does not exist; check the path (a sweep writes "
+                                "SWEEP_DIR/results.jsonl).")
     if not path.is_file():
-        raise FileNotFoundError(f"results file {path} does not exist.")
+        raise ValueError(f"results file {path} is a folder; give the table inside it, e.g. {path / 'results.jsonl'}.")
     rows = _read_rows(path)
     if not rows:
-        raise ValueError(f"{path} holds no runs.")
+        raise ValueError(f"{path} holds no runs (it is empty or only a header); run the sweep first, or give "
+                         "a table with one row per run.")
     present = set().union(*rows)
     if not {"n_params", "val_loss"} <= present or not {"n_tokens", "compute"} & present:
         raise ValueError(
             f"{path} needs columns n_params, val_loss and at least one of n_tokens, compute; "
             f"found {sorted(present)}."
         )
+    rows = _drop_unfinished(path, rows)
 
     def column(name: str) -> np.ndarray:
         # Blank or absent cells become NaN so that one bad row does not hide the rest.
-        try:
-            return np.array([math.nan if r.get(name) in (None, "") else float(r[name]) for r in rows])
-        except (TypeError, ValueError):
-            raise ValueError(f"{path}: column {name!r} has a value that is not a number.") from None
+        values = []
+        for k, r in enumerate(rows, 1):
+            cell = r.get(name)
+            try:
+                values.append(math.nan if cell in (None, "") else float(cell))
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}: run {k} has {name}={cell!r}, which is not a number; fix or delete "
+                                 "that run.") from None
+        return np.array(values, dtype=float)
 
-    n, d, c, l = (column(k) for k in ("n_params", "n_tokens", "compute", "val_loss"))
+    n, d, c, l, budget = (column(k) for k in ("n_params", "n_tokens", "compute", "val_loss", "budget"))
     d = np.where(np.isnan(d), c / (6 * n), d)
     c = np.where(np.isnan(c), 6 * n * d, c)
     ok = np.isfinite(l)
@@ -408,7 +439,16 @@ def load_runs(path: str | Path) -> Runs:
     bad = np.flatnonzero(ok & ~(np.isfinite(n) & np.isfinite(d) & np.isfinite(c)))
     if len(bad):
         raise ValueError(f"{path}: run {bad[0] + 1} lacks n_params or both n_tokens and compute.")
-    return Runs(n_params=n[ok], n_tokens=d[ok], compute=c[ok], val_loss=l[ok])
+    for name, values in (("n_params", n), ("n_tokens", d), ("compute", c), ("val_loss", l)):
+        nonpositive = np.flatnonzero(ok & ~(values > 0))
+        if len(nonpositive):
+            k = nonpositive[0]
+            raise ValueError(f"{path}: run {k + 1} has {name}={values[k]:g}; it must be positive.")
+    has_budget = ok & np.isfinite(budget) & (budget > 0)
+    grouped_by = "budget" if has_budget.any() else "compute"
+    budget = np.where(has_budget, budget, c)
+    return Runs(n_params=n[ok], n_tokens=d[ok], compute=c[ok], val_loss=l[ok], budget=budget[ok],
+                grouped_by=grouped_by)
 
 
 # ---------------------------------------------------------------- plots
@@ -503,33 +543,63 @@ def _fmt_interval(iv: tuple[float, float] | None) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Exit status 0: fitted (a fit that needs more runs is reported as skipped); 1: the table
+    or the plot folder is unusable, with one sentence on stderr."""
     p = argparse.ArgumentParser(prog="python -m picollm.fit",
                                 description="Fit scaling laws to a sweep's results table.")
-    p.add_argument("results", help="CSV or JSON-lines file with n_params, n_tokens, compute, val_loss")
+    p.add_argument("results", help="CSV or JSON-lines file with n_params, n_tokens, compute, val_loss "
+                                   "(a sweep's results.jsonl works as is; its budget column groups the IsoFLOP profiles)")
     p.add_argument("--out", default=".", help="folder for the plots (default: current folder)")
     p.add_argument("--bootstrap", type=int, default=0, help="bootstrap resamples for 95%% intervals")
     args = p.parse_args(argv)
+    if args.bootstrap < 0:
+        p.error(f"--bootstrap {args.bootstrap} must be 0 (no resampling) or more.")
+    try:
+        with warnings.catch_warnings(record=True) as dropped:
+            warnings.simplefilter("always")
+            runs = load_runs(args.results)
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)  # an unusable --out fails before the fits, not after
+        print(f"{len(runs.val_loss)} runs from {args.results}")
+        for note in dropped:
+            print(f"  note: {note.message}")
+        _report_fits(runs, out, args.bootstrap)
+    except OSError as err:
+        if err.filename is None:  # load_runs's own sentence
+            print(f"error: {err}", file=sys.stderr)
+        else:
+            print(f"error: could not write {err.filename} ({err.strerror}); give --out a writable folder.",
+                  file=sys.stderr)
+        return 1
+    except (ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    return 0
 
-    runs = load_runs(args.results)
-    out = Path(args.out)
-    print(f"{len(runs.val_loss)} runs from {args.results}")
 
+def _report_fits(runs: Runs, out: Path, bootstrap: int) -> None:
     print("\nApproach 3: L(N, D) = E + A/N^alpha + B/D^beta  (Huber on log loss, L-BFGS)")
-    fit = fit_parametric(runs.n_params, runs.n_tokens, runs.val_loss, bootstrap=args.bootstrap)
-    iv = fit.intervals or {}
-    for k in ("E", "A", "alpha", "B", "beta", "a"):
-        print(f"  {k:6s} = {getattr(fit, k):.4g}{_fmt_interval(iv.get(k))}")
-    print(f"  plot: {plot_predicted_vs_measured(fit.law, runs.n_params, runs.n_tokens, runs.val_loss, out / 'predicted_vs_measured.png')}")
+    if len(runs.val_loss) < 5:
+        print(f"  skipped: {len(runs.val_loss)} runs; fitting 5 parameters needs at least 5.")
+    else:
+        fit = fit_parametric(runs.n_params, runs.n_tokens, runs.val_loss, bootstrap=bootstrap)
+        iv = fit.intervals or {}
+        for k in ("E", "A", "alpha", "B", "beta", "a"):
+            print(f"  {k:6s} = {getattr(fit, k):.4g}{_fmt_interval(iv.get(k))}")
+        path = plot_predicted_vs_measured(fit.law, runs.n_params, runs.n_tokens, runs.val_loss,
+                                          out / "predicted_vs_measured.png")
+        print(f"  plot: {path}")
 
-    print("\nApproach 2: IsoFLOP profiles")
+    by = "the nominal budget column" if runs.grouped_by == "budget" else "equal compute"
+    print(f"\nApproach 2: IsoFLOP profiles (runs grouped by {by})")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # listed in the result and printed below
-            iso = fit_isoflop(runs.compute, runs.n_params, runs.val_loss, runs.n_tokens,
-                              bootstrap=args.bootstrap)
+            groups = runs.compute if runs.budget is None else runs.budget
+            iso = fit_isoflop(groups, runs.n_params, runs.val_loss, runs.n_tokens, bootstrap=bootstrap)
     except ValueError as err:
         print(f"  skipped: {err}")
-        return 0
+        return
     for msg in iso.warnings:
         print(f"  warning: {msg}")
     print(f"  N_opt ~ C^a: a = {iso.a:.4f}{_fmt_interval(iso.a_interval)}")
@@ -537,7 +607,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     print(f"  intervals: {iso.interval_method}")
     print(f"  plots: {plot_isoflop(iso, out / 'isoflop.png')}, "
           f"{plot_optimal_allocation(iso, out / 'optimal_allocation.png')}")
-    return 0
 
 
 if __name__ == "__main__":

@@ -238,6 +238,7 @@ def test_plots_write_png(tmp_path):
     assert _is_png(plot_predicted_vs_measured(TRUE, n, d, loss, tmp_path / "pvm.png"))
 
 
+@pytest.mark.slow  # a parametric fit and three plots: over 5 s on a busy 2-core machine
 def test_cli_end_to_end(tmp_path, capsys):
     budgets = np.geomspace(1e17, 1e20, 4)
     c, n, d, loss = _isoflop_sweep(TRUE, budgets, noise=0.001)
@@ -249,3 +250,89 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert "alpha" in text and "N_opt ~ C^a" in text
     for name in ("isoflop.png", "optimal_allocation.png", "predicted_vs_measured.png"):
         assert _is_png(tmp_path / "out" / name)
+
+
+# ---------------------------------------------------------------- the CLI's bad inputs and sweep tables
+
+
+@pytest.mark.parametrize("content, message", [
+    (None, "results file {path} does not exist; check the path (a sweep writes SWEEP_DIR/results.jsonl)."),
+    ("", "{path} holds no runs (it is empty or only a header); run the sweep first, or give a table with "
+         "one row per run."),
+    ("n_params,n_tokens,val_loss\n", "{path} holds no runs"),
+    ("n_params,n_tokens,val_loss\n1e6,2e7,3.0\n2e6,lots,2.9\n",
+     "{path}: run 2 has n_tokens='lots', which is not a number; fix or delete that run."),
+    ("n_params,n_tokens,val_loss\n1e6,2e7,3.0\n-2e6,2e7,2.9\n", "{path}: run 2 has n_params=-2e+06; it must be positive."),
+])
+def test_cli_bad_results_file_gets_one_sentence(tmp_path, capsys, content, message):
+    path = tmp_path / "results.csv"
+    if content is not None:
+        path.write_text(content)
+    assert main([str(path), "--out", str(tmp_path / "out")]) == 1
+    out, err = capsys.readouterr()
+    assert err.startswith("error: " + message.format(path=path)) and len(err.strip().splitlines()) == 1
+    assert out == "" and not (tmp_path / "out").exists()
+
+
+def test_cli_folder_and_unwritable_out(tmp_path, capsys):
+    assert main([str(tmp_path)]) == 1
+    assert capsys.readouterr().err == (f"error: results file {tmp_path} is a folder; give the table inside it, "
+                                       f"e.g. {tmp_path / 'results.jsonl'}.\n")
+    c, n, d, loss = _isoflop_sweep(TRUE, np.geomspace(1e17, 1e20, 3), noise=0.001)
+    table = _write_table(tmp_path, "csv", [{"n_params": a, "n_tokens": b, "val_loss": y} for a, b, y in zip(n, d, loss)])
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    assert main([str(table), "--out", str(blocker / "plots")]) == 1
+    assert capsys.readouterr().err.startswith(f"error: could not write {blocker / 'plots'} (Not a directory); "
+                                              "give --out a writable folder.")
+
+
+def _sweep_results(tmp_path: Path, with_budget: bool = True) -> tuple[Path, np.ndarray]:
+    """A results.jsonl shaped like picollm.sweep's (its _row keys): per nominal budget, each size's
+    actual compute is off by up to 3% (whole steps), plus a failed point with no numbers."""
+    rng = np.random.default_rng(4)
+    budgets = np.geomspace(1e17, 1e20, 3)
+    c, n, _, _ = _isoflop_sweep(TRUE, budgets, sizes=5, noise=0.0)
+    actual = c * (1 + rng.uniform(-0.03, 0.03, len(c)))
+    d = actual / (6 * n)
+    loss = TRUE.loss(n, d) * np.exp(0.001 * rng.standard_normal(len(c)))
+    rows = [{"name": f"C{b:.0e}-{i}", "budget": float(b), "n_layer": 4, "d_model": 256, "n_head": 4,
+             "n_params": float(ni), "n_tokens": float(di), "compute": float(ci), "steps": 100, "val_loss": float(li),
+             "val_bpb": 1.0, "run_dir": f"sweep/C{b:.0e}-{i}", "seconds": 1.0, "status": "ok", "error": None}
+            for i, (b, ni, di, ci, li) in enumerate(zip(c, n, d, actual, loss))]
+    rows.append({**rows[0], "name": "broken", "n_tokens": None, "compute": None, "steps": None, "val_loss": None,
+                 "val_bpb": None, "status": "failed", "error": "RuntimeError: boom"})
+    if not with_budget:
+        rows = [{k: v for k, v in r.items() if k != "budget"} for r in rows]
+    path = tmp_path / "results.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path, c
+
+
+def test_sweep_results_group_by_the_nominal_budget(tmp_path):
+    path, nominal = _sweep_results(tmp_path)
+    with pytest.warns(UserWarning, match="dropped 1 run\\(s\\) whose status is not ok"):
+        runs = load_runs(path)
+    assert runs.grouped_by == "budget" and runs.budget.tolist() == nominal.tolist()
+    assert len(np.unique(runs.compute)) == len(runs.compute)  # actual compute: every run its own value
+    assert fit_isoflop(runs.budget, runs.n_params, runs.val_loss, runs.n_tokens).a == pytest.approx(TRUE.a, abs=0.03)
+    # Why the budget column matters: grouped by actual compute every profile has one run.
+    with pytest.raises(ValueError, match="only 0 compute budget"), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        fit_isoflop(runs.compute, runs.n_params, runs.val_loss, runs.n_tokens)
+    without = _sweep_results(tmp_path, with_budget=False)[0]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        assert load_runs(without).grouped_by == "compute"
+
+
+@pytest.mark.slow
+def test_cli_fits_a_sweeps_results_jsonl(tmp_path, capsys):
+    path, _ = _sweep_results(tmp_path)
+    assert main([str(path), "--out", str(tmp_path / "out")]) == 0
+    text = capsys.readouterr().out
+    assert "15 runs from" in text and "note: " in text and "dropped 1 run(s) whose status is not ok" in text
+    assert "IsoFLOP profiles (runs grouped by the nominal budget column)" in text
+    a = float(text.split("N_opt ~ C^a: a = ")[1].split()[0])
+    assert a == pytest.approx(TRUE.a, abs=0.03)
+    assert _is_png(tmp_path / "out" / "isoflop.png")
