@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import sys
 import time
 from pathlib import Path
@@ -22,7 +21,9 @@ import torch
 from picollm import dist, hardware
 from picollm.data.loader import ValLoader
 from picollm.data.prepare import PreparedData, dataset_key, default_dir, load_prepared
-from picollm.runs import LoadedRun, RunError, load_run, optional_int, parse_args
+from picollm.config import device_name, one_of
+from picollm.runs import (NOT_SAVED, LoadedRun, NotSavedError, RunError, load_run, optional_int, parse_args,
+                          write_atomic)
 from picollm.throughput import autocast
 from picollm.tokenizer import tokenizer_fingerprint
 
@@ -103,10 +104,10 @@ def evaluate(model: torch.nn.Module, val_shards: Sequence, seq_len: int, batch_s
 #     python -m picollm.evaluate run_dir=runs/cpu [checkpoint=STEP|PATH] [max_tokens=N]
 
 EVAL_USAGE = """usage: python -m picollm.evaluate run_dir=DIR [checkpoint=STEP|PATH] [max_tokens=N] [device=auto|cpu|cuda]
-                                [dtype=auto|fp32|bf16]
+                                [dtype=auto|fp32|bf16|fp16]
 Validation loss and bits per byte on the run's whole held-out split (or its first max_tokens
 tokens), plus the mean loss per position bucket (loss_by_position: 0-15, 16-31, 32-63, ...);
-writes run_dir/eval.json and prints it."""
+writes run_dir/eval.json and prints it. Exit status 3: printed, but eval.json could not be written."""
 
 
 class EvalError(RuntimeError):
@@ -155,22 +156,36 @@ def evaluate_run(run: LoadedRun, max_tokens: Optional[int] = None, dtype: str = 
             "seconds": round(time.perf_counter() - start, 3)}
 
 
+def _check_arguments(args: dict) -> None:
+    """The command's arguments, before the model loads."""
+    if args.get("max_tokens") is not None and args["max_tokens"] < 1:
+        raise EvalError(f"max_tokens={args['max_tokens']} must be positive, or left out for the whole split.")
+    for problem in (device_name("device", args.get("device", "auto")),
+                    one_of("auto", "fp32", "bf16", "fp16")("dtype", args.get("dtype", "auto"))):
+        if problem:
+            raise EvalError(problem)
+
+
 def main(argv: Optional[list] = None) -> None:
+    """Prints the evaluation and writes it to run_dir/eval.json. Exit status 1: nothing was
+    evaluated; NOT_SAVED (3): the numbers were printed but eval.json could not be written."""
     args = parse_args(sys.argv[1:] if argv is None else argv,
                       {"run_dir": str, "checkpoint": str, "max_tokens": optional_int, "device": str, "dtype": str},
                       EVAL_USAGE, required=("run_dir",))
     try:
-        if args.get("max_tokens") is not None and args["max_tokens"] < 1:
-            raise EvalError(f"max_tokens={args['max_tokens']} must be positive, or left out for the whole split.")
+        _check_arguments(args)
         run = load_run(args["run_dir"], args.get("checkpoint"), hardware.pick_device(args.get("device", "auto")))
         result = evaluate_run(run, args.get("max_tokens"), args.get("dtype", "auto"))
     except (RunError, EvalError, ValueError) as err:
         raise SystemExit(f"error: {err}")
     text = json.dumps(result, indent=2)
     out = run.run_dir / "eval.json"
-    tmp = out.with_name(".eval.json.tmp")
-    tmp.write_text(text + "\n")
-    os.replace(tmp, out)  # never leave a half-written eval.json
+    try:
+        write_atomic(out, text + "\n")  # never leave a half-written eval.json
+    except OSError as err:
+        print(text)  # the numbers are the result: show them even when they cannot be saved
+        print(f"error: {NotSavedError(out, err, 'this evaluation')}", file=sys.stderr)
+        raise SystemExit(NOT_SAVED) from None
     print(text)
 
 

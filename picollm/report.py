@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import platform
 import statistics
 import subprocess
@@ -24,7 +23,8 @@ from matplotlib.figure import Figure  # the object API: no pyplot state, no disp
 from matplotlib.ticker import PercentFormatter
 from omegaconf import OmegaConf
 
-from picollm.runs import RunError, boolean, check_run_dir, load_run, parse_args, read_events, read_metrics
+from picollm.runs import (NOT_SAVED, NotSavedError, RunError, boolean, check_run_dir, load_run, parse_args, read_events,
+                          read_metrics, saving, write_atomic)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -254,11 +254,6 @@ def write_report(run_dir: Union[str, Path], samples: Optional[list[str]] = None)
     plan = json.loads(plan_path.read_text())
     train, evals = read_metrics(run_dir)
 
-    plot_loss(train, evals, run_dir / "loss.png")
-    plot_pair(train, ("tok_per_s", "mfu"), ("tokens / s", "MFU"), "throughput", run_dir / "throughput.png")
-    plot_pair(train, ("lr", "grad_norm"), ("learning rate", "grad norm"), "schedule", run_dir / "lr.png",
-              log_second=True)
-
     lines = [f"# picollm run report: {run_dir.name}", "", f"Run directory: `{run_dir.resolve()}`", ""]
     lines += plan_section(plan) + [""]
     lines += happened_section(plan, train) + [""]
@@ -272,10 +267,15 @@ def write_report(run_dir: Union[str, Path], samples: Optional[list[str]] = None)
             lines += [fenced(text), ""]
     lines += environment_section(plan)
 
-    out = run_dir / "report.md"
-    tmp = out.with_name(".report.md.tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, out)  # a reader never sees half a report
+    # Everything is computed; now the writes, each failure naming its file (e.g. a read-only run_dir).
+    with saving(run_dir / "loss.png", "the report") as path:
+        plot_loss(train, evals, path)
+    with saving(run_dir / "throughput.png", "the report") as path:
+        plot_pair(train, ("tok_per_s", "mfu"), ("tokens / s", "MFU"), "throughput", path)
+    with saving(run_dir / "lr.png", "the report") as path:
+        plot_pair(train, ("lr", "grad_norm"), ("learning rate", "grad norm"), "schedule", path, log_second=True)
+    with saving(run_dir / "report.md", "the report") as out:
+        write_atomic(out, "\n".join(lines) + "\n")  # a reader never sees half a report
     return out
 
 
@@ -292,7 +292,8 @@ def run_samples(run_dir: Union[str, Path], checkpoint: Optional[str] = None) -> 
 
 RUN_USAGE = """usage: python -m picollm.report run_dir=DIR [samples=true] [checkpoint=STEP|PATH]
 Writes DIR/report.md with loss.png, throughput.png and lr.png; samples=true adds samples for
-the run's sample.prompts from the latest (or the given) checkpoint."""
+the run's sample.prompts from the latest (or the given) checkpoint. Exit status 3: a file of
+the report could not be written (e.g. a read-only DIR); the message names it."""
 
 
 def _report_run(argv: list[str]) -> None:
@@ -300,9 +301,17 @@ def _report_run(argv: list[str]) -> None:
     try:
         samples = run_samples(args["run_dir"], args.get("checkpoint")) if args.get("samples") else None
         path = write_report(args["run_dir"], samples)
+    except NotSavedError as err:
+        _not_saved(err)
     except (RunError, ValueError) as err:
         raise SystemExit(f"error: {err}")
     print(f"wrote {path}")
+
+
+def _not_saved(err: NotSavedError) -> None:
+    """Exit with NOT_SAVED (3): the report was computed but a file of it could not be written."""
+    print(f"error: {err}", file=sys.stderr)
+    raise SystemExit(NOT_SAVED)
 
 
 # ----------------------------------------------------------------------------- comparing runs
@@ -368,18 +377,18 @@ def write_compare(run_dirs: list[Union[str, Path]], out: Union[str, Path] = "com
     summaries = [run_summary(Path(d)) for d in run_dirs]
     labels = run_labels([s["run_dir"] for s in summaries])
     out = Path(out).expanduser()
-    out.mkdir(parents=True, exist_ok=True)
-    plot_compare(summaries, labels, "tokens", "tokens", out / "val_loss_vs_tokens.png")
-    plot_compare(summaries, labels, "flops", "FLOPs", out / "val_loss_vs_flops.png")
+    with saving(out, "the comparison"):
+        out.mkdir(parents=True, exist_ok=True)
     lines = ["# picollm run comparison", ""] + compare_table(summaries, labels) + [
         "", "val_loss / val_bpb come from each run's eval.json when present, else its last evaluation during training.",
         "", "## Runs", ""] + [f"- {label}: `{s['run_dir'].resolve()}`" for label, s in zip(labels, summaries)] + [
         "", "## Plots", "", "![val loss vs tokens](val_loss_vs_tokens.png)", "",
         "![val loss vs FLOPs](val_loss_vs_flops.png)", ""]
-    path = out / "compare.md"
-    tmp = path.with_name(".compare.md.tmp")
-    tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    for key, xlabel, name in (("tokens", "tokens", "val_loss_vs_tokens.png"), ("flops", "FLOPs", "val_loss_vs_flops.png")):
+        with saving(out / name, "the comparison") as path:
+            plot_compare(summaries, labels, key, xlabel, path)
+    with saving(out / "compare.md", "the comparison") as path:
+        write_atomic(path, "\n".join(lines) + "\n")
     return path
 
 
@@ -396,6 +405,8 @@ def _compare(argv: list[str]) -> None:
     run_dirs = [a for a in argv if not a.startswith("out=")]
     try:
         path = write_compare(run_dirs, settings.get("out", "compare"))
+    except NotSavedError as err:
+        _not_saved(err)
     except (RunError, ValueError, KeyError) as err:
         raise SystemExit(f"error: {err}")
     print(f"wrote {path}")

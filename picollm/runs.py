@@ -6,7 +6,9 @@ on which checkpoint "the run" means and fail with the same clear messages.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +25,44 @@ from picollm.tokenizer import TokenizerError, load_tokenizer
 
 class RunError(RuntimeError):
     """A run directory or checkpoint that cannot be used; the message says how to fix it."""
+
+
+# Exit status of evaluate/report when the result was computed (and printed) but a file of it
+# could not be written, e.g. a read-only run_dir: non-zero because an artefact is missing,
+# and not 1, so a script can tell "nothing to report" from "computed, not saved".
+NOT_SAVED = 3
+
+
+class NotSavedError(RunError):
+    """A result was computed but writing ``path`` failed; the message says why and what to do."""
+
+    def __init__(self, path: Path, err: OSError, what: str):
+        self.path = path
+        reason = err.strerror or type(err).__name__
+        super().__init__(f"could not write {path} ({reason}), so {what} is not saved; make that path writable "
+                         "(permissions, free space, no folder of that name) and rerun the same command.")
+
+
+@contextlib.contextmanager
+def saving(path: Path, what: str) -> Iterator[Path]:
+    """Turn an OSError while writing ``path`` into NotSavedError naming it."""
+    try:
+        yield path
+    except OSError as err:
+        raise NotSavedError(path, err, what) from None
+
+
+def write_atomic(path: Path, text: str) -> None:
+    """Write ``text`` to a hidden sibling, then rename it over ``path``: a reader never sees
+    half a file, and a failed write removes its temporary and leaves ``path`` as it was."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise
 
 
 @dataclass

@@ -9,12 +9,14 @@ seed gives the same text. Settings left out come from the run's ``sample`` confi
 from __future__ import annotations
 
 import codecs
+import math
 import sys
 from typing import Iterator, Optional
 
 import torch
 
 from picollm import hardware
+from picollm.config import device_name
 from picollm.runs import LoadedRun, RunError, load_run, optional_int, parse_args
 
 USAGE = """usage: python -m picollm.sample run_dir=DIR prompt="TEXT" [max_tokens=N] [temperature=T] [top_k=K|none]
@@ -27,22 +29,33 @@ class SampleError(ValueError):
     pass
 
 
-def _check(prompt: str, max_tokens: int, temperature: float, top_k: Optional[int]) -> None:
+def _check(prompt: str, max_tokens: int, temperature: float, top_k: Optional[int], seed: int = 0) -> None:
     if not prompt:
         raise SampleError('prompt is empty; pass prompt="..." with the text to continue.')
     if max_tokens < 1:
         raise SampleError(f"max_tokens={max_tokens} must be at least 1.")
-    if temperature < 0:
-        raise SampleError(f"temperature={temperature} must be 0 (greedy) or positive.")
+    if not math.isfinite(temperature) or temperature < 0:  # NaN compares False with everything
+        raise SampleError(f"temperature={temperature} must be a finite number: 0 (greedy) or positive.")
     if top_k is not None and top_k < 1:
         raise SampleError(f"top_k={top_k} must be at least 1, or none for no top-k filtering.")
+    if not 0 <= seed < 2**63:
+        raise SampleError(f"seed={seed} must be from 0 to 2**63 - 1.")
+
+
+def _check_arguments(args: dict) -> None:
+    """The command's own arguments, before the model loads; unset ones come from the run's
+    config, which load_config already checked."""
+    _check(args["prompt"], args.get("max_tokens", 1), args.get("temperature", 0.0), args.get("top_k"),
+           args.get("seed", 0))
+    if problem := device_name("device", args.get("device", "auto")):
+        raise SampleError(problem)
 
 
 def stream_text(run: LoadedRun, prompt: str, max_tokens: int = 64, temperature: float = 0.8,
                 top_k: Optional[int] = 50, seed: int = 0) -> Iterator[str]:
     """Yield the continuation of ``prompt`` piece by piece; stops early if the model ends
     the document (emits BOS)."""
-    _check(prompt, max_tokens, temperature, top_k)
+    _check(prompt, max_tokens, temperature, top_k, seed)
     enc = run.tokenizer
     # encode_ordinary, as in data preparation: "<|bos|>" typed in a prompt stays plain text.
     ids = [run.bos_id] + enc.encode_ordinary(prompt)
@@ -75,8 +88,7 @@ def main(argv: Optional[list] = None) -> None:
                        "seed": int, "checkpoint": str, "device": str},
                       USAGE, required=("run_dir", "prompt"))
     try:
-        if not args["prompt"]:  # fail before loading the model
-            raise SampleError('prompt is empty; pass prompt="..." with the text to continue.')
+        _check_arguments(args)  # fail before loading the model
         run = load_run(args["run_dir"], args.get("checkpoint"), hardware.pick_device(args.get("device", "auto")))
         defaults = run.config.get("sample") or {}
         settings = {k: args.get(k, defaults.get(k, fallback))

@@ -136,6 +136,27 @@ def test_sample_errors(run_dir: Path, tmp_path: Path, loaded) -> None:
         sample.main([f"run_dir={run_dir}"])
 
 
+@pytest.mark.parametrize("argument, message", [
+    ("temperature=nan", "temperature=nan must be a finite number: 0 (greedy) or positive."),
+    ("temperature=inf", "temperature=inf must be a finite number: 0 (greedy) or positive."),
+    ("temperature=-1", "temperature=-1.0 must be a finite number: 0 (greedy) or positive."),
+    ("max_tokens=0", "max_tokens=0 must be at least 1."),
+    ("top_k=0", "top_k=0 must be at least 1, or none for no top-k filtering."),
+    ("seed=-1", "seed=-1 must be from 0 to 2**63 - 1."),
+    ("device=gpu0", "device='gpu0' is unknown; use auto, cpu, cuda or cuda:N (N: the GPU index)."),
+])
+def test_sample_arguments_are_refused_in_one_sentence(tmp_path: Path, argument: str, message: str) -> None:
+    # The run_dir does not exist: an argument error must come before any attempt to load it.
+    with pytest.raises(SystemExit) as err:
+        sample.main([f"run_dir={tmp_path / 'nope'}", "prompt=x", argument])
+    assert str(err.value) == f"error: {message}"
+
+
+def test_nan_temperature_is_refused_by_the_library_call_too(loaded) -> None:
+    with pytest.raises(sample.SampleError, match="temperature=nan must be a finite number"):
+        sample.generate_text(loaded, "def ", 4, temperature=float("nan"))
+
+
 # ----------------------------------------------------------------------------- evaluate CLI
 
 def test_evaluate_cli_uses_the_full_validation_split(run_dir: Path, capsys) -> None:
@@ -169,6 +190,70 @@ def test_evaluate_cli_errors(tmp_path: Path) -> None:
         evaluate.main([f"run_dir={tmp_path}"])
     with pytest.raises(SystemExit, match="run_dir= is required"):
         evaluate.main([])
+    with pytest.raises(SystemExit, match=r"^error: dtype='fp8' is unknown; use auto, fp32, bf16 or fp16\.$"):
+        evaluate.main([f"run_dir={tmp_path / 'nope'}", "dtype=fp8"])
+    with pytest.raises(SystemExit, match=r"^error: device='gpu0' is unknown"):
+        evaluate.main([f"run_dir={tmp_path / 'nope'}", "device=gpu0"])
+
+
+def _copy_run(run_dir: Path, tmp_path: Path) -> Path:
+    """A copy the test may break; its prepared data stays where the original's is."""
+    copy = tmp_path / "run"
+    shutil.copytree(run_dir, copy)
+    return copy
+
+
+# An unwritable output is simulated by a folder where the file should go: the write fails
+# (EISDIR) for root too, whereas chmod does not stop root, which runs these tests here. The
+# chmod variant below runs where it can (as a normal user) and is skipped as root.
+
+def test_evaluate_prints_the_numbers_it_could_not_save(run_dir: Path, tmp_path: Path, capsys) -> None:
+    copy = _copy_run(run_dir, tmp_path)
+    (copy / "eval.json").unlink(missing_ok=True)
+    (copy / "eval.json").mkdir()
+    with pytest.raises(SystemExit) as err:
+        evaluate.main([f"run_dir={copy}", "max_tokens=640"])
+    assert err.value.code == 3  # runs.NOT_SAVED: computed and printed, not saved
+    out, stderr = capsys.readouterr()
+    printed = json.loads(out)
+    assert printed["val_tokens"] == 640 and math.isfinite(printed["val_loss"])
+    assert stderr == (f"error: could not write {copy / 'eval.json'} (Is a directory), so this evaluation is not "
+                      "saved; make that path writable (permissions, free space, no folder of that name) and rerun "
+                      "the same command.\n")
+    assert (copy / "eval.json").is_dir() and not (copy / ".eval.json.tmp").exists()  # nothing left behind
+
+
+def _read_only(directory: Path) -> bool:
+    """chmod the folder read-only; False (and restored) if this user can write anyway (root)."""
+    directory.chmod(0o555)
+    try:
+        (directory / ".probe").write_text("x")
+    except PermissionError:
+        return True
+    (directory / ".probe").unlink()
+    directory.chmod(0o755)
+    return False
+
+
+def test_evaluate_and_report_on_a_read_only_run_dir(run_dir: Path, tmp_path: Path, capsys) -> None:
+    copy = _copy_run(run_dir, tmp_path)
+    if not _read_only(copy):
+        pytest.skip("chmod does not stop this user (root) from writing")
+    try:
+        with pytest.raises(SystemExit) as err:
+            evaluate.main([f"run_dir={copy}", "max_tokens=640"])
+        assert err.value.code == 3
+        out, stderr = capsys.readouterr()
+        assert json.loads(out)["val_tokens"] == 640
+        assert stderr.startswith(f"error: could not write {copy / 'eval.json'} (Permission denied)")
+        with pytest.raises(SystemExit) as err:
+            report.main([f"run_dir={copy}"])
+        assert err.value.code == 3
+        # The copied plots are the user's own files and get overwritten; report.md's temporary cannot be created.
+        assert capsys.readouterr().err.startswith(f"error: could not write {copy / 'report.md'} (Permission denied), "
+                                                  "so the report is not saved")
+    finally:
+        copy.chmod(0o755)
 
 
 # ----------------------------------------------------------------------------- report
@@ -246,6 +331,31 @@ def test_compare_errors(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(SystemExit, match="does not exist"):
         report.main(["compare", str(tmp_path / "nope")])
     assert not (tmp_path / "compare").exists()  # nothing written when a run is unusable
+
+
+def test_report_names_the_file_it_could_not_write(run_dir: Path, tmp_path: Path, capsys) -> None:
+    copy = _copy_run(run_dir, tmp_path)
+    (copy / "report.md").unlink(missing_ok=True)
+    (copy / "report.md").mkdir()  # in the way of the report (see the note above the evaluate test)
+    with pytest.raises(SystemExit) as err:
+        report.main([f"run_dir={copy}"])
+    assert err.value.code == 3
+    out, stderr = capsys.readouterr()
+    assert out == ""
+    assert stderr == (f"error: could not write {copy / 'report.md'} (Is a directory), so the report is not saved; "
+                      "make that path writable (permissions, free space, no folder of that name) and rerun the "
+                      "same command.\n")
+    assert not (copy / ".report.md.tmp").exists()
+
+
+def test_compare_names_the_folder_it_could_not_create(run_dir: Path, tmp_path: Path, capsys) -> None:
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    with pytest.raises(SystemExit) as err:
+        report.main(["compare", str(run_dir), f"out={blocker / 'cmp'}"])
+    assert err.value.code == 3
+    assert capsys.readouterr().err.startswith(f"error: could not write {blocker / 'cmp'} (Not a directory), "
+                                              "so the comparison is not saved")
 
 
 def test_report_cli_errors(tmp_path: Path) -> None:
