@@ -14,6 +14,7 @@ import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+import numpy as np
 import tiktoken
 
 BOS = "<|bos|>"
@@ -166,3 +167,13 @@ def encode_batch(enc: tiktoken.Encoding, texts: Sequence[str], threads: int | No
     """Encode documents in parallel Rust threads; special-token text stays plain text."""
     # encode_ordinary never maps "<|bos|>" in a document to BOS: data must not forge separators.
     return enc.encode_ordinary_batch(list(texts), num_threads=threads or os.cpu_count() or 1)
+
+
+def encode_array(enc: tiktoken.Encoding, text: str) -> np.ndarray:
+    """One document's tokens as a uint32 array, exactly as `encode_ordinary` (special-token text
+    stays plain text) but without building a Python list of ints."""
+    try:
+        return enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())
+    except UnicodeEncodeError:  # lone surrogates: replaced, as encode_ordinary does
+        text = text.encode("utf-16", "surrogatepass").decode("utf-16", "replace")
+        return enc.encode_to_numpy(text, allowed_special=set(), disallowed_special=())

@@ -2,12 +2,24 @@
 
 from __future__ import annotations
 
+import io
 import json
+import logging
+import multiprocessing
 import os
 import random
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
+
+import dataclasses
 
 import numpy as np
 import pytest
@@ -15,7 +27,15 @@ import torch
 
 from picollm.data import prepare, shards, sources
 from picollm.data.loader import PackedLoader, TokenStream, ValLoader, iter_val_batches
-from picollm.data.prepare import PreparedDataError, load_prepared, prepare_data
+from picollm.data.prepare import (
+    PreparationInterrupted,
+    PreparedDataError,
+    PrepareProgress,
+    ProgressPrinter,
+    check_fits,
+    load_prepared,
+    prepare_data,
+)
 from picollm.data.shards import HEADER_SIZE, ShardError, read_shard, shard_info, write_shard
 from picollm.data.sources import DataSourceError, is_val_doc, iter_documents, split_documents
 from picollm.tokenizer import bos_id
@@ -241,6 +261,99 @@ def test_unreadable_files_give_clear_errors(tmp_path: Path) -> None:
     assert list(iter_documents(data_cfg(tmp_path, paths=[str(latin)]))) == ["caf\ufffd\n"]
 
 
+def _noise(n: int, seed: int, nul: bool) -> bytes:
+    rng = random.Random(seed)
+    return bytes(rng.randrange(0 if nul else 1, 256) for _ in range(n))
+
+
+def test_empty_binary_and_random_files_are_refused_before_any_work(tmp_path: Path) -> None:
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    program = tmp_path / "program"
+    shutil.copy(sys.executable, program)  # a real executable, passed as if it were text
+    noise = tmp_path / "noise.txt"
+    noise.write_bytes(_noise(5000, 0, nul=False))  # no NUL byte: judged by how much of it decodes
+    random_dir = tmp_path / "random"
+    random_dir.mkdir()
+    for i in range(3):
+        (random_dir / f"r{i}.txt").write_bytes(_noise(5000, i, nul=True))
+    cases = [
+        (empty, f"data.paths: {empty} is empty; point data.paths at UTF-8 text"),
+        (program, "is binary \\(it contains NUL bytes\\)"),
+        (noise, "is not UTF-8 text \\(\\d+% of its first characters are undecodable or control bytes\\)"),
+        (random_dir, "none of the 3 files is usable \\(.*r0.txt is binary.*r1.txt.*r2.txt"),
+    ]
+    for path, message in cases:
+        cfg = data_cfg(tmp_path, paths=[str(path)])
+        with pytest.raises(DataSourceError, match=message):
+            prepare_data(cfg, tok_cfg(), n_train_tokens=1000)
+    assert not Path(cfg.cache_dir).exists()  # refused before writing anything
+
+
+def test_non_text_files_among_text_are_skipped_with_one_warning(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    texts = [d.replace("\r", "") for d in make_docs(4)]  # text files are read with universal newlines
+    for i, text in enumerate(texts):
+        (corpus / f"doc{i}.txt").write_text(text)
+    (corpus / "blob.txt").write_bytes(_noise(3000, 1, nul=True))
+    (corpus / "noise.txt").write_bytes(_noise(3000, 2, nul=False))
+    (corpus / "latin1.txt").write_bytes("café crème brûlée, a latin-1 file\n".encode("latin-1"))
+    cfg = data_cfg(tmp_path, paths=[str(corpus)])
+    with caplog.at_level(logging.WARNING, logger="picollm.data.sources"):
+        sources.validate_source(cfg)
+        docs = list(iter_documents(cfg))
+    assert sorted(docs) == sorted(texts + ["caf\ufffd cr\ufffdme br\ufffdl\ufffde, a latin-1 file\n"])
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1, warnings  # validation and loading screen the files; one warning
+    assert "skipping 2 of 7 files" in warnings[0] and "blob.txt is binary" in warnings[0]
+    assert "noise.txt is not UTF-8 text" in warnings[0]
+
+
+def test_shuffled_order_is_seeded_and_spans_the_corpus(tmp_path: Path) -> None:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(200):
+        (corpus / f"f{i:03d}.txt").write_text(f"file {i} " + make_docs(1, seed=i)[0])
+    cfg = data_cfg(tmp_path, paths=[str(corpus)])
+    in_order = list(iter_documents(cfg))
+    shuffled = list(iter_documents(cfg, shuffle_seed=0))
+    assert [int(d.split()[1]) for d in in_order] == list(range(200))
+    assert sorted(shuffled) == sorted(in_order) and shuffled != in_order
+    assert shuffled == list(iter_documents(cfg, shuffle_seed=0)) != list(iter_documents(cfg, shuffle_seed=1))
+    first = [int(d.split()[1]) for d in shuffled[:20]]
+    assert max(first) >= 150 and sum(i >= 100 for i in first) >= 5  # drawn from the whole corpus
+    cfg.max_docs = 20  # max_docs samples the shuffled corpus
+    assert list(iter_documents(cfg, shuffle_seed=0)) == shuffled[:20]
+
+
+@pytest.mark.parametrize("streaming", [True, False])
+def test_shuffle_mixes_rows_of_one_jsonl_file(tmp_path: Path, streaming: bool) -> None:
+    docs = make_docs(100)
+    cfg = data_cfg(tmp_path, paths=[str(write_jsonl(tmp_path / "a.jsonl", docs))], streaming=streaming)
+    shuffled = list(iter_documents(cfg, shuffle_seed=0))
+    assert sorted(shuffled) == sorted(docs)
+    assert sum(docs.index(d) >= 50 for d in shuffled[:10]) >= 3  # not just a local mix of the first rows
+
+
+def test_pystdlib_shuffle_reads_from_all_of_the_library(tmp_path: Path) -> None:
+    root, files = sources.pystdlib_files()
+    paths = sources.load_corpus(data_cfg(tmp_path, source="pystdlib"), shuffle_seed=0)["path"]
+    assert sorted(paths) == sorted(f.relative_to(root).as_posix() for f in files)
+    rank = {p: i for i, p in enumerate(sorted(paths))}
+    first = [rank[p] for p in paths[:30]]
+    assert max(first) > 0.8 * len(files) and min(first) < 0.2 * len(files)
+
+
+def test_hash_order_is_a_fixed_permutation() -> None:
+    # Fixed values: the corpus order may not change with the Python or numpy version.
+    assert sources.hash_order(range(8), 0).tolist() == [0, 7, 3, 1, 5, 4, 6, 2]
+    assert sources.hash_order(["a", "b", "c", "d"], 0).tolist() == [2, 3, 0, 1]
+    assert sorted(sources.hash_order(range(1000), 5).tolist()) == list(range(1000))
+
+
 def test_val_split_is_by_document_and_deterministic() -> None:
     docs = make_docs(2000)
     train, val = split_documents(docs, 0.1)
@@ -291,7 +404,8 @@ def _stream(paths: list[Path]) -> np.ndarray:
 
 def test_prepare_full_corpus_round_trips(corpus_cfg: SimpleNamespace) -> None:
     p = prepare_data(corpus_cfg, tok_cfg(), n_train_tokens=10**9, shard_tokens=5000)
-    docs = list(iter_documents(corpus_cfg))
+    docs = list(iter_documents(corpus_cfg, shuffle_seed=prepare.SHUFFLE_SEED))  # the order prepare reads
+    assert sorted(docs) == sorted(iter_documents(corpus_cfg)) and docs != list(iter_documents(corpus_cfg))
     train_docs, val_docs = split_documents(docs, corpus_cfg.val_fraction)
     assert p.corpus_exhausted and p.n_docs == 300 and not p.reused
     assert p.vocab_size == 320 and p.bos_id == bos_id(p.tokenizer) == 319
@@ -347,7 +461,7 @@ def test_prepare_stops_early_and_extends_on_demand(corpus_cfg: SimpleNamespace) 
     assert prepare_data(corpus_cfg, tok_cfg(), n_train_tokens=1000).reused  # fewer: reuse
     bigger = prepare_data(corpus_cfg, tok_cfg(), n_train_tokens=small.n_train_tokens + 1)
     assert not bigger.reused and bigger.n_train_tokens > small.n_train_tokens and bigger.dir == small.dir
-    assert bigger.meta["stats"]["tokenizer_train_seconds"] == 0.0  # the deterministic tokenizer was reused
+    assert bigger.stats["tokenizer_train_seconds"] == 0.0  # the deterministic tokenizer was reused
 
 
 def test_prepare_tiny_corpus_still_has_val(tmp_path: Path) -> None:
@@ -370,9 +484,7 @@ def test_load_prepared_detects_damage(corpus_cfg: SimpleNamespace) -> None:
         load_prepared(p.dir)
 
 
-def test_prepare_never_clobbers_foreign_dirs_or_leaves_half_dirs(
-    corpus_cfg: SimpleNamespace, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
+def test_prepare_never_clobbers_foreign_dirs_or_leaves_half_dirs(corpus_cfg: SimpleNamespace, tmp_path: Path) -> None:
     foreign = tmp_path / "mine"
     foreign.mkdir()
     (foreign / "notes.txt").write_text("keep me")
@@ -380,12 +492,11 @@ def test_prepare_never_clobbers_foreign_dirs_or_leaves_half_dirs(
         prepare_data(corpus_cfg, tok_cfg(), n_train_tokens=100, out_dir=foreign)
     assert (foreign / "notes.txt").read_text() == "keep me"
 
-    def crash(*args: Any, **kwargs: Any) -> None:
-        raise RuntimeError("simulated crash")
+    def crash(progress: prepare.PrepareProgress) -> None:
+        raise RuntimeError("simulated crash")  # mid-build: shards exist, meta.json does not
 
-    monkeypatch.setattr(prepare, "encode_batch", crash)
     with pytest.raises(RuntimeError, match="simulated crash"):
-        prepare_data(corpus_cfg, tok_cfg(), n_train_tokens=100, out_dir=tmp_path / "out")
+        prepare_data(corpus_cfg, tok_cfg(), n_train_tokens=100, out_dir=tmp_path / "out", progress=crash)
     assert not (tmp_path / "out").exists()
     assert not [n for n in os.listdir(tmp_path) if n.startswith(".out")]
 
@@ -395,6 +506,183 @@ def test_prepare_rejects_impossible_vocab(corpus_cfg: SimpleNamespace) -> None:
         prepare_data(corpus_cfg, tok_cfg(vocab_size=2**32), n_train_tokens=100)
     with pytest.raises(ValueError, match="too small"):
         prepare_data(corpus_cfg, tok_cfg(vocab_size=100), n_train_tokens=100)
+
+
+def _dir_bytes(directory: Path) -> dict[str, bytes]:
+    """Every file of a prepared dir except the timings."""
+    return {f.name: f.read_bytes() for f in sorted(directory.iterdir()) if f.name != "stats.json"}
+
+
+def _files_corpus(tmp_path: Path, n: int = 200) -> SimpleNamespace:
+    corpus = tmp_path / "corpus"
+    corpus.mkdir()
+    for i in range(n):
+        (corpus / f"f{i:03d}.txt").write_text(f"file {i} " + make_docs(1, seed=i)[0])
+    return data_cfg(tmp_path, paths=[str(corpus)], val_fraction=0.1, val_tokens=3000)
+
+
+def test_a_small_budget_reads_documents_from_the_whole_corpus(tmp_path: Path) -> None:
+    cfg = _files_corpus(tmp_path)
+    small = prepare_data(cfg, tok_cfg(), n_train_tokens=3000, out_dir=tmp_path / "a")
+    assert 3000 <= small.n_train_tokens < 4000 and not small.corpus_exhausted
+    pieces = _split_docs(_stream(small.train_shards), small.bos_id)
+    seen = [int(small.tokenizer.decode(p[1:].tolist()).split()[1]) for p in pieces]
+    assert len(seen) < 50 and max(seen) >= 150 and sum(i >= 100 for i in seen) >= len(seen) // 4
+    assert seen != sorted(seen)
+    again = prepare_data(cfg, tok_cfg(), n_train_tokens=3000, out_dir=tmp_path / "b")
+    assert not again.reused and _dir_bytes(again.dir) == _dir_bytes(small.dir)
+
+
+@pytest.mark.parametrize("budget", [2500, 10**9])
+def test_worker_processes_write_the_same_bytes_as_one(corpus_cfg: SimpleNamespace, tmp_path: Path, budget: int) -> None:
+    one = prepare_data(corpus_cfg, tok_cfg(), budget, out_dir=tmp_path / "one", num_proc=1, batch_chars=4000,
+                       shard_tokens=3000)
+    children = []
+    two = prepare_data(corpus_cfg, tok_cfg(), budget, out_dir=tmp_path / "two", num_proc=2, batch_chars=4000,
+                       shard_tokens=3000, progress=lambda p: children.append(len(multiprocessing.active_children())))
+    assert max(children) == 2 and len(children) > 3  # batches really went to two worker processes
+    assert one.stats["workers"] == 1 and two.stats["workers"] == 2
+    assert _dir_bytes(one.dir) == _dir_bytes(two.dir)
+    assert (budget < 10**9) == (not one.corpus_exhausted)
+
+
+def _stop_after_first_shard(progress: PrepareProgress) -> None:
+    if progress.shards_done >= 1:
+        raise KeyboardInterrupt  # what Ctrl-C raises, at a point where a shard is complete
+
+
+@pytest.mark.parametrize("budget", [5000, 10**9])
+def test_interrupted_preparation_resumes_to_identical_bytes(
+    corpus_cfg: SimpleNamespace, tmp_path: Path, budget: int
+) -> None:
+    kwargs = dict(num_proc=1, batch_chars=3000, shard_tokens=2000)
+    reference = prepare_data(corpus_cfg, tok_cfg(), budget, out_dir=tmp_path / "reference", **kwargs)
+    out = tmp_path / "out"
+    with pytest.raises(PreparationInterrupted) as stop:
+        prepare_data(corpus_cfg, tok_cfg(), budget, out_dir=out, progress=_stop_after_first_shard, **kwargs)
+    assert isinstance(stop.value, KeyboardInterrupt) and stop.value.shards_done >= 1
+    assert "rerun the same command to continue from what it kept" in stop.value.sentence()
+    assert not out.exists()  # nothing a rerun or a trainer could take for finished data
+    build = stop.value.build_dir
+    assert (build / "resume.json").is_file() and (build / "train_000.bin").is_file()
+    first_shard = (build / "train_000.bin").stat().st_mtime_ns
+
+    resumed = prepare_data(corpus_cfg, tok_cfg(), budget, out_dir=out, **{**kwargs, "num_proc": 2})
+    assert resumed.stats["resumed_at_doc"] == stop.value.docs_done > 0
+    assert (out / "train_000.bin").stat().st_mtime_ns == first_shard  # kept, not rewritten
+    assert _dir_bytes(resumed.dir) == _dir_bytes(reference.dir)
+    assert not build.exists() and not (out / "resume.json").exists()
+
+
+def test_a_resume_state_cut_for_a_larger_budget_is_not_reused(corpus_cfg: SimpleNamespace, tmp_path: Path) -> None:
+    kwargs = dict(num_proc=1, batch_chars=3000, shard_tokens=2000)
+    with pytest.raises(PreparationInterrupted):
+        prepare_data(corpus_cfg, tok_cfg(), 10**9, out_dir=tmp_path / "out", progress=_stop_after_first_shard,
+                     **kwargs)
+    small = prepare_data(corpus_cfg, tok_cfg(), 1000, out_dir=tmp_path / "out", **kwargs)
+    assert small.stats["resumed_at_doc"] is None  # its first shard already holds more than 1000 tokens
+    fresh = prepare_data(corpus_cfg, tok_cfg(), 1000, out_dir=tmp_path / "fresh", **kwargs)
+    assert _dir_bytes(small.dir) == _dir_bytes(fresh.dir)
+
+
+def test_progress_lines(corpus_cfg: SimpleNamespace) -> None:
+    out = io.StringIO()
+    prepare_data(corpus_cfg, tok_cfg(), 10**9, num_proc=1, batch_chars=20_000,
+                 progress=ProgressPrinter(every_s=0, file=out))
+    lines = out.getvalue().splitlines()
+    assert len(lines) > 3  # one per batch here; the default prints at most every few seconds
+    pattern = r"prepare: [\d,]+ docs, [\d.]+k? train \+ [\d.]+k? val tokens, [\d.]+[kM]? tokens/s, \d+%(, ETA \dm\d\ds)?"
+    assert all(re.fullmatch(pattern, line) for line in lines), lines
+    assert lines[-1].startswith("prepare: 300 docs") and ", 100%" in lines[-1]
+
+
+def test_progress_fraction_and_eta() -> None:
+    p = PrepareProgress(docs=50, train_tokens=100, val_tokens=10, target_tokens=1000, shards_done=0, seconds=10.0,
+                        new_tokens=110, total_docs=200)
+    assert p.fraction() == 0.25 and p.eta_seconds() == pytest.approx(30.0)  # the corpus ends before the budget
+    assert p.line() == "prepare: 50 docs, 100 train + 10 val tokens, 11 tokens/s, 25%, ETA 0m30s"
+    budget_bound = dataclasses.replace(p, train_tokens=500, start_fraction=0.25)
+    assert budget_bound.fraction() == 0.5 and budget_bound.eta_seconds() == pytest.approx(20.0)  # 0.25 in 10 s
+    val_phase = dataclasses.replace(p, train_done=True, total_docs=None)
+    assert val_phase.eta_seconds() is None and val_phase.line().endswith("filling the held-out split")
+
+
+def test_damaged_token_ids_are_refused_on_load(corpus_cfg: SimpleNamespace) -> None:
+    p = prepare_data(corpus_cfg, tok_cfg(), n_train_tokens=10**9, shard_tokens=5000)
+    victim = p.train_shards[1]
+    _corrupt(victim, HEADER_SIZE + 2 * 123, (400).to_bytes(2, "little"))  # vocab is 320
+    with pytest.raises(ShardError, match=f"{victim.name} holds token id 400, outside its vocabulary of 320") as err:
+        load_prepared(p.dir)
+    assert isinstance(err.value, PreparedDataError) and isinstance(err.value, ValueError)
+    assert "rerun data preparation" in str(err.value)
+    assert load_prepared(p.dir, check_ids=False).n_train_tokens == p.n_train_tokens
+    repaired = prepare_data(corpus_cfg, tok_cfg(), n_train_tokens=10**9, shard_tokens=5000)
+    assert not repaired.reused and int(read_shard(repaired.train_shards[1]).max()) < 320
+
+
+def test_a_corpus_too_small_for_one_sequence_is_one_sentence(tmp_path: Path) -> None:
+    path = write_jsonl(tmp_path / "d.jsonl", ["a tiny document", "another tiny one", "and a third"])
+    p = prepare_data(data_cfg(tmp_path, paths=[str(path)]), tok_cfg(vocab_size=257), n_train_tokens=10**9)
+    check_fits(p, seq_len=8)
+    message = (f"the corpus gave {p.n_train_tokens} train tokens, fewer than one training sequence of "
+               f"seq_len \\+ 1 = 65; add text to the corpus or lower model.seq_len.")
+    with pytest.raises(PreparedDataError, match=message):
+        check_fits(p, seq_len=64)
+    with pytest.raises(PreparedDataError, match="fewer than one evaluation window of seq_len \\+ 1 = 33"):
+        check_fits(dataclasses.replace(p, n_train_tokens=10**6), seq_len=32)
+    with pytest.raises(PreparedDataError, match="too few for one training sequence of seq_len \\+ 1 = 65"):
+        PackedLoader(p.train_shards, seq_len=64, global_batch=2, micro_batch=2, seed=0)
+
+
+def test_workers_setting(tmp_path: Path) -> None:
+    assert prepare.resolve_workers(SimpleNamespace()) == os.cpu_count()  # data.workers absent
+    assert prepare.resolve_workers(SimpleNamespace(workers=None)) == os.cpu_count()
+    assert prepare.resolve_workers(SimpleNamespace(workers=3)) == 3
+    assert prepare.resolve_workers(SimpleNamespace(workers=3), num_proc=1) == 1
+    for bad in (0, -2, "4", True):
+        with pytest.raises(PreparedDataError, match=f"data.workers={bad!r} must be a positive number"):
+            prepare.resolve_workers(SimpleNamespace(workers=bad))
+
+
+def test_a_second_process_waits_for_the_build_then_reuses_it(
+    corpus_cfg: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture
+) -> None:
+    out = tmp_path / "out"
+    build = prepare.build_dir(out, prepare.dataset_key(corpus_cfg, tok_cfg()))
+    lock = prepare._lock_build_dir(build)  # as a twin process building the same data holds it
+    results: list[Any] = []
+    waiter = threading.Thread(target=lambda: results.append(prepare_data(corpus_cfg, tok_cfg(), 10**9, out_dir=out)))
+    waiter.start()
+    seen = ""
+    while "waiting for another process" not in seen and waiter.is_alive():
+        seen += capsys.readouterr().out
+        time.sleep(0.01)
+    assert "waiting for another process preparing the same data" in seen and not results
+    os.close(lock)
+    waiter.join()
+    assert results[0].dir == out and not build.exists()
+
+
+@pytest.mark.slow
+def test_ctrl_c_in_the_prepare_command_is_one_line_and_a_rerun_continues(tmp_path: Path) -> None:
+    env = {**os.environ, "PICOLLM_CACHE": str(tmp_path / "cache")}
+    cmd = [sys.executable, "-m", "picollm.data.prepare", "model=tiny", "tokenizer.vocab_size=2048",
+           "tokenizer.train_chars=200000", "budget.tokens=1e9"]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    data = tmp_path / "cache" / "data"
+    while proc.poll() is None and not list(data.glob(".*.build-*/resume.json")):
+        time.sleep(0.02)  # the tokenizer is trained and tokenizing has begun
+    os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C reaches the whole process group, workers included
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (out, err)
+    assert "Traceback" not in err and err.strip().splitlines()[-1].startswith("interrupted: data preparation stopped")
+    assert "rerun the same command to continue" in err
+    assert not [d for d in data.iterdir() if (d / "meta.json").exists()]  # nothing looks finished
+    rerun = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0 and "prepared " in rerun.stdout, rerun.stderr
+    (prepared,) = [d for d in data.iterdir() if (d / "meta.json").exists()]
+    assert json.loads((prepared / "stats.json").read_text())["resumed_at_doc"] is not None
 
 
 # ===================================================================== loader

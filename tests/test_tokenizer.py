@@ -7,6 +7,7 @@ import random
 import sysconfig
 from pathlib import Path
 
+import numpy as np
 import pytest
 import tiktoken
 
@@ -14,6 +15,7 @@ from picollm.tokenizer import (
     BOS,
     TokenizerError,
     bos_id,
+    encode_array,
     encode_batch,
     load_tokenizer,
     save_tokenizer,
@@ -78,6 +80,17 @@ def test_round_trip_exact_on_random_text(enc: tiktoken.Encoding) -> None:
     texts = [_random_text(rng, rng.randint(0, 300)) for _ in range(300)]
     for text, ids in zip(texts, encode_batch(enc, texts, threads=2)):
         assert enc.decode(ids) == text
+
+
+def test_encode_array_matches_encode_ordinary(enc: tiktoken.Encoding) -> None:
+    # data preparation encodes with encode_array: it must give exactly encode_ordinary's ids,
+    # special-token text as plain text and lone surrogates replaced included.
+    rng = random.Random(1)
+    texts = ODD_TEXTS + [_random_text(rng, 200) for _ in range(50)] + ["lone \ud800 surrogate \udfff"]
+    for text in texts:
+        ids = encode_array(enc, text)
+        assert ids.dtype == np.uint32 and ids.tolist() == enc.encode_ordinary(text)
+    assert BOS in ODD_TEXTS[-3] and bos_id(enc) not in encode_array(enc, ODD_TEXTS[-3]).tolist()
 
 
 def test_vocab_size_exact_and_bos_last(enc: tiktoken.Encoding) -> None:

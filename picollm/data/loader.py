@@ -21,7 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from picollm.data.shards import read_shard
+from picollm.data.shards import PreparedDataError, read_shard
 
 STATE_VERSION = 1
 
@@ -117,9 +117,9 @@ class PackedLoader:
         self.n_tokens = len(self.stream)
         self.n_sequences = (self.n_tokens - 1) // seq_len
         if self.n_sequences < 1:
-            raise ValueError(
-                f"the train stream has {self.n_tokens} tokens, too few for one sequence of {seq_len}+1; "
-                f"prepare more tokens or lower seq_len."
+            raise PreparedDataError(
+                f"the train stream has {self.n_tokens:,} tokens, too few for one training sequence of "
+                f"seq_len + 1 = {seq_len + 1:,}; add text to the corpus (or prepare more tokens) or lower model.seq_len."
             )
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.prefetch = max(1, prefetch)

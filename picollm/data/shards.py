@@ -23,7 +23,11 @@ DTYPES = {2: np.dtype("<u2"), 4: np.dtype("<u4")}
 MAX_VOCAB = 2**32
 
 
-class ShardError(RuntimeError):
+class PreparedDataError(ValueError):
+    """A prepared dataset dir is missing, incomplete, inconsistent or too small for the run."""
+
+
+class ShardError(PreparedDataError):
     """A shard file is missing, corrupt or inconsistent with its header."""
 
 
@@ -120,6 +124,18 @@ def shard_info(path: str | os.PathLike) -> ShardInfo:
         problem = f"is {size} bytes but its header promises {expected} ({count} tokens); it is truncated or corrupt"
         raise _fail(path, problem)
     return ShardInfo(path, version, code, count, vocab)
+
+
+def check_token_ids(info: ShardInfo) -> None:
+    """Refuse a shard holding ids outside [0, its header's vocab_size) (one pass over the file).
+
+    Damage there would otherwise surface as an IndexError in the embedding mid-training.
+    """
+    if info.n_tokens == 0 or np.iinfo(info.dtype).max < info.vocab_size:
+        return  # every id the dtype can hold is in the vocabulary
+    top = int(read_shard(info.path).max())
+    if top >= info.vocab_size:
+        raise _fail(info.path, f"holds token id {top}, outside its vocabulary of {info.vocab_size} (damaged data)")
 
 
 def read_shard(path: str | os.PathLike) -> np.ndarray:
