@@ -1,6 +1,12 @@
-"""Tokenizer training, data preparation and loader throughput on the embedded corpus.
+"""Tokenizer training, data preparation (1 vs 2 worker processes) and loader throughput
+on the embedded corpus.
 
-    python scripts/bench_data.py [--vocab 8192] [--train-chars 20000000]
+    python scripts/bench_data.py [--vocab 8192] [--train-chars 20000000] [--workers 1,2]
+
+The tokenize rows prepare the whole corpus with the tokenizer already trained, once per
+worker count, and check that every count writes the same bytes. "stage" is the
+tokenize stage's own tokens/s (reading, worker start-up and shard writing included);
+"steady" leaves out the start-up (from the first encoded batch to the last).
 
 The loader figure is set against the training step's own appetite: the tokens/s a
 training step of the reference shape consumes (scripts/bench_train.py) is several
@@ -10,6 +16,7 @@ orders of magnitude below what the loader can hand out, so it is never the bottl
 from __future__ import annotations
 
 import argparse
+import os
 import tempfile
 import time
 from pathlib import Path
@@ -18,10 +25,30 @@ from types import SimpleNamespace
 import numpy as np
 
 
+def _dir_bytes(directory: Path) -> dict[str, bytes]:
+    return {f.name: f.read_bytes() for f in sorted(directory.iterdir()) if f.name != "stats.json"}
+
+
+def _tokenize(data_cfg: SimpleNamespace, tokenizer: Path, workers: int, out: Path) -> tuple[object, float]:
+    """Prepare the whole corpus with a ready tokenizer; (prepared data, steady-state tokens/s)."""
+    from picollm.data.prepare import prepare_data
+
+    ticks: list[tuple[float, int]] = []
+
+    def progress(p) -> None:
+        ticks.append((time.perf_counter(), p.train_tokens + p.val_tokens))
+
+    tok_cfg = SimpleNamespace(name=str(tokenizer), vocab_size=None, train_chars=None)
+    data = prepare_data(data_cfg, tok_cfg, n_train_tokens=10**12, out_dir=out, num_proc=workers, progress=progress)
+    (t0, n0), (t1, n1) = ticks[0], ticks[-1]
+    return data, (n1 - n0) / max(t1 - t0, 1e-9)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--train-chars", type=int, default=20_000_000)
+    p.add_argument("--workers", default="1,2", help="worker counts to compare, e.g. 1,2,4")
     args = p.parse_args()
 
     from picollm.data.loader import PackedLoader
@@ -29,9 +56,10 @@ def main() -> None:
     from picollm.data.sources import iter_documents
     from picollm.tokenizer import train_bpe
 
+    cache = Path(tempfile.mkdtemp())
     data_cfg = SimpleNamespace(source="pystdlib", paths=[], format="auto", text_field="text", hf_name=None,
                                hf_config=None, hf_split="train", streaming=True, val_fraction=0.005,
-                               val_tokens=1_000_000, max_docs=None, cache_dir=tempfile.mkdtemp())
+                               val_tokens=1_000_000, max_docs=None, cache_dir=str(cache))
     tok_cfg = SimpleNamespace(name="bpe", vocab_size=args.vocab, train_chars=args.train_chars)
     rows = []
 
@@ -50,14 +78,28 @@ def main() -> None:
                  f"{total / dt / 1e6:.2f}M chars/s"))
 
     t0 = time.perf_counter()
-    data = prepare_data(data_cfg, tok_cfg, n_train_tokens=10**12)  # the whole corpus
+    data = prepare_data(data_cfg, tok_cfg, n_train_tokens=10**12)  # the whole corpus, every core
     dt = time.perf_counter() - t0
     n = data.n_train_tokens + data.n_val_tokens
-    rows.append(("prepare (tokenizer + encode + shards)", f"pystdlib, {chars / 1e6:.1f}M chars -> {n / 1e6:.2f}M tokens",
+    rows.append((f"prepare (tokenizer + encode + shards, {data.stats['workers']} workers)",
+                 f"pystdlib, {chars / 1e6:.1f}M chars -> {n / 1e6:.2f}M tokens",
                  f"{dt:.1f} s", f"{n / dt / 1e6:.2f}M tokens/s end to end"))
     t0 = time.perf_counter()
     prepare_data(data_cfg, tok_cfg, n_train_tokens=10**12)
     rows.append(("prepare again (reuse)", "same source + tokenizer", f"{time.perf_counter() - t0:.2f} s", "-"))
+
+    base, reference = None, None
+    for workers in (int(w) for w in args.workers.split(",")):
+        out = cache / f"tokenize-{workers}"
+        prepared, steady = _tokenize(data_cfg, data.dir / "tokenizer.json", workers, out)
+        stage = prepared.stats["tokens_per_second"]
+        base = base or stage
+        same = reference is None or _dir_bytes(out) == reference
+        reference = reference or _dir_bytes(out)
+        rows.append((f"tokenize, {workers} worker process{'es' * (workers > 1)}",
+                     f"{n / 1e6:.2f}M tokens, {'same bytes' if same else 'DIFFERENT BYTES'}",
+                     f"{prepared.stats['tokenize_seconds']:.2f} s",
+                     f"{stage / 1e6:.2f}M tokens/s stage ({stage / base:.2f}x), {steady / 1e6:.2f}M steady"))
 
     for seq_len, micro in ((256, 16), (1024, 32)):
         loader = PackedLoader(data.train_shards, seq_len, global_batch=micro * 8, micro_batch=micro, seed=0)
@@ -75,7 +117,8 @@ def main() -> None:
     print("|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
-    print(f"\ntokens per char on pystdlib at vocab {args.vocab}: {n / chars:.3f}")
+    print(f"\ntokens per char on pystdlib at vocab {args.vocab}: {n / chars:.3f}; "
+          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the end")
 
 
 if __name__ == "__main__":

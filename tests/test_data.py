@@ -540,7 +540,7 @@ def test_worker_processes_write_the_same_bytes_as_one(corpus_cfg: SimpleNamespac
     children = []
     two = prepare_data(corpus_cfg, tok_cfg(), budget, out_dir=tmp_path / "two", num_proc=2, batch_chars=4000,
                        shard_tokens=3000, progress=lambda p: children.append(len(multiprocessing.active_children())))
-    assert max(children) == 2 and len(children) > 3  # batches really went to two worker processes
+    assert max(children) >= 2 and len(children) > 3  # batches really went to two worker processes
     assert one.stats["workers"] == 1 and two.stats["workers"] == 2
     assert _dir_bytes(one.dir) == _dir_bytes(two.dir)
     assert (budget < 10**9) == (not one.corpus_exhausted)
@@ -635,8 +635,9 @@ def test_a_corpus_too_small_for_one_sequence_is_one_sentence(tmp_path: Path) -> 
 
 
 def test_workers_setting(tmp_path: Path) -> None:
-    assert prepare.resolve_workers(SimpleNamespace()) == os.cpu_count()  # data.workers absent
-    assert prepare.resolve_workers(SimpleNamespace(workers=None)) == os.cpu_count()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    assert prepare.resolve_workers(SimpleNamespace()) == cores  # data.workers absent: every usable core
+    assert prepare.resolve_workers(SimpleNamespace(workers=None)) == cores
     assert prepare.resolve_workers(SimpleNamespace(workers=3)) == 3
     assert prepare.resolve_workers(SimpleNamespace(workers=3), num_proc=1) == 1
     for bad in (0, -2, "4", True):
@@ -647,9 +648,10 @@ def test_workers_setting(tmp_path: Path) -> None:
 def test_a_second_process_waits_for_the_build_then_reuses_it(
     corpus_cfg: SimpleNamespace, tmp_path: Path, capsys: pytest.CaptureFixture
 ) -> None:
+    finished = prepare_data(corpus_cfg, tok_cfg(), 10**9, out_dir=tmp_path / "elsewhere")
     out = tmp_path / "out"
     build = prepare.build_dir(out, prepare.dataset_key(corpus_cfg, tok_cfg()))
-    lock = prepare._lock_build_dir(build)  # as a twin process building the same data holds it
+    lock, _ = prepare._lock_build_dir(build)  # a twin process is building the same data
     results: list[Any] = []
     waiter = threading.Thread(target=lambda: results.append(prepare_data(corpus_cfg, tok_cfg(), 10**9, out_dir=out)))
     waiter.start()
@@ -658,9 +660,12 @@ def test_a_second_process_waits_for_the_build_then_reuses_it(
         seen += capsys.readouterr().out
         time.sleep(0.01)
     assert "waiting for another process preparing the same data" in seen and not results
+    for f in finished.dir.iterdir():  # the twin completes: its build dir is renamed into place
+        shutil.copy2(f, build / f.name)
+    os.replace(build, out)
     os.close(lock)
     waiter.join()
-    assert results[0].dir == out and not build.exists()
+    assert results[0].reused and results[0].dir == out and not build.exists()
 
 
 @pytest.mark.slow

@@ -123,11 +123,18 @@ def validate_tokenizer_config(tok_cfg: Any) -> None:
             raise ValueError(f"tokenizer.train_chars={tok_cfg.train_chars!r} must be a positive int (e.g. 20_000_000).")
 
 
+def usable_cpus() -> int:
+    """The cores this process may run on (its affinity: a container's or a job's share, not the host's)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
+
+
 def resolve_workers(data_cfg: Any, num_proc: int | None = None) -> int:
-    """Tokenizer processes: num_proc, else data.workers, else every core."""
+    """Tokenizer processes: num_proc, else data.workers, else every usable core."""
     workers = num_proc if num_proc is not None else getattr(data_cfg, "workers", None)
     if workers is None:
-        return os.cpu_count() or 1
+        return usable_cpus()
     if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
         raise PreparedDataError(
             f"data.workers={workers!r} must be a positive number of processes, or null for every core."
@@ -291,10 +298,10 @@ def prepare_data(
         )
 
     build = build_dir(out_dir, key)
-    lock = _lock_build_dir(build)
+    lock, waited = _lock_build_dir(build)
     try:
-        found = _complete_or_none(out_dir, key, n_train_tokens)  # a twin process finished it while we waited
-        if found is not None:
+        found = _complete_or_none(out_dir, key, n_train_tokens) if waited else None
+        if found is not None:  # the twin process we waited for built it
             shutil.rmtree(build, ignore_errors=True)
             return found
         old_meta = _read_meta_or_none(out_dir)
@@ -340,22 +347,25 @@ def _complete_or_none(out_dir: Path, key: str, n_train_tokens: int) -> PreparedD
         return None
 
 
-def _lock_build_dir(build: Path) -> int | None:
-    """Create `build` and hold an exclusive lock on it (the returned fd), so two processes
-    preparing the same data never write one dir: the second waits, then finds it done."""
+def _lock_build_dir(build: Path) -> tuple[int | None, bool]:
+    """Create `build` and hold an exclusive lock on it (the returned fd; and whether we had to
+    wait), so two processes preparing the same data never write one dir: the second waits,
+    then finds the data done."""
+    waited = False
     while True:
         build.mkdir(parents=True, exist_ok=True)
         if fcntl is None:
-            return None
+            return None, waited
         fd = os.open(build, os.O_RDONLY)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             print(f"waiting for another process preparing the same data in {build}", flush=True)
             fcntl.flock(fd, fcntl.LOCK_EX)
+            waited = True
         with contextlib.suppress(FileNotFoundError):
             if os.stat(build).st_ino == os.fstat(fd).st_ino:
-                return fd
+                return fd, waited
         os.close(fd)  # the dir we waited on was moved into place or removed: lock the one there now
 
 
