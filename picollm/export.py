@@ -60,8 +60,17 @@ def hf_config(cfg: GPTConfig, bos_id: int) -> dict:
 
 # ----------------------------------------------------------------------------- weights
 
+def _true_vocab_rows(model: GPT) -> dict[str, torch.Tensor]:
+    """The state dict with the embedding and head cut to the tokenizer's vocabulary: the
+    padding rows are a training-speed detail that HF's vocab_size must not include."""
+    sd, vocab = model.state_dict(), model.cfg.vocab_size
+    for name in ("embed.weight", "lm_head.weight"):
+        sd[name] = sd[name][:vocab]
+    return sd
+
+
 def _llama_tensors(model: GPT) -> dict[str, torch.Tensor]:
-    cfg, sd = model.cfg, model.state_dict()
+    cfg, sd = model.cfg, _true_vocab_rows(model)
     d, h = cfg.d_model, cfg.hidden
     out = {"model.embed_tokens.weight": sd["embed.weight"], "model.norm.weight": sd["norm_f.weight"],
            "lm_head.weight": sd["lm_head.weight"]}
@@ -84,7 +93,7 @@ def _llama_tensors(model: GPT) -> dict[str, torch.Tensor]:
 
 
 def _gpt2_tensors(model: GPT) -> dict[str, torch.Tensor]:
-    cfg, sd = model.cfg, model.state_dict()
+    cfg, sd = model.cfg, _true_vocab_rows(model)
     # lm_head is tied to wte, so it is not stored (HF re-ties it on load).
     out = {"transformer.wte.weight": sd["embed.weight"], "transformer.wpe.weight": sd["pos_embed.weight"],
            "transformer.ln_f.weight": sd["norm_f.weight"], "transformer.ln_f.bias": sd["norm_f.bias"]}
@@ -147,49 +156,142 @@ def hf_tokenizer(enc: tiktoken.Encoding):
     return tok
 
 
-def write_tokenizer(enc: tiktoken.Encoding, bos_id: int, out: Path) -> None:
+def with_bos(tok, bos: str, bos_id: int):
+    """Make ``tok(text)`` start with BOS, as every training document does ([BOS] + tokens), so
+    transformers pipelines and lm-eval score contexts the model saw in training.
+    ``add_special_tokens=False`` still gives the bare tokens."""
+    from tokenizers import processors
+
+    tok.post_processor = processors.TemplateProcessing(
+        single=f"{bos}:0 $A:0", pair=f"{bos}:0 $A:0 {bos}:1 $B:1", special_tokens=[(bos, bos_id)])
+    return tok
+
+
+def write_tokenizer(enc: tiktoken.Encoding, bos_id: int, out: Path) -> list[str]:
+    """tokenizer.json and its configs in ``out``; returns the names written."""
     bos = enc.decode_single_token_bytes(bos_id).decode("utf-8")
-    hf_tokenizer(enc).save(str(out / "tokenizer.json"))
+    with_bos(hf_tokenizer(enc), bos, bos_id).save(str(out / "tokenizer.json"))
     # PreTrainedTokenizerFast: take tokenizer.json as is, so no model-specific class re-derives the split regex.
+    # The post-processor in tokenizer.json is what adds BOS; add_bos_token states the same, and
+    # passing add_bos_token= to from_pretrained (lm-eval's flag) rebuilds it with one BOS or none.
     config = {"tokenizer_class": "PreTrainedTokenizerFast", "bos_token": bos, "eos_token": bos,
-              "add_bos_token": False, "add_eos_token": False, "clean_up_tokenization_spaces": False,
+              "add_bos_token": True, "add_eos_token": False, "clean_up_tokenization_spaces": False,
               "model_max_length": None}
     (out / "tokenizer_config.json").write_text(json.dumps(config, indent=2) + "\n")
     (out / "special_tokens_map.json").write_text(json.dumps({"bos_token": bos, "eos_token": bos}, indent=2) + "\n")
+    return list(TOKENIZER_FILES)
 
 
 # ----------------------------------------------------------------------------- the folder
+# An export folder is shared with the user (lm_eval writes its results into it), so picollm
+# only ever replaces or removes the files its marker says it wrote; anything else survives.
+
+MARKER = "picollm_export.json"  # the source run, and the list of files this export wrote
+MODEL_FILES = ("model.safetensors", "config.json", "generation_config.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
+STAGING_PREFIX = ".picollm-export-"  # + pid: each writer builds its files in its own folder inside out
+
+
+def planned_files(tokenizer: bool) -> list[str]:
+    return list(MODEL_FILES) + (list(TOKENIZER_FILES) if tokenizer else []) + [MARKER]
+
+
+def owned_files(out: Path) -> Optional[set[str]]:
+    """Names of the files an earlier export wrote in ``out``, or None if picollm did not mark it.
+    Markers from before the file list existed own the fixed set those versions wrote."""
+    try:
+        info = json.loads((out / MARKER).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    files = info.get("files", planned_files(True)) if isinstance(info, dict) else None
+    plain = lambda name: isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
+    if not isinstance(files, list) or not all(map(plain, files)):
+        return None  # a marker that names paths outside the folder is not one picollm wrote
+    return set(files) | {MARKER}
+
+
+def check_out(out: Path, tokenizer: bool) -> set[str]:
+    """Refuse an ``out`` picollm may not write into; returns the files it may replace there."""
+    if out.exists() and not out.is_dir():
+        raise ExportError(f"out={out} is a file, not a folder; pick an empty or new directory for out=.")
+    if not out.exists() or not any(not p.name.startswith(STAGING_PREFIX) for p in out.iterdir()):
+        return set()
+    owned = owned_files(out)
+    if owned is None:
+        raise ExportError(f"out={out} is not empty and is not a picollm export (it has no {MARKER}), "
+                          "so nothing in it was touched; pick an empty or new directory for out=.")
+    clash = [name for name in planned_files(tokenizer) if (out / name).exists() and
+             (name not in owned or not (out / name).is_file())]
+    if clash:
+        raise ExportError(f"out={out} holds a {clash[0]} that picollm.export did not write, so nothing in it "
+                          f"was touched; move that file away or pick an empty or new directory for out=.")
+    return owned
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # alive, but another user's
+        return True
+    return True
+
+
+def remove_stale_staging(out: Path) -> None:
+    """Staging folders of exports that were killed before they could clean up."""
+    for path in out.glob(STAGING_PREFIX + "*"):
+        pid = path.name[len(STAGING_PREFIX):]
+        if pid.isdigit() and not _pid_alive(int(pid)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def install(staging: Path, out: Path, source: dict, written: list[str], owned: set[str]) -> None:
+    """Move the staged files into ``out`` (each rename atomic), then remove the files the previous
+    export wrote and this one did not. The marker is replaced first by one owning old and new
+    files, so an interrupted install still leaves every picollm file listed for the next export."""
+    def put_marker(files: list[str]) -> None:
+        (staging / MARKER).write_text(json.dumps({**source, "files": files}, indent=2) + "\n")
+        os.replace(staging / MARKER, out / MARKER)
+
+    put_marker(sorted(owned | set(written) | {MARKER}))
+    for name in written:
+        os.replace(staging / name, out / name)
+    for name in sorted(owned - set(written) - {MARKER}):
+        (out / name).unlink(missing_ok=True)
+    put_marker(sorted(written + [MARKER]))
+
 
 def export_run(run_dir: Union[str, Path], out: Union[str, Path], checkpoint: Optional[str] = None,
                tokenizer: bool = True) -> Path:
-    """Write the run's checkpoint as an HF folder at ``out``; returns ``out``."""
+    """Write the run's checkpoint as an HF folder at ``out``; returns ``out``. Only an empty
+    folder or an earlier picollm export is written to, and only picollm's own files change."""
     from safetensors.torch import save_file
 
+    out = Path(out).expanduser()
+    owned = check_out(out, tokenizer)  # before loading anything: a refusal is instant
     run = load_run(run_dir, checkpoint)
     cfg = run.model.cfg
     config = hf_config(cfg, run.bos_id)
-    out = Path(out).expanduser()
-    if out.exists() and (not out.is_dir() or any(out.iterdir())) and not (out / "config.json").is_file():
-        raise ExportError(f"out={out} exists and is not an exported model folder; pick an empty or new directory.")
-    # Build everything in a sibling temp folder and swap it in, so a failure leaves no half export.
-    tmp = out.with_name(f".{out.name}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    created = not out.exists()
+    out.mkdir(parents=True, exist_ok=True)
+    remove_stale_staging(out)
+    staging = out / f"{STAGING_PREFIX}{os.getpid()}"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
     try:
-        save_file(hf_state_dict(run.model), str(tmp / "model.safetensors"), metadata={"format": "pt"})
-        (tmp / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+        save_file(hf_state_dict(run.model), str(staging / "model.safetensors"), metadata={"format": "pt"})
+        (staging / "config.json").write_text(json.dumps(config, indent=2) + "\n")
         generation = {"bos_token_id": run.bos_id, "eos_token_id": run.bos_id, "max_length": cfg.seq_len}
-        (tmp / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
-        if tokenizer:
-            write_tokenizer(run.tokenizer, run.bos_id, tmp)
+        (staging / "generation_config.json").write_text(json.dumps(generation, indent=2) + "\n")
+        written = list(MODEL_FILES) + (write_tokenizer(run.tokenizer, run.bos_id, staging) if tokenizer else [])
         source = {"run_dir": str(run.run_dir.resolve()), "checkpoint": str(run.path), "step": run.step,
                   "tokenizer": run.tokenizer_ref, "picollm_model": run.model.config_dict()}
-        (tmp / "picollm_export.json").write_text(json.dumps(source, indent=2) + "\n")
-        if out.exists():
-            shutil.rmtree(out)
-        os.replace(tmp, out)
+        install(staging, out, source, written, owned)
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(staging, ignore_errors=True)
+        if created and not any(out.iterdir()):
+            out.rmdir()  # a failed export into a new folder leaves no empty folder behind
     return out
 
 
