@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 ARCHS = ("llama", "gpt2")
+VOCAB_ALIGN = 128  # embedding/head rows are padded to a multiple of this (matmul tile friendly)
 
 
 @dataclass
@@ -56,6 +57,13 @@ class GPTConfig:
         return self.d_model // self.n_head
 
     @property
+    def padded_vocab(self) -> int:
+        """Rows of the embedding and LM head: vocab_size rounded up to a multiple of 128.
+        A 50,257-wide head (gpt2) runs measurably slower than a 50,304-wide one; the extra
+        rows are never looked up, predicted or exported."""
+        return VOCAB_ALIGN * math.ceil(self.vocab_size / VOCAB_ALIGN)
+
+    @property
     def hidden(self) -> int:
         if self.mlp_hidden:
             return int(self.mlp_hidden)
@@ -72,6 +80,10 @@ class GPTConfig:
         return cls(n_layer=depth, d_model=d_model, n_head=d_model // head_dim, **kw)
 
     # --- counts (DESIGN: N = every matmul weight incl. the LM head; no embeddings, norms, biases)
+    # N, the total and FLOPs per token count the tokenizer's true vocabulary, not padded_vocab:
+    # they describe the architecture (GPT-2 small stays 124,439,808 parameters), and scaling
+    # fits, budgets and MFU must not change with a kernel-efficiency detail. The padding rows
+    # cost (padded_vocab - vocab_size) * d_model extra head FLOPs per token, counted nowhere.
     def num_params(self, total: bool = False) -> int:
         d, h, L, V = self.d_model, self.hidden, self.n_layer, self.vocab_size
         attn = 4 * d * d
@@ -186,11 +198,11 @@ class GPT(nn.Module):
     def __init__(self, cfg: GPTConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.embed = nn.Embedding(cfg.vocab_size, cfg.d_model)
+        self.embed = nn.Embedding(cfg.padded_vocab, cfg.d_model)
         self.pos_embed = nn.Embedding(cfg.seq_len, cfg.d_model) if cfg.arch == "gpt2" else None
         self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
         self.norm_f = _norm(cfg, cfg.d_model)
-        self.lm_head = nn.Linear(cfg.d_model, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.d_model, cfg.padded_vocab, bias=False)
         if cfg.arch == "gpt2":
             self.lm_head.weight = self.embed.weight
         cos, sin = _rope_tables(cfg.head_dim, cfg.seq_len, cfg.rope_theta)
@@ -198,6 +210,7 @@ class GPT(nn.Module):
         self.register_buffer("rope_sin", sin, persistent=False)
         self.activation_checkpointing = False
         self.reset_parameters()
+        self.register_load_state_dict_pre_hook(_pad_vocab_rows)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -223,6 +236,9 @@ class GPT(nn.Module):
         else:
             nn.init.normal_(self.embed.weight, std=1.0)
             nn.init.normal_(self.lm_head.weight, std=0.5 * cfg.d_model ** -0.5)
+        # Padding rows are never used; zeros make that visible in a checkpoint.
+        self.embed.weight[cfg.vocab_size:].zero_()
+        self.lm_head.weight[cfg.vocab_size:].zero_()
 
     def num_params(self, total: bool = False) -> int:
         return self.cfg.num_params(total)
@@ -248,10 +264,12 @@ class GPT(nn.Module):
                 x = block(x, cos, sin, cache, i)
         if cache is not None:
             cache.pos += T
-        logits = self.lm_head(self.norm_f(x))
+        # The head runs at its padded width (the fast shape); the padding columns are sliced
+        # off so no caller can predict, sample or score a padding id.
+        logits = self.lm_head(self.norm_f(x))[..., :self.cfg.vocab_size]
         if targets is None:
             return logits
-        return F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
+        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), targets.reshape(-1), reduction=reduction)
 
     @torch.no_grad()
     def generate(self, idx: torch.Tensor, max_new_tokens: int, temperature: float = 1.0,
@@ -283,6 +301,18 @@ class GPT(nn.Module):
 
     def config_dict(self) -> dict:
         return asdict(self.cfg)
+
+
+def _pad_vocab_rows(module: GPT, state_dict: dict, prefix: str, *args) -> None:
+    """Load a checkpoint written before the vocabulary was padded: its embedding and head have
+    exactly vocab_size rows, so append zero rows up to padded_vocab. Aligned ones pass untouched."""
+    cfg = module.cfg
+    if cfg.padded_vocab == cfg.vocab_size:
+        return
+    for name in ("embed.weight", "lm_head.weight"):
+        weight = state_dict.get(prefix + name)
+        if isinstance(weight, torch.Tensor) and weight.dim() == 2 and weight.size(0) == cfg.vocab_size:
+            state_dict[prefix + name] = F.pad(weight, (0, 0, 0, cfg.padded_vocab - cfg.vocab_size))
 
 
 def _sample(logits: torch.Tensor, temperature: float, top_k: Optional[int],

@@ -25,6 +25,12 @@ def linear_weight_count(model: nn.Module) -> int:
     return sum(m.weight.numel() for m in model.modules() if isinstance(m, nn.Linear))
 
 
+def padding_rows(cfg: GPTConfig) -> int:
+    """Weights in the head's padding rows (padded_vocab - vocab_size): real matmul work,
+    deliberately not part of N."""
+    return (cfg.padded_vocab - cfg.vocab_size) * cfg.d_model
+
+
 # --- parameter counts -------------------------------------------------------------------
 
 @pytest.mark.parametrize("shape", [
@@ -47,9 +53,11 @@ def test_num_params_matches_hand_formula_and_modules(arch, shape):
 
     model = GPT(cfg)
     assert model.num_params() == by_hand
-    assert linear_weight_count(model) == by_hand
-    # parameters() deduplicates the tied embedding/head, so it is the true total
-    assert model.num_params(total=True) == sum(p.numel() for p in model.parameters())
+    assert linear_weight_count(model) == by_hand + padding_rows(cfg)
+    # parameters() deduplicates the tied embedding/head; the padding rows (in the head, and in
+    # llama's separate embedding) are the only difference from the true total
+    tables = 1 if arch == "gpt2" else 2
+    assert model.num_params(total=True) == sum(p.numel() for p in model.parameters()) - tables * padding_rows(cfg)
     if arch == "gpt2":
         assert model.lm_head.weight is model.embed.weight
         assert cfg.num_params(total=True) == by_hand + cfg.seq_len * d + sum(
@@ -61,7 +69,7 @@ def test_num_params_matches_hand_formula_and_modules(arch, shape):
 
 
 def test_num_params_total_without_qk_norm():
-    model = tiny("llama", qk_norm=False)
+    model = tiny("llama", qk_norm=False, vocab_size=128)  # aligned: no padding rows
     assert model.blocks[0].attn.q_norm is None
     assert model.num_params(total=True) == sum(p.numel() for p in model.parameters())
 
@@ -72,8 +80,10 @@ def test_gpt2_small_has_the_published_124m_parameters():
     assert cfg.num_params() == 12 * (4 * 768**2 + 8 * 768**2) + 768 * 50257
     with torch.device("meta"):  # the real module, without allocating or initialising it
         model = GPT(cfg)
-    assert sum(p.numel() for p in model.parameters()) == 124_439_808
-    assert linear_weight_count(model) == cfg.num_params()
+    # The module holds 50,304 rows (47 of padding); the count is of the architecture.
+    assert cfg.padded_vocab == 50304 and model.embed.weight.shape == (50304, 768)
+    assert sum(p.numel() for p in model.parameters()) - padding_rows(cfg) == 124_439_808
+    assert linear_weight_count(model) - padding_rows(cfg) == cfg.num_params()
 
 
 # --- FLOPs per token ----------------------------------------------------------------------
@@ -104,24 +114,27 @@ def test_flops_per_token_matches_measured_matmul_flops(arch, monkeypatch):
     x = torch.randint(0, cfg.vocab_size, (B, T))
     tokens = B * T
 
-    # Linear layers alone (SDPA is not counted on CPU): forward = 2N, forward+backward = 6N.
+    # Linear layers alone (SDPA is not counted on CPU): forward = 2N, forward+backward = 6N,
+    # plus the head's padding rows (vocab 61 -> 128), which the hardware computes but N omits.
+    pad = padding_rows(cfg)
+    assert pad == (128 - 61) * cfg.d_model
     with FlopCounterMode(display=False) as fc:
         logits = model(x)
-    assert fc.get_total_flops() == 2 * cfg.num_params() * tokens
+    assert fc.get_total_flops() == 2 * (cfg.num_params() + pad) * tokens
     with FlopCounterMode(display=False) as fc:
         model(x, x).backward()
-    assert fc.get_total_flops() == 6 * cfg.num_params() * tokens
+    assert fc.get_total_flops() == 6 * (cfg.num_params() + pad) * tokens
 
     # With attention as explicit matmuls: QK^T and AV over the full T x T (no causal
     # discount) add 4*L*d*T per token forward, and 3x that for training -> 12*L*d*T.
     monkeypatch.setattr(F, "scaled_dot_product_attention", _math_sdpa)
     with FlopCounterMode(display=False) as fc:
         logits_math = model(x)
-    assert fc.get_total_flops() == (2 * cfg.num_params() + 4 * cfg.n_layer * cfg.d_model * T) * tokens
+    assert fc.get_total_flops() == (2 * (cfg.num_params() + pad) + 4 * cfg.n_layer * cfg.d_model * T) * tokens
     torch.testing.assert_close(logits_math, logits, atol=1e-5, rtol=1e-5)
     with FlopCounterMode(display=False) as fc:
         model(x, x).backward()
-    assert fc.get_total_flops() == cfg.flops_per_token() * tokens
+    assert fc.get_total_flops() == (cfg.flops_per_token() + 6 * pad) * tokens
 
 
 # --- config validation ----------------------------------------------------------------------
@@ -383,3 +396,101 @@ def test_top_k_restricts_samples_to_the_k_most_likely():
         top3 = model.eval()(prompt)[:, -1].topk(3, -1).indices
     nxt = next(model.generate(prompt, 1, temperature=5.0, top_k=3, generator=torch.Generator().manual_seed(0)))
     assert (nxt == top3).any(-1).all()
+
+
+# --- vocabulary padding ------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("vocab,padded", [(50257, 50304), (8192, 8192), (1000, 1024), (61, 128), (128, 128),
+                                          (129, 256), (100277, 100352)])
+def test_padded_vocab_is_the_next_multiple_of_128(vocab, padded):
+    cfg = GPTConfig(**{**TINY, "vocab_size": vocab})
+    assert cfg.padded_vocab == padded
+    assert cfg.vocab_size == vocab  # the tokenizer's vocabulary is what the config keeps
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_padding_changes_neither_n_nor_flops(arch):
+    # 1000 and 999 both pad to 1024: N and FLOPs follow the true vocabulary, one row of d apart.
+    a, b = (GPTConfig(**{**TINY, "arch": arch, "vocab_size": v}) for v in (1000, 999))
+    assert a.padded_vocab == b.padded_vocab == 1024
+    assert a.num_params() - b.num_params() == TINY["d_model"]
+    assert a.flops_per_token() - b.flops_per_token() == 6 * TINY["d_model"]
+    assert a.num_params() == GPTConfig(**{**TINY, "arch": arch, "vocab_size": 1024}).num_params() - 24 * TINY["d_model"]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_logits_cover_only_the_true_vocabulary(arch):
+    model = tiny(arch, vocab_size=1000).eval()
+    assert model.lm_head.weight.shape == (1024, model.cfg.d_model) == model.embed.weight.shape
+    x = torch.randint(0, 1000, (2, 9))
+    with torch.no_grad():
+        logits = model(x)
+        assert logits.shape == (2, 9, 1000)
+        cache = KVCache(model.cfg, 2, "cpu", torch.float32)
+        assert model(x, cache=cache).shape == (2, 9, 1000)
+        # the loss is the cross-entropy over exactly those 1000 columns
+        expected = F.cross_entropy(logits.reshape(-1, 1000), x.roll(-1, 1).reshape(-1))
+        torch.testing.assert_close(model(x, x.roll(-1, 1)), expected)
+    # padding rows start at zero and, never predicted, get no gradient
+    assert not model.lm_head.weight[1000:].any()
+    model.train()
+    model(x, x.roll(-1, 1)).backward()
+    assert not model.lm_head.weight.grad[1000:].any()
+    assert model.lm_head.weight.grad[:1000].abs().sum() > 0
+
+
+def _head_favouring_padding(vocab: int) -> GPT:
+    """A gpt2 model whose final hidden state is the unit vector e0 for every input, with head
+    column 0 zero on real rows and 100 on padding rows: a full-width head would always pick padding."""
+    model = tiny("gpt2", vocab_size=vocab).eval()
+    with torch.no_grad():
+        model.norm_f.weight.zero_()
+        model.norm_f.bias.zero_()
+        model.norm_f.bias[0] = 1.0
+        model.lm_head.weight[:, 0] = 0.0
+        model.lm_head.weight[vocab:, 0] = 100.0
+    return model
+
+
+def test_generation_never_samples_a_padding_id():
+    vocab = 100
+    model = _head_favouring_padding(vocab)
+    prompt = torch.randint(0, vocab, (16, 3))
+    with torch.no_grad():  # the bias bites: at full width, every argmax is a padding id
+        full = model.lm_head(model.norm_f(model.embed(prompt)))
+        assert (full.argmax(-1) >= vocab).all()
+    gen = torch.Generator().manual_seed(0)
+    for kw in (dict(temperature=1.0), dict(temperature=3.0, top_k=50), dict(temperature=0)):
+        for use_cache in (True, False):
+            toks = torch.cat(list(model.generate(prompt, 20, generator=gen, use_cache=use_cache, **kw)), 1)
+            assert toks.max() < vocab, kw
+    # with uniform real logits, sampling covers the real vocabulary, not just a few ids
+    toks = torch.cat(list(model.generate(prompt, 20, temperature=1.0, generator=gen)), 1)
+    assert toks.unique().numel() > vocab // 2
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_aligned_vocab_state_dict_is_unchanged(arch):
+    # 8192 (the default bpe) and any multiple of 128 have no padding: checkpoints keep their shapes.
+    model = tiny(arch, vocab_size=256)
+    assert model.embed.weight.shape == (256, model.cfg.d_model) == model.lm_head.weight.shape
+    keys = {"embed.weight", "lm_head.weight", "norm_f.weight"} | ({"pos_embed.weight", "norm_f.bias"} if arch == "gpt2" else set())
+    assert keys <= set(model.state_dict())
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_checkpoint_from_before_padding_loads_with_the_same_logits(arch):
+    # An unpadded state dict (vocab_size rows) as written before padding existed.
+    model = tiny(arch, vocab_size=300).eval()
+    old = {k: (v[:300].clone() if k in ("embed.weight", "lm_head.weight") else v.clone())
+           for k, v in model.state_dict().items()}
+    assert old["embed.weight"].shape[0] == 300
+    fresh = tiny(arch, vocab_size=300, seq_len=TINY["seq_len"]).eval()
+    with torch.no_grad():
+        fresh.lm_head.weight.fill_(3.0)
+        fresh.embed.weight.fill_(3.0)
+    fresh.load_state_dict(old)
+    assert not fresh.lm_head.weight[300:].any() and not fresh.embed.weight[300:].any()
+    x = torch.randint(0, 300, (2, 8))
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(x), model(x), atol=0, rtol=0)
