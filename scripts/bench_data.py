@@ -6,7 +6,10 @@ on the embedded corpus.
 The tokenize rows prepare the whole corpus with the tokenizer already trained, once per
 worker count, and check that every count writes the same bytes. "stage" is the
 tokenize stage's own tokens/s (reading, worker start-up and shard writing included);
-"steady" leaves out the start-up (from the first encoded batch to the last).
+"steady" leaves out the start-up (from the first encoded batch to the last). The CPU
+seconds (this process + its worker processes) show the work the workers add: on a busy
+machine the wall-clock speed-up is bounded by the cores actually free, so the bench
+prints the load average too.
 
 The loader figure is set against the training step's own appetite: the tokens/s a
 training step of the reference shape consumes (scripts/bench_train.py) is several
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import resource
 import tempfile
 import time
 from pathlib import Path
@@ -29,8 +33,13 @@ def _dir_bytes(directory: Path) -> dict[str, bytes]:
     return {f.name: f.read_bytes() for f in sorted(directory.iterdir()) if f.name != "stats.json"}
 
 
-def _tokenize(data_cfg: SimpleNamespace, tokenizer: Path, workers: int, out: Path) -> tuple[object, float]:
-    """Prepare the whole corpus with a ready tokenizer; (prepared data, steady-state tokens/s)."""
+def _cpu_seconds() -> float:
+    me, children = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + children.ru_utime + children.ru_stime
+
+
+def _tokenize(data_cfg: SimpleNamespace, tokenizer: Path, workers: int, out: Path) -> tuple[object, float, float]:
+    """Prepare the whole corpus with a ready tokenizer: (prepared data, steady-state tokens/s, CPU seconds)."""
     from picollm.data.prepare import prepare_data
 
     ticks: list[tuple[float, int]] = []
@@ -39,9 +48,10 @@ def _tokenize(data_cfg: SimpleNamespace, tokenizer: Path, workers: int, out: Pat
         ticks.append((time.perf_counter(), p.train_tokens + p.val_tokens))
 
     tok_cfg = SimpleNamespace(name=str(tokenizer), vocab_size=None, train_chars=None)
+    cpu = _cpu_seconds()
     data = prepare_data(data_cfg, tok_cfg, n_train_tokens=10**12, out_dir=out, num_proc=workers, progress=progress)
     (t0, n0), (t1, n1) = ticks[0], ticks[-1]
-    return data, (n1 - n0) / max(t1 - t0, 1e-9)
+    return data, (n1 - n0) / max(t1 - t0, 1e-9), _cpu_seconds() - cpu
 
 
 def main() -> None:
@@ -89,16 +99,17 @@ def main() -> None:
     rows.append(("prepare again (reuse)", "same source + tokenizer", f"{time.perf_counter() - t0:.2f} s", "-"))
 
     base, reference = None, None
+    load_before = os.getloadavg()[0]
     for workers in (int(w) for w in args.workers.split(",")):
         out = cache / f"tokenize-{workers}"
-        prepared, steady = _tokenize(data_cfg, data.dir / "tokenizer.json", workers, out)
+        prepared, steady, cpu = _tokenize(data_cfg, data.dir / "tokenizer.json", workers, out)
         stage = prepared.stats["tokens_per_second"]
         base = base or stage
         same = reference is None or _dir_bytes(out) == reference
         reference = reference or _dir_bytes(out)
         rows.append((f"tokenize, {workers} worker process{'es' * (workers > 1)}",
                      f"{n / 1e6:.2f}M tokens, {'same bytes' if same else 'DIFFERENT BYTES'}",
-                     f"{prepared.stats['tokenize_seconds']:.2f} s",
+                     f"{prepared.stats['tokenize_seconds']:.2f} s ({cpu:.1f} CPU s)",
                      f"{stage / 1e6:.2f}M tokens/s stage ({stage / base:.2f}x), {steady / 1e6:.2f}M steady"))
 
     for seq_len, micro in ((256, 16), (1024, 32)):
@@ -117,8 +128,8 @@ def main() -> None:
     print("|---|---|---|---|")
     for r in rows:
         print("| " + " | ".join(r) + " |")
-    print(f"\ntokens per char on pystdlib at vocab {args.vocab}: {n / chars:.3f}; "
-          f"{os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.2f} at the end")
+    print(f"\ntokens per char on pystdlib at vocab {args.vocab}: {n / chars:.3f}; {os.cpu_count()} CPUs, "
+          f"load average {load_before:.2f} before the tokenize rows, {os.getloadavg()[0]:.2f} at the end")
 
 
 if __name__ == "__main__":

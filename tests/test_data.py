@@ -251,6 +251,24 @@ def test_hf_source_reads_the_configured_split(tmp_path: Path, monkeypatch: pytes
     assert calls[0] == ("org/corpus", "sample", "train", True)
 
 
+@pytest.mark.parametrize("streaming", [True, False])
+def test_hf_corpus_is_shuffled_with_a_seed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, streaming: bool) -> None:
+    import datasets
+
+    docs = [f"document {i}" for i in range(500)]
+
+    def fake_load(name: str, config: Any, split: str, streaming: bool) -> Any:
+        ds = datasets.Dataset.from_dict({"text": docs})
+        return ds.to_iterable_dataset(num_shards=4) if streaming else ds
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)  # stands in for the Hub
+    cfg = data_cfg(tmp_path, source="hf", hf_name="org/corpus", streaming=streaming)
+    shuffled = list(iter_documents(cfg, shuffle_seed=0))
+    assert sorted(shuffled) == sorted(docs) and shuffled != docs
+    assert shuffled == list(iter_documents(cfg, shuffle_seed=0))  # seeded: every build reads the same order
+    assert list(iter_documents(cfg)) == docs
+
+
 def test_unreadable_files_give_clear_errors(tmp_path: Path) -> None:
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{broken json\n')
