@@ -754,6 +754,13 @@ class _Encoder:
     def __init__(self, spec: _EncodeSpec, workers: int):
         self.spec, self.workers = spec, workers
         self.pool: ProcessPoolExecutor | None = None
+        if workers > 1:
+            # spawn, not fork: the parent may run threads (torch, Arrow) that fork would copy mid-lock.
+            self.pool = ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn"),
+                                            initializer=_init_worker, initargs=(spec,))
+            with _sigint_ignored():  # the pool starts a process per submit while none is idle
+                for _ in range(workers):  # start them all now: they boot while the corpus is opened
+                    self.pool.submit(int)
 
     @property
     def capacity(self) -> int:
@@ -764,11 +771,8 @@ class _Encoder:
             done: Future = Future()
             done.set_result(_encode_batch(self.spec, batch.texts, batch.drop_train))
             return done
-        if self.pool is None:
-            # spawn, not fork: the parent may run threads (torch, Arrow) that fork would copy mid-lock.
-            self.pool = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"),
-                                            initializer=_init_worker, initargs=(self.spec,))
-        with _sigint_ignored():  # the pool starts its processes inside submit
+        assert self.pool is not None
+        with _sigint_ignored():  # in case the pool replaces a process
             return self.pool.submit(_encode_in_worker, batch.texts, batch.drop_train)
 
     def __enter__(self) -> _Encoder:

@@ -205,10 +205,7 @@ def load_corpus(cfg: Any, shuffle_seed: int | None = None):
     import datasets
 
     if cfg.source == "pystdlib":
-        root, files = pystdlib_files()
-        names = [f.relative_to(root).as_posix() for f in files]
-        if shuffle_seed is not None:  # one document per file: shuffling files shuffles documents
-            names = [names[i] for i in hash_order(names, shuffle_seed)]
+        root, names = _pystdlib_names(shuffle_seed)
         texts = [(root / n).read_text(encoding="utf-8", errors="replace") for n in names]
         return datasets.Dataset.from_dict({"text": texts, "path": names})
     if cfg.source == "files":
@@ -310,13 +307,34 @@ def _text_column(cfg: Any) -> str:
     return "text" if cfg.source == "pystdlib" else cfg.text_field
 
 
+def _pystdlib_names(shuffle_seed: int | None) -> tuple[Path, list[str]]:
+    root, files = pystdlib_files()
+    names = [f.relative_to(root).as_posix() for f in files]
+    if shuffle_seed is not None:  # one document per file: shuffling files shuffles documents
+        names = [names[i] for i in hash_order(names, shuffle_seed)]
+    return root, names
+
+
+def _pystdlib_batches(shuffle_seed: int | None) -> Iterator[list[str]]:
+    # Read file by file: no Arrow copy of the whole library before the first document.
+    root, names = _pystdlib_names(shuffle_seed)
+    for i in range(0, len(names), _READ_BATCH):
+        yield [(root / n).read_text(encoding="utf-8", errors="replace") for n in names[i : i + _READ_BATCH]]
+
+
 def iter_documents(cfg: Any, shuffle_seed: int | None = None) -> Iterator[str]:
     """Every non-empty document of the corpus (up to data.max_docs): in file order, or in
-    the seeded order of the whole corpus given `shuffle_seed` (max_docs then samples it)."""
-    ds = load_corpus(cfg, shuffle_seed)
-    field = _text_column(cfg)
+    the seeded order of the whole corpus given `shuffle_seed` (max_docs then samples it).
+    The same documents in the same order as load_corpus(cfg, shuffle_seed)."""
+    if cfg.source == "pystdlib":
+        validate_source(cfg)
+        batches, field = _pystdlib_batches(shuffle_seed), "text"
+    else:
+        ds = load_corpus(cfg, shuffle_seed)
+        field = _text_column(cfg)
+        batches = _guarded(cfg, _text_batches(ds, field))
     remaining = None if cfg.max_docs is None else int(cfg.max_docs)
-    for texts in _guarded(cfg, _text_batches(ds, field)):
+    for texts in batches:
         for text in texts:
             if not text:  # empty docs would add only a separator
                 continue
