@@ -26,8 +26,6 @@ import time
 from pathlib import Path
 from types import SimpleNamespace
 
-import numpy as np
-
 
 def _dir_bytes(directory: Path) -> dict[str, bytes]:
     return {f.name: f.read_bytes() for f in sorted(directory.iterdir()) if f.name != "stats.json"}

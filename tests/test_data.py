@@ -363,6 +363,10 @@ def test_pystdlib_shuffle_reads_from_all_of_the_library(tmp_path: Path) -> None:
     rank = {p: i for i, p in enumerate(sorted(paths))}
     first = [rank[p] for p in paths[:30]]
     assert max(first) > 0.8 * len(files) and min(first) < 0.2 * len(files)
+    # iter_documents reads the files one by one, in the same order as load_corpus.
+    docs = list(iter_documents(data_cfg(tmp_path, source="pystdlib", max_docs=5), shuffle_seed=0))
+    texts = [(root / p).read_text(encoding="utf-8", errors="replace") for p in paths[:50]]
+    assert docs == [t for t in texts if t][:5]  # empty files (some __init__.py) are no documents
 
 
 def test_hash_order_is_a_fixed_permutation() -> None:
@@ -609,7 +613,8 @@ def test_progress_lines(corpus_cfg: SimpleNamespace) -> None:
                  progress=ProgressPrinter(every_s=0, file=out))
     lines = out.getvalue().splitlines()
     assert len(lines) > 3  # one per batch here; the default prints at most every few seconds
-    pattern = r"prepare: [\d,]+ docs, [\d.]+k? train \+ [\d.]+k? val tokens, [\d.]+[kM]? tokens/s, \d+%(, ETA \dm\d\ds)?"
+    pattern = (r"prepare: [\d,]+ docs, [\d.]+k? train \+ [\d.]+k? val tokens, [\d.]+[kM]? tokens/s, "
+               r"\d+%(, ETA \dm\d\ds)?")
     assert all(re.fullmatch(pattern, line) for line in lines), lines
     assert lines[-1].startswith("prepare: 300 docs") and ", 100%" in lines[-1]
 

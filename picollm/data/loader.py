@@ -119,7 +119,8 @@ class PackedLoader:
         if self.n_sequences < 1:
             raise PreparedDataError(
                 f"the train stream has {self.n_tokens:,} tokens, too few for one training sequence of "
-                f"seq_len + 1 = {seq_len + 1:,}; add text to the corpus (or prepare more tokens) or lower model.seq_len."
+                f"seq_len + 1 = {seq_len + 1:,}; add text to the corpus (or prepare more tokens) "
+                f"or lower model.seq_len."
             )
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.prefetch = max(1, prefetch)

@@ -108,10 +108,14 @@ def usable_files(cfg: Any) -> tuple[str, list[Path]]:
     if not kept:
         if len(files) == 1:
             raise DataSourceError(f"data.paths: {files[0]} {problems[files[0]]}; {_FILES_FIX}")
-        raise DataSourceError(f"data.paths: none of the {len(files)} files is usable ({_describe(problems)}); {_FILES_FIX}")
+        raise DataSourceError(
+            f"data.paths: none of the {len(files)} files is usable ({_describe(problems)}); {_FILES_FIX}"
+        )
     skipped = {f: p for f, p in problems.items() if p != _EMPTY}  # empty files add nothing anyway
     if skipped:
-        _warn_once(f"skipping {len(skipped)} of {len(files)} files in data.paths that are not text: {_describe(skipped)}")
+        _warn_once(
+            f"skipping {len(skipped)} of {len(files)} files in data.paths that are not text: {_describe(skipped)}"
+        )
     return fmt, kept
 
 
