@@ -2,6 +2,11 @@
 
 import json
 import math
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -10,6 +15,7 @@ import torch
 from picollm.config import load_config
 from picollm.train import run
 
+REPO = Path(__file__).resolve().parents[1]
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
@@ -28,6 +34,34 @@ def test_cuda_mixed_precision_matches_fp32(tiny, tmp_path, dtype):
     run(load_config(base + [f"train.dtype={dtype}", f"run_dir={tmp_path / dtype}"]))
     for a, b in zip(losses(tmp_path / "fp32"), losses(tmp_path / dtype)):
         assert math.isfinite(b) and b == pytest.approx(a, abs=0.05)
+
+
+@cuda
+def test_cuda_fp16_steps_go_through_the_grad_scaler(tiny, tmp_path):
+    """fp16 autocast with loss scaling: the scaler's state is live and saved with the run."""
+    from picollm import checkpoint as ckpt
+
+    run_dir = tmp_path / "fp16"
+    run(load_config(tiny + ["train.steps=4", "train.batch_tokens=256", "train.warmup_steps=1", "train.device=cuda",
+                            "train.dtype=fp16", f"run_dir={run_dir}"]))
+    final = json.loads((run_dir / "final.json").read_text())
+    assert final["rollbacks"] == 0 and math.isfinite(final["val_loss"])
+    scaler = ckpt.load_checkpoint(ckpt.step_path(run_dir, 4))["scaler"]
+    assert scaler is not None and 0 < scaler["scale"] <= 2.0**16  # halved on overflow, never grown in 4 steps
+
+
+@cuda
+def test_cuda_compiled_bf16_trains_like_eager(tiny, tmp_path):
+    if not torch.cuda.is_bf16_supported():
+        pytest.skip("GPU without bf16")
+    base = tiny + ["train.steps=4", "train.batch_tokens=256", "train.warmup_steps=1", "train.device=cuda",
+                   "train.dtype=bf16"]
+    run(load_config(base + [f"run_dir={tmp_path / 'eager'}"]))
+    run(load_config(base + ["train.compile=true", f"run_dir={tmp_path / 'compiled'}"]))
+    eager, compiled = losses(tmp_path / "eager"), losses(tmp_path / "compiled")
+    assert len(compiled) == 4
+    for a, b in zip(eager, compiled):  # the same bf16 math, fused differently
+        assert b == pytest.approx(a, abs=0.05)
 
 
 @cuda
@@ -107,3 +141,93 @@ def test_fsdp_keeps_the_root_gathered_from_forward_to_backward(tmp_path):
             assert seen[f"head_after_forward_{step}"] is True
             assert seen[f"block_after_forward_{step}"] is False
             assert seen[f"head_after_backward_{step}"] is False
+
+
+# ----------------------------------------------------------------------------- scripts/gpu_check.sh on CPU
+
+GPU_CHECK = REPO / "scripts" / "gpu_check.sh"
+
+
+def gpu_check(*args, env=None):
+    return subprocess.run(["bash", str(GPU_CHECK), *args], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, **(env or {})})
+
+
+def test_gpu_check_script_parses():
+    out = subprocess.run(["bash", "-n", str(GPU_CHECK)], capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+
+
+def test_gpu_check_refuses_in_one_sentence_without_a_visible_gpu(tmp_path):
+    hidden = gpu_check(env={"CUDA_VISIBLE_DEVICES": "", "GPU_CHECK_DIR": str(tmp_path / "check")})
+    refusals = [hidden]
+    if not torch.cuda.is_available():  # here nvidia-smi finds nothing either
+        refusals.append(gpu_check(env={"GPU_CHECK_DIR": str(tmp_path / "check")}))
+    for out in refusals:
+        assert out.returncode == 2 and out.stdout == ""
+        assert out.stderr.count("\n") == 1 and "no CUDA device is visible" in out.stderr
+        assert not (tmp_path / "check").exists()  # refused before any setup or training
+
+
+def stop_after_first_checkpoint(overrides, run_dir) -> int:
+    """The resume stage's first half: SIGTERM once a checkpoint manifest exists."""
+    proc = subprocess.Popen([sys.executable, "-m", "picollm.train", *overrides], cwd=REPO, env=os.environ.copy(),
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        while proc.poll() is None and not list((run_dir / "checkpoints").glob("step_*.json")):
+            time.sleep(0.02)
+        proc.send_signal(signal.SIGTERM)
+        return proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+
+
+def write_stages(out, **codes):
+    (out / "stages.tsv").write_text("".join(f"{name}\t{rc}\n" for name, rc in codes.items()))
+
+
+@pytest.mark.slow
+def test_gpu_check_summary_of_real_runs(tiny, tmp_path):
+    """The summary the GPU check prints, computed from real (tiny, CPU) runs of each stage."""
+    out = tmp_path / "check"
+    base = [o for o in tiny if not o.startswith("run_dir=")] + [
+        "train.batch_tokens=256", "train.micro_batch=2", "train.warmup_steps=1", "train.eval_every=1000"]
+    run(load_config(base + ["train.steps=6", "train.dtype=fp32", f"run_dir={out / 'perf'}"]))
+    run(load_config(base + ["train.steps=3", "train.dtype=fp16", f"run_dir={out / 'fp16'}"]))
+    resume = base + ["train.steps=30", "train.save_every=1", "train.dtype=fp32", f"run_dir={out / 'resume'}"]
+    first = stop_after_first_checkpoint(resume, out / "resume")
+    run(load_config(resume))  # the same command again
+    write_stages(out, tests=0, perf=0, fp16=0, resume_first=first, resume_second=0)
+
+    done = gpu_check("--summarize", str(out))
+    summary = json.loads((out / "summary.json").read_text())
+    stages = summary["stages"]
+    assert first == 143, "SIGTERM should stop the run after a save (exit 128 + 15)"
+    assert stages["tests"]["status"] == "PASS"
+    perf = stages["perf"]
+    plan = json.loads((out / "perf" / "plan.json").read_text())
+    final = json.loads((out / "perf" / "final.json").read_text())
+    tok_s = [r["tok_per_s"] for r in map(json.loads, (out / "perf" / "metrics.jsonl").read_text().splitlines())
+             if r["kind"] == "train"]
+    assert perf["tok_per_s"] == pytest.approx(sorted(tok_s[3:])[1])  # median of the later half (steps 4-6)
+    assert perf["est_memory_mib"] == pytest.approx(plan["memory"]["total"] / 2**20)
+    assert perf["memory_ratio"] == pytest.approx(final["peak_memory_mib"] / perf["est_memory_mib"])
+    assert perf["memory_check"] == ("PASS" if abs(perf["memory_ratio"] - 1) <= 0.25 else "FAIL")
+    assert perf["time_ratio"] == pytest.approx(final["train_seconds"] / plan["est_seconds"])
+    assert perf["mfu_check"] == "n/a"  # the 45% target is an H100's
+    assert stages["fp16"]["status"] == "PASS" and stages["fp16"]["rollbacks"] == 0
+    resumed_at = stages["resume"]["resumed_at"]  # the step the SIGTERM's save was made at
+    assert stages["resume"]["status"] == "PASS" and len(resumed_at) == 1 and 1 <= resumed_at[0] < 30
+    assert done.returncode == (0 if summary["passed"] else 1)
+    assert summary["passed"] == (perf["memory_check"] == "PASS")  # CPU RSS may miss the device estimate
+    assert done.stdout == (out / "summary.md").read_text() and "| resume | PASS |" in done.stdout
+
+    # Failures are collected, each with its reason, and make the exit status non-zero.
+    write_stages(out, tests=1, perf=0, fp16=0, resume_first=0, resume_second=0)
+    (out / "fp16" / "final.json").unlink()
+    failed = gpu_check("--summarize", str(out))
+    stages = json.loads((out / "summary.json").read_text())["stages"]
+    assert failed.returncode == 1 and "# GPU check: FAIL" in failed.stdout
+    assert stages["tests"]["status"] == "FAIL" and stages["fp16"]["why"] == "no plan.json/final.json"
+    assert "exited 0, not 143" in stages["resume"]["why"]
