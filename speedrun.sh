@@ -2,7 +2,8 @@
 # picollm speedrun: one command from a fresh clone to a trained compute-optimal model.
 #   bash speedrun.sh                      # GPU: FineWeb-Edu, 1e18 FLOPs; CPU: stdlib corpus, ~10 min
 #   bash speedrun.sh budget.minutes=2     # extra arguments are Hydra overrides for every stage
-#   RUN_DIR=runs/mine bash speedrun.sh    # where outputs go (default runs/speedrun-cpu or -gpu)
+#   RUN_DIR=runs/mine bash speedrun.sh    # where outputs go (default runs/speedrun-cpu or -gpu);
+#   bash speedrun.sh run_dir=runs/mine    # the same, as an override
 # Every stage is idempotent: rerunning reuses the prepared data, resumes or skips a
 # finished run, and rewrites the evaluation, samples and report.
 set -euo pipefail
@@ -23,8 +24,17 @@ else
   kind=cpu
   export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1  # the CPU run is fully offline
 fi
+# run_dir=X among the arguments wins over RUN_DIR, and every stage uses it.
+overrides=()
+for arg in "$@"; do
+  case "$arg" in
+    run_dir=*) RUN_DIR=${arg#run_dir=} ;;
+    +run_dir=*|++run_dir=*) echo "speedrun: pass run_dir=DIR (or RUN_DIR=DIR), not $arg" >&2; exit 2 ;;
+    *) overrides+=("$arg") ;;
+  esac
+done
 RUN_DIR=${RUN_DIR:-runs/speedrun-$kind}
-args=(experiment=speedrun_$kind run_dir="$RUN_DIR" "$@")
+args=(experiment=speedrun_$kind run_dir="$RUN_DIR" "${overrides[@]}")
 times="$RUN_DIR/stage_times.tsv"
 mkdir -p "$RUN_DIR"; : > "$times"
 timed() {  # run a stage and record its wall clock

@@ -237,8 +237,9 @@ def save_sharded(run_dir: Path, step: int, tensors: dict, train_state: dict, is_
     """Collective: every rank writes its shards of ``tensors`` (DCP) into a temporary
     folder; rank 0 adds ``train_state``, renames the folder into place and then writes the
     manifest, which is what makes it count. Raises CheckpointError on every rank if any failed."""
-    import torch.distributed as dist
     import torch.distributed.checkpoint as dcp
+
+    from picollm import dist
 
     d = ckpt_dir(run_dir)
     final = d / f"step_{step:07d}"
@@ -249,8 +250,7 @@ def save_sharded(run_dir: Path, step: int, tensors: dict, train_state: dict, is_
             d.mkdir(parents=True, exist_ok=True)
         except OSError as err:
             error = str(_write_failed(final, err))
-    gathered = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, (error, tmp_name))
+    gathered = dist.all_gather_object((error, tmp_name))
     errors = [e for e, _ in gathered]
     tmp = d / next(name for _, name in gathered if name)
     if not any(errors):
@@ -271,8 +271,7 @@ def save_sharded(run_dir: Path, step: int, tensors: dict, train_state: dict, is_
                 _remember(final, None)
             except OSError as err:
                 error = str(_write_failed(final, err))
-        errors = [None] * dist.get_world_size()
-        dist.all_gather_object(errors, error)
+        errors = dist.all_gather_object(error)
     error = next((e for e in errors if e), None)
     if error:
         if is_main:

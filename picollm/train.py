@@ -11,30 +11,35 @@ evaluation, samples and the report. Every output lands in ``run_dir``.
 from __future__ import annotations
 
 import contextlib
-import datetime
+import hashlib
 import json
 import math
 import os
+import secrets
 import signal
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from picollm import checkpoint as ckpt
 from picollm import dist, hardware, parallel
 from picollm.config import ConfigError, load_config, parse_cli
-from picollm.data.loader import PackedLoader
-from picollm.data.prepare import PreparedData, load_prepared, prepare_data, validate_tokenizer_config
+from picollm.data.loader import PackedLoader, TokenStream
+from picollm.data.prepare import (PreparationInterrupted, PreparedData, check_fits, load_prepared, prepare_data,
+                                  validate_tokenizer_config)
 from picollm.data.sources import validate_source
 from picollm.evaluate import evaluate, token_byte_lengths
 from picollm.model import GPT
 from picollm.optim import lr_at, make_optimizer
-from picollm.plan import Plan, plan_for_run, save_plan
+from picollm.plan import Plan, _strip_harmless, plan_for_run, save_plan
+from picollm.run_lock import RunLock, RunLockedError
 from picollm.throughput import autocast
 
 class TrainError(RuntimeError):
@@ -48,58 +53,108 @@ def log(msg: str, info: Optional[dist.DistInfo] = None) -> None:
 
 # ----------------------------------------------------------------------------- run setup
 
+def default_run_dir(cfg: DictConfig) -> str:
+    """Where a run without ``run_dir`` goes: ``runs/run-<hash of the settings that define
+    the run>``. The same command (also a torchrun restart of it) maps to the same directory,
+    so "rerun the same command" resumes; settings that do not change the run (intervals,
+    wandb, resume, ...) do not change the name."""
+    defining = _strip_harmless(OmegaConf.to_container(cfg, resolve=True))
+    digest = hashlib.sha256(json.dumps(defining, sort_keys=True, default=str).encode()).hexdigest()
+    return f"runs/run-{digest[:10]}"
+
+
 def resolve_run_dir(cfg: DictConfig, info: dist.DistInfo) -> Path:
-    """The configured run_dir, or runs/<UTC time> picked by rank 0 so all ranks agree."""
-    name = cfg.run_dir
-    if not name and info.is_main:
-        name = "runs/" + datetime.datetime.now(datetime.timezone.utc).strftime("%Y%m%d-%H%M%S")
-    name = dist.broadcast_object(name)
-    run_dir = Path(name).expanduser().resolve()
-    error = None
-    if info.is_main:
+    """The configured run_dir (or the default one for this config), created, checked
+    writable and locked against a second run, with one error sentence on every rank."""
+    run_dir = Path(cfg.run_dir or default_run_dir(cfg)).expanduser().resolve()
+    error, lock = None, None
+    if info.is_main:  # the other ranks of this run share rank 0's lock
         try:
             run_dir.mkdir(parents=True, exist_ok=True)
-            probe = run_dir / ".write_test"
+            probe = run_dir / f".write_test.{os.getpid()}"
             probe.write_text("ok")
             probe.unlink()
+            lock = RunLock(run_dir).acquire()
         except OSError as err:
             error = f"run_dir {run_dir} is not writable ({err.strerror}); pick another run_dir."
+        except RunLockedError as err:
+            error = str(err)
     error = dist.broadcast_object(error)  # every rank stops with the same sentence
     if error:
         raise TrainError(error)
-    return run_dir
+    return run_dir, lock
 
 
 def prepare(cfg: DictConfig, plan: Plan, info: dist.DistInfo) -> PreparedData:
-    """Rank 0 prepares (or reuses) the data; the others wait and then load it."""
-    result, error = None, None
-    if info.is_main:
+    """The first process of every node prepares (or reuses) the data in that node's cache;
+    preparation is deterministic, so nodes that share no storage build the same shards.
+    The other processes wait through the store, without a collective timeout (preparing
+    billions of tokens takes a while), then every rank checks that all nodes hold the same
+    data. A failure stops every rank with the preparing rank's sentence."""
+    if not info.enabled:
+        return _prepare_here(cfg, plan)
+    result = None
+    if info.local_rank == 0:
         try:
-            result = prepare_data(cfg.data, cfg.tokenizer, plan.stream_tokens)
-        except Exception as err:  # report on every rank, then stop
-            error = f"data preparation failed: {err}"
-    error = dist.broadcast_object(error)
-    if error:
-        raise TrainError(error)
-    directory = dist.broadcast_object(str(result.dir) if result else None)
-    return result if info.is_main else load_prepared(directory)
+            result = _prepare_here(cfg, plan)
+            outcome = {"dir": str(result.dir), "fingerprint": _data_fingerprint(result)}
+        except (TrainError, KeyboardInterrupt) as err:
+            outcome = {"error": str(err) or "data preparation was interrupted"}
+            dist.publish(f"data/node{info.node}", outcome)
+            raise
+        dist.publish(f"data/node{info.node}", outcome)
+    outcomes = [dist.wait_for(f"data/node{n}", f"node {n}'s first process to prepare the data", say=_say(info))
+                for n in range(info.n_nodes)]
+    errors = [o["error"] for o in outcomes if "error" in o]
+    if errors:
+        raise TrainError(errors[0])
+    if len({o["fingerprint"] for o in outcomes}) > 1:
+        raise TrainError("the nodes prepared different data (their shard fingerprints differ); give every node the "
+                         "same data config and corpus, or put data.cache_dir on storage all nodes share.")
+    mine = outcomes[info.node]["dir"]
+    return result if result is not None else load_prepared(mine)
+
+
+def _prepare_here(cfg: DictConfig, plan: Plan) -> PreparedData:
+    try:
+        return prepare_data(cfg.data, cfg.tokenizer, plan.stream_tokens)
+    except (ValueError, OSError) as err:  # bad input, a full disk: the data code's own sentence
+        raise TrainError(f"data preparation failed: {err}") from None
+
+
+def _data_fingerprint(data: PreparedData, head_tokens: int = 1 << 22) -> str:
+    """What must agree between nodes: the tokenizer, the held-out split's size and the
+    first tokens of the training stream (a node's cache may hold a longer stream, which
+    is fine: the loader reads a fixed-length prefix)."""
+    h = hashlib.sha256(json.dumps([data.meta["tokenizer"]["fingerprint"], data.bos_id, data.vocab_size,
+                                   data.n_val_tokens]).encode())
+    stream = TokenStream(data.train_shards, max_tokens=min(head_tokens, data.n_train_tokens))
+    head = np.empty(len(stream), dtype=np.int64)
+    stream.read_into(0, head)
+    h.update(head.tobytes())
+    return h.hexdigest()
+
+
+def _say(info: dist.DistInfo):
+    return lambda msg: print(msg, flush=True)
 
 
 # ----------------------------------------------------------------------------- training
 
 class MetricsLog:
-    """metrics.jsonl (every step and every evaluation) and optional wandb, rank 0 only."""
+    """metrics.jsonl (every step and every evaluation) and optional wandb, rank 0 only.
+
+    wandb: the run id is kept in ``run_dir/wandb_id``, so a resumed run continues the same
+    wandb run. Records are logged against wandb's own step counter (which only grows) with
+    the training step as the x-axis metric, because wandb drops records whose step goes
+    backwards, as it does after a rollback or a resume from an earlier checkpoint."""
 
     def __init__(self, run_dir: Path, cfg: DictConfig, enabled: bool) -> None:
         self.enabled = enabled
         self.file = open(run_dir / "metrics.jsonl", "a") if enabled else None
         self.wandb = None
         if enabled and cfg.wandb.mode != "disabled":
-            import wandb
-
-            self.wandb = wandb.init(project=cfg.wandb.project, name=cfg.wandb.name or run_dir.name,
-                                    dir=str(run_dir), mode=cfg.wandb.mode,
-                                    config=OmegaConf.to_container(cfg, resolve=True))
+            self.wandb = _wandb_run(run_dir, cfg)
 
     def write(self, record: dict) -> None:
         if not self.enabled:
@@ -107,13 +162,29 @@ class MetricsLog:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=record["step"])
+            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+                            or k == "step"})
 
     def close(self) -> None:
         if self.file:
             self.file.close()
         if self.wandb is not None:
             self.wandb.finish()
+
+
+def _wandb_run(run_dir: Path, cfg: DictConfig):
+    import wandb
+
+    id_file = run_dir / "wandb_id"
+    run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
+    w = cfg.wandb
+    run = wandb.init(project=w.project, entity=w.get("entity"), group=w.get("group"), tags=list(w.get("tags") or []),
+                     name=w.name or run_dir.name, id=run_id, resume="allow", dir=str(run_dir), mode=w.mode,
+                     config=OmegaConf.to_container(cfg, resolve=True))
+    id_file.write_text(run_id)
+    run.define_metric("step")
+    run.define_metric("*", step_metric="step")
+    return run
 
 
 def _eta(seconds: float) -> str:
@@ -148,8 +219,17 @@ def _run(cfg: DictConfig, info: dist.DistInfo) -> dict:
         device.peak_flops, device.peak_source = dist.broadcast_object((device.peak_flops, device.peak_source))
         if device.is_cuda:
             device.device = torch.device("cuda", info.local_rank)
-    run_dir = resolve_run_dir(cfg, info)
+    run_dir, lock = resolve_run_dir(cfg, info)
+    with contextlib.ExitStack() as cleanup:
+        if lock is not None:
+            cleanup.callback(lock.release)
+            cleanup.enter_context(_console_log(run_dir / "train.log"))
+        log(f"run_dir      {run_dir}", info)
+        return _train_in(run_dir, cfg, info, device)
 
+
+def _train_in(run_dir: Path, cfg: DictConfig, info: dist.DistInfo, device: hardware.DeviceInfo) -> dict:
+    t = cfg.train
     resume_path = _find_resume(cfg, run_dir)
     # FSDP reads a sharded checkpoint's tensors straight into its shards later (Trainer.restore).
     whole = not parallel.is_sharded(t.parallel, info)
@@ -164,6 +244,10 @@ def _run(cfg: DictConfig, info: dist.DistInfo) -> dict:
                                           "one process: nothing to shard, so the plain model trains"), info)
 
     data = prepare(cfg, plan, info)
+    try:
+        check_fits(data, plan.gpt_config().seq_len)  # every rank, the same sentence
+    except ValueError as err:
+        raise TrainError(str(err)) from None
     plan.with_data(data.n_train_tokens, data.corpus_exhausted)
     if info.is_main:
         save_plan(run_dir, cfg, plan)
@@ -183,6 +267,35 @@ def _run(cfg: DictConfig, info: dist.DistInfo) -> dict:
     del resume_state
     with _StopOnSignal() as stopper:
         return trainer.fit(stopper)
+
+
+@contextlib.contextmanager
+def _console_log(path: Path):
+    """Everything this process prints also goes to ``path`` (appended across resumes)."""
+    with open(path, "a", buffering=1) as file:
+        file.write(f"\n=== {time.strftime('%Y-%m-%d %H:%M:%S')} {' '.join(sys.argv)}\n")
+        saved = sys.stdout, sys.stderr
+        sys.stdout, sys.stderr = _Tee(sys.stdout, file), _Tee(sys.stderr, file)
+        try:
+            yield
+        finally:
+            sys.stdout, sys.stderr = saved
+
+
+class _Tee:
+    def __init__(self, stream, file) -> None:
+        self.stream, self.file = stream, file
+
+    def write(self, text: str) -> int:
+        self.file.write(text)
+        return self.stream.write(text)
+
+    def flush(self) -> None:
+        self.file.flush()
+        self.stream.flush()
+
+    def __getattr__(self, name):  # isatty, fileno, encoding, ...
+        return getattr(self.stream, name)
 
 
 def _reshard(plan: Plan, info: dist.DistInfo) -> Plan:
@@ -240,14 +353,16 @@ class Trainer:
             self.train_model = torch.compile(self.train_model)
         # The optimizer comes after wrapping: FSDP replaces the parameters with sharded ones.
         self.optimizer = make_optimizer(self.model, plan.lr, t.weight_decay, (t.beta1, t.beta2), device.device)
-        self.scaler = torch.amp.GradScaler("cuda") if device.dtype == "fp16" else None
+        # fp16 (GPUs without bf16; also runs on CPU): the scaler skips steps whose scaled
+        # gradients overflow and lowers the scale. That is its job, not a bad step.
+        self.scaler = torch.amp.GradScaler(device.device.type) if device.dtype == "fp16" else None
         # max_tokens pins the stream length, so a cache later rebuilt larger by another run
         # (a strict superset: same prefix) leaves this run's sample order unchanged.
         self.loader = PackedLoader(data.train_shards, gcfg.seq_len, plan.batch_seqs, plan.micro_batch, t.seed,
                                    info.rank, info.world_size, max_tokens=plan.stream_tokens)
         self.step = 0
         self.stats = {"skipped_steps": 0, "best_val_loss": None, "best_step": None, "train_seconds": 0.0,
-                      "lr_scale": 1.0, "rollbacks": 0}
+                      "lr_scale": 1.0, "rollbacks": 0, "scaler_skips": 0}
         self.metrics = MetricsLog(run_dir, cfg, info.is_main)
         self.byte_lengths = token_byte_lengths(data.tokenizer, gcfg.vocab_size)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
@@ -262,7 +377,7 @@ class Trainer:
         return {
             "step": self.step, "model": model_sd, "optimizer": optim_sd,
             "scaler": self.scaler.state_dict() if self.scaler else None, "loader": self.loader.state_dict(),
-            "rng": _gather_rng(self.info), "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "rng": dist.all_gather_object(ckpt.rng_state(self.device.device)), "config": OmegaConf.to_container(self.cfg, resolve=True),
             "plan": self.plan.to_dict(), "stats": dict(self.stats),
             "tokenizer": {"ref": self.data.tokenizer_ref, "bos_id": self.data.bos_id,
                           "vocab_size": self.data.vocab_size},
@@ -278,8 +393,7 @@ class Trainer:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict(state["loader"])
-        rngs = state["rng"]
-        ckpt.set_rng_state(rngs[self.info.rank] if self.info.rank < len(rngs) else rngs[0])
+        ckpt.set_rng_state(ckpt.rank_rng_state(state["rng"], self.info.rank), self.device.device)
         self.step = int(state["step"])
         kept = {k: self.stats[k] for k in keep_stats}
         self.stats.update(state.get("stats", {}))
@@ -327,9 +441,9 @@ class Trainer:
         return result
 
     # ---------------------------------------------------------------- one step
-    def train_step(self, batches) -> tuple[float, float]:
+    def train_step(self, batches) -> "StepResult":
         """Forward/backward over the accumulation micro-batches, clip, update unless the
-        loss or gradient norm is non-finite. Returns (mean loss, pre-clip grad norm)."""
+        loss or gradient norm is non-finite (under fp16 the loss scaler decides)."""
         plan, info = self.plan, self.info
         step = self.step
         loss_sum = torch.zeros((), device=self.device.device)
@@ -359,15 +473,22 @@ class Trainer:
             self.scaler.unscale_(self.optimizer)
         clip = self.t.grad_clip if self.t.grad_clip > 0 else float("inf")
         grad_norm = parallel.local_value(torch.nn.utils.clip_grad_norm_(self.params, clip))
-        loss_mean = dist.all_reduce_mean(loss_sum / plan.accum_steps)
-        finite = bool(torch.isfinite(grad_norm)) and bool(torch.isfinite(loss_mean))
+        loss_mean = float(dist.all_reduce_mean(loss_sum / plan.accum_steps))
+        grad_norm = float(grad_norm)
         if self.scaler is not None:
+            scale = self.scaler.get_scale()
             self.scaler.step(self.optimizer)  # skips the update itself on inf/nan gradients
-            self.scaler.update()
-        elif finite:
-            self.optimizer.step()
+            self.scaler.update()  # ...and then lowers the scale
+            new_scale = self.scaler.get_scale()
+            result = StepResult(loss_mean, grad_norm, updated=new_scale >= scale, loss_scale=new_scale,
+                                bad=not math.isfinite(loss_mean) or new_scale < MIN_LOSS_SCALE)
+        else:
+            finite = math.isfinite(loss_mean) and math.isfinite(grad_norm)
+            if finite:
+                self.optimizer.step()
+            result = StepResult(loss_mean, grad_norm, updated=finite, bad=not finite)
         self.optimizer.zero_grad(set_to_none=True)
-        return float(loss_mean), float(grad_norm)
+        return result
 
     def handle_bad_step(self, bad_streak: int) -> bool:
         """After too many non-finite steps in a row: roll back (True) or stop (raises)."""
@@ -383,7 +504,8 @@ class Trainer:
             raise TrainError(f"{bad_streak} non-finite steps in a row at step {self.step} ({why}); stopping. "
                              "Lower train.lr, check the data, or resume from an earlier checkpoint.")
         state = ckpt.load_checkpoint(Path(latest), tensors=not self.sharded)
-        self.restore(state, keep_stats=("skipped_steps", "rollbacks", "lr_scale", "train_seconds"))
+        self.restore(state, keep_stats=("skipped_steps", "scaler_skips", "rollbacks", "lr_scale",
+                                                 "train_seconds"))
         self.stats["rollbacks"] += 1
         self.stats["lr_scale"] *= t.rollback_lr_scale
         self.event("rollback", checkpoint=latest, lr_scale=self.stats["lr_scale"])
@@ -395,11 +517,12 @@ class Trainer:
         plan, t, info = self.plan, self.t, self.info
         already_done = self.step >= plan.steps and ckpt.list_checkpoints(self.run_dir)
         if already_done:
-            log(f"run in {self.run_dir} is already complete ({plan.steps} steps); nothing to train.", info)
+            log(f"run in {self.run_dir} is already complete ({plan.steps} steps); nothing to train. "
+                "For a new run, set run_dir (or raise train.steps to extend this one).", info)
             return self.finish(None, trained=False)
         if self.step == 0:
             self.evaluate()
-        peak = (plan.peak_flops or 0) * info.world_size
+        peak = hardware.combined_peak(self.device, info.world_size) or 0  # this machine's, not the plan's
         window_start, window_steps, bad_streak, last_val = time.perf_counter(), 0, 0, None
         batches = self.loader.batches(self.step, plan.steps)
         while self.step < plan.steps:
@@ -407,31 +530,38 @@ class Trainer:
             lr = self.stats["lr_scale"] * lr_at(self.step, plan.lr, plan.warmup_steps, plan.steps, t.min_lr_ratio)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
-            loss, grad_norm = self.train_step(batches)
+            result = self.train_step(batches)
+            loss, grad_norm = result.loss, result.grad_norm
             if self.device.is_cuda:
                 torch.cuda.synchronize(self.device.device)
             dt = time.perf_counter() - step_start
             self.stats["train_seconds"] += dt
-            finite = math.isfinite(loss) and math.isfinite(grad_norm)
             self.step += 1
             tok_s = plan.tokens_per_step / dt
-            self.metrics.write({
+            record = {
                 "kind": "train", "step": self.step, "loss": loss, "lr": lr, "grad_norm": grad_norm,
                 "tokens": self.step * plan.tokens_per_step, "flops": self.step * plan.tokens_per_step * plan.flops_per_token,
                 "tok_per_s": tok_s, "mfu": tok_s * plan.flops_per_token / peak if peak else None, "dt": dt,
-                "skipped": not finite, "time": time.time(),
-            })
-            if finite:
+                "skipped": not result.updated, "time": time.time(),
+            }
+            if result.loss_scale is not None:
+                record["loss_scale"] = result.loss_scale
+            self.metrics.write(record)
+            if not result.bad:
                 bad_streak = 0
-                spike = self.spikes.update(loss)
-                if spike:
-                    self.event("spike", **spike)
-                    log(f"step {self.step}: loss spike {loss:.4f} (running mean {spike['mean']:.4f})", info)
+                if result.updated:
+                    spike = self.spikes.update(loss)
+                    if spike:
+                        self.event("spike", **spike)
+                        log(f"step {self.step}: loss spike {loss:.4f} (running mean {spike['mean']:.4f})", info)
+                else:  # the fp16 loss scaler skipped an overflow and lowered its scale: its job, not a bad step
+                    self.stats["scaler_skips"] += 1
             else:
                 bad_streak += 1
                 self.stats["skipped_steps"] += 1
-                self.event("skipped_step", loss=loss, grad_norm=grad_norm)
-                log(f"step {self.step}: non-finite loss or gradient norm; update skipped ({bad_streak} in a row)", info)
+                self.event("skipped_step", loss=loss, grad_norm=grad_norm, loss_scale=result.loss_scale)
+                what = "non-finite loss or collapsed loss scale" if self.scaler else "non-finite loss or gradient norm"
+                log(f"step {self.step}: {what}; update skipped ({bad_streak} in a row)", info)
                 if self.handle_bad_step(bad_streak):
                     bad_streak = 0
                     batches.close()  # stop the old prefetch thread before restarting at the rollback step
@@ -448,13 +578,13 @@ class Trainer:
                 break
             if self.step % plan.eval_every == 0:
                 last_val = self.evaluate()
-            stop = _agree_to_stop(stopper.signum is not None, info)
+            stop = dist.any_rank(stopper.signum is not None)  # every rank stops at the same step
             if self.step % plan.save_every == 0 or stop:
                 self.save()
             if stop:
                 name = signal.Signals(stopper.signum).name if stopper.signum else "a signal on another rank"
                 log(f"stopped by {name} after step {self.step}; checkpoint saved in {self.run_dir}. "
-                    "Rerun the same command to resume.", info)
+                    f"Rerun the same command to resume (it continues in run_dir={self.run_dir}).", info)
                 self.metrics.close()
                 raise Interrupted(stopper.signum or signal.SIGTERM)
         last_val = self.evaluate()
@@ -464,7 +594,8 @@ class Trainer:
     def finish(self, last_val: Optional[dict], trained: bool) -> dict:
         self.metrics.close()
         final = {"steps": self.plan.steps, "skipped_steps": self.stats["skipped_steps"],
-                 "rollbacks": self.stats["rollbacks"], "train_seconds": self.stats["train_seconds"],
+                 "rollbacks": self.stats["rollbacks"],
+                 "scaler_skips": self.stats["scaler_skips"], "train_seconds": self.stats["train_seconds"],
                  "best_val_loss": self.stats["best_val_loss"], "best_step": self.stats["best_step"],
                  "peak_memory_mib": hardware.peak_memory_mib(self.device.device), **(last_val or {})}
         exported = dist.broadcast_object((self.run_dir / "model.safetensors").exists())
@@ -525,19 +656,22 @@ class SpikeDetector:
         return result
 
 
+MIN_LOSS_SCALE = 1.0  # below this, gradients overflow fp16 even unscaled: the run is diverging
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    updated: bool  # the optimizer stepped
+    bad: bool  # counts toward the bad-step streak (rollback / stop)
+    loss_scale: Optional[float] = None  # fp16 only
+
+
 class Interrupted(Exception):
     def __init__(self, signum: int) -> None:
         super().__init__(signum)
         self.signum = int(signum)
-
-
-def _agree_to_stop(local: bool, info: dist.DistInfo) -> bool:
-    """Every rank stops at the same step if any rank got a signal."""
-    if not info.enabled:
-        return local
-    flag = torch.tensor([1.0 if local else 0.0])
-    torch.distributed.all_reduce(flag, op=torch.distributed.ReduceOp.MAX)
-    return bool(flag.item())
 
 
 def export_weights(model: GPT, run_dir: Path) -> None:
@@ -545,7 +679,7 @@ def export_weights(model: GPT, run_dir: Path) -> None:
     ``picollm.train.load_weights`` and no optimizer state."""
     from safetensors.torch import save_model
 
-    tmp = run_dir / ".model.safetensors.tmp"
+    tmp = run_dir / f".model.safetensors.{os.getpid()}.tmp"
     save_model(model, str(tmp))  # handles gpt2's tied embedding/head
     os.replace(tmp, run_dir / "model.safetensors")
     (run_dir / "model_config.json").write_text(json.dumps(model.config_dict(), indent=2))
@@ -560,16 +694,6 @@ def load_weights(run_dir: Path, device="cpu") -> GPT:
     model = GPT(cfg)
     load_model(model, str(Path(run_dir) / "model.safetensors"), device=str(device))
     return model.to(device)
-
-
-def _gather_rng(info: dist.DistInfo) -> list:
-    """Every rank's RNG state, in rank order, saved by rank 0."""
-    state = ckpt.rng_state()
-    if not info.enabled:
-        return [state]
-    states = [None] * info.world_size
-    torch.distributed.all_gather_object(states, state)
-    return states
 
 
 def _find_resume(cfg: DictConfig, run_dir: Path) -> Optional[Path]:
@@ -600,14 +724,43 @@ def _copy_tokenizer(data: PreparedData, run_dir: Path) -> None:
 def main(argv: Optional[list] = None) -> None:
     overrides = parse_cli(sys.argv[1:] if argv is None else argv,
                           "usage: python -m picollm.train [overrides...]   e.g. budget.minutes=10 run_dir=runs/x")
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        _exit_now(lambda: _main(overrides))
+    _main(overrides)
+
+
+def _main(overrides: list) -> None:
     try:
         run(load_config(overrides))
     except (ConfigError, TrainError, ckpt.CheckpointError) as err:
         raise SystemExit(f"error: {err}")
     except Interrupted as stop:
         raise SystemExit(128 + stop.signum)
+    except PreparationInterrupted as stop:
+        raise SystemExit(f"interrupted: {stop.sentence()}")
     except KeyboardInterrupt:
         raise SystemExit("interrupted; rerun the same command to resume from the last checkpoint.")
+
+
+def _exit_now(body) -> None:
+    """Under torchrun, leave without interpreter shutdown once everything is written.
+
+    FSDP2 keeps the gloo process group alive past destroy_process_group, and a gloo
+    worker thread that runs into Python's shutdown aborts the process ("terminate called
+    without an active exception", exit -6), which torchrun counts as a failed worker and
+    restarts. Every file is closed by now, so skipping the shutdown loses nothing."""
+    code = 0
+    try:
+        body()
+    except SystemExit as done:
+        if isinstance(done.code, str):
+            print(done.code, file=sys.stderr)
+            code = 1
+        else:
+            code = done.code or 0
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -253,3 +253,33 @@ def test_fsdp_bf16_from_the_console_script_and_consolidation_into_one_file(tmp_p
     bad = subprocess.run([sys.executable, "-m", "picollm.checkpoint", str(out_file), str(tmp_path / "x.pt")],
                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert bad.returncode != 0 and "is not a sharded checkpoint folder" in bad.stderr
+
+
+def test_two_nodes_without_a_shared_cache_each_prepare_the_same_data(tmp_path, single):
+    """Multi-node: the first process of every node prepares the data in that node's own
+    cache (deterministically, so the shards agree) while its other processes wait on the
+    store; the ranks then check that every node holds the same data. Two torchrun agents
+    with --nnodes=2 on this machine, each with its own PICOLLM_CACHE, stand in for two nodes."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    run_dir = tmp_path / "twonodes"
+    overrides = BASE + ["train.steps=6", f"run_dir={run_dir}"]
+    procs = []
+    for node in range(2):
+        cache = tmp_path / f"cache{node}"
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+               f"--node_rank={node}", "--master_addr=127.0.0.1", f"--master_port={port}", "-m", "picollm.train",
+               *overrides]
+        env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1", "PICOLLM_CACHE": str(cache)}
+        procs.append(subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                      text=True))
+    outs = [p.communicate(timeout=600)[0] for p in procs]
+    assert all(p.returncode == 0 for p in procs), "\n".join(o[-3000:] for o in outs)
+    metas = [next((tmp_path / f"cache{n}" / "data").glob("*/meta.json")).read_text() for n in range(2)]
+    assert metas[0] == metas[1]  # built twice, independently, byte for byte the same
+    a, b = losses(single), losses(run_dir)
+    for step in a:
+        assert b[step] == pytest.approx(a[step], rel=1e-5)

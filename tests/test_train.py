@@ -2,6 +2,8 @@
 
 import json
 import math
+import os
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,9 @@ import torch
 from picollm.checkpoint import ckpt_dir, list_checkpoints, load_checkpoint
 from picollm.config import load_config
 from picollm.train import run
+from tests.conftest import TINY
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def train(overrides):
@@ -138,3 +143,103 @@ def test_wandb_offline_writes_a_local_run(tiny, monkeypatch):
     _, run_dir, _, _ = train(tiny + ["train.steps=2", "train.batch_tokens=128", "wandb.mode=offline"])
     offline = list((run_dir / "wandb").glob("offline-run-*"))
     assert offline and any(offline[0].rglob("*.wandb"))
+
+
+@pytest.mark.slow
+def test_speedrun_honours_a_run_dir_override_in_every_stage(tmp_path):
+    """`bash speedrun.sh run_dir=X` once trained in X and then evaluated in runs/speedrun-cpu."""
+    run_dir = tmp_path / "speedrun"
+    overrides = [o for o in TINY if not o.startswith("train.report")] + [
+        f"run_dir={run_dir}", "budget.minutes=null", "train.steps=3", "train.dtype=fp32"]
+    env = {**os.environ, "RUN_DIR": str(tmp_path / "not-this-one")}
+    out = subprocess.run(["bash", str(REPO / "speedrun.sh"), *overrides], cwd=REPO, env=env, capture_output=True,
+                         text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    for name in ("plan.json", "final.json", "eval.json", "report.md", "stage_times.tsv", "model.safetensors"):
+        assert (run_dir / name).exists(), name
+    assert not (tmp_path / "not-this-one").exists()
+    stages = [line.split("\t")[0] for line in (run_dir / "stage_times.tsv").read_text().splitlines()]
+    assert stages == ["plan", "data", "train", "evaluate", "sample", "report"]
+
+
+def test_fp16_loss_scaler_skips_are_not_bad_steps(tiny):
+    """With GradScaler an inf gradient is the scaler doing its job (skip, lower the scale);
+    four in a row (more than max_bad_steps) must not roll back or stop the run. torch runs
+    fp16 autocast and GradScaler on CPU, so this is the GPU code path."""
+    final, run_dir, steps, _ = train(tiny + ["train.steps=8", "train.batch_tokens=128", "train.dtype=fp16",
+                                             "train.inject_inf_grad=[2,3,4,5]", "train.save_every=100"])
+    assert final["rollbacks"] == 0 and final["skipped_steps"] == 0
+    assert final["scaler_skips"] >= 4
+    scales = {r["step"]: r["loss_scale"] for r in steps}
+    assert [r["skipped"] for r in steps if r["step"] in (3, 4, 5, 6)] == [True] * 4
+    assert scales[6] == scales[2] / 16  # halved once per overflow
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert not [e for e in events if e.get("event") in ("rollback", "skipped_step")]
+
+
+def test_fp16_non_finite_losses_still_count_toward_a_rollback(tiny):
+    from picollm.train import TrainError
+
+    with pytest.raises(TrainError, match="3 non-finite steps in a row"):
+        train(tiny + ["train.steps=8", "train.batch_tokens=128", "train.dtype=fp16", "train.on_bad_steps=stop",
+                      "train.inject_nan_loss=[2,3,4]"])
+
+
+def test_a_second_run_in_the_same_run_dir_is_refused(tiny, tmp_path):
+    """Two trainings in one run_dir once interleaved their metrics silently."""
+    from picollm.run_lock import RunLock
+    from picollm.train import TrainError
+
+    run_dir = Path([o for o in tiny if o.startswith("run_dir=")][0].split("=", 1)[1])
+    run_dir.mkdir(parents=True)
+    with RunLock(run_dir):  # as if another training held it
+        with pytest.raises(TrainError, match="is in use by pid"):
+            train(tiny + ["train.steps=1", "train.batch_tokens=128"])
+    assert not (run_dir / "metrics.jsonl").exists()
+    train(tiny + ["train.steps=1", "train.batch_tokens=128"])  # free again once released
+    assert (run_dir / "train.log").read_text().count("run_dir") >= 1
+
+
+def test_without_run_dir_the_same_command_maps_to_the_same_directory(tmp_path, monkeypatch):
+    """"Rerun the same command" must resume even when no run_dir was given."""
+    from picollm.train import default_run_dir
+
+    monkeypatch.chdir(tmp_path)
+    base = TINY + ["train.steps=2", "train.batch_tokens=128"]
+    a, b = default_run_dir(load_config(base)), default_run_dir(load_config(list(reversed(base))))
+    assert a == b and a.startswith("runs/run-")
+    assert default_run_dir(load_config(base + ["train.log_every=7", "train.save_every=1"])) == a  # harmless
+    assert default_run_dir(load_config(base + ["train.seed=2"])) != a
+    first = run(load_config(base))
+    assert (tmp_path / a / "final.json").exists() and first["steps"] == 2
+    again = run(load_config(base))  # finds its finished run instead of starting a new one
+    assert again == first and len(list((tmp_path / "runs").iterdir())) == 1
+
+
+def test_wandb_resumed_run_continues_the_same_wandb_run(tiny, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    base = tiny + ["train.batch_tokens=128", "wandb.mode=offline", "wandb.group=g1", "wandb.tags=[a,b]"]
+    _, run_dir, _, _ = train(base + ["train.steps=2"])
+    first_id = (run_dir / "wandb_id").read_text()
+    train(base + ["train.steps=3"])  # extends the finished run
+    assert (run_dir / "wandb_id").read_text() == first_id
+    runs = {p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")}
+    assert runs == {first_id}
+
+
+def test_no_module_but_dist_calls_torch_distributed_collectives():
+    """Every collective goes through picollm.dist, which is correct on gloo and NCCL."""
+    import re
+
+    pattern = re.compile(r"(torch\.distributed|\bdist)\.(all_reduce|all_gather|all_gather_object|broadcast|"
+                         r"broadcast_object_list|barrier|reduce|reduce_scatter|gather|scatter|send|recv)\(")
+    offenders = []
+    for path in (REPO / "picollm").rglob("*.py"):
+        if path.name == "dist.py":
+            continue
+        text = path.read_text()
+        if "import torch.distributed as dist" in text or re.search(r"torch\.distributed\.\w+\(", text):
+            offenders += [f"{path.name}: {m.group(0)}" for m in pattern.finditer(text) if m.group(1) != "dist"
+                          or "import torch.distributed as dist" in text]
+    assert not offenders, offenders
