@@ -735,16 +735,18 @@ def _encode_in_worker(texts: list[str], drop_train: bool) -> tuple[np.ndarray, n
 
 @contextlib.contextmanager
 def _sigint_ignored() -> Iterator[None]:
-    """Ignore Ctrl-C while worker processes are started: they inherit it from the start
-    (before their own initializer could), so Ctrl-C never prints a traceback per worker."""
+    """Block Ctrl-C while worker processes are started. They inherit the block through
+    spawn (before their own initializer could ignore it), so Ctrl-C never prints a traceback
+    per worker; here a Ctrl-C that arrives meanwhile waits until the block lifts instead
+    of being lost, as it was when the parent ignored SIGINT for that moment."""
     if threading.current_thread() is not threading.main_thread():
         yield
         return
-    old = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
     try:
         yield
     finally:
-        signal.signal(signal.SIGINT, old if old is not None else signal.default_int_handler)
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
 
 
 class _Encoder:
