@@ -396,8 +396,10 @@ def save_plan(run_dir: Path, cfg: DictConfig, plan: Plan) -> None:
     """Write plan.json and the resolved config.yaml that produced it into run_dir."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "config.yaml").write_text(to_yaml(cfg))
-    (run_dir / "plan.json").write_text(json.dumps(plan.to_dict(), indent=2))
+    from picollm.runs import write_atomic  # a kill mid-write never leaves a torn plan for the rerun
+
+    write_atomic(run_dir / "config.yaml", to_yaml(cfg))
+    write_atomic(run_dir / "plan.json", json.dumps(plan.to_dict(), indent=2))
 
 
 def _micro_batch(t: DictConfig, gcfg: GPTConfig, per_rank: int, device_info, shards: int = 1) -> tuple[int, dict]:

@@ -55,7 +55,7 @@ def saving(path: Path, what: str) -> Iterator[Path]:
 def write_atomic(path: Path, text: str) -> None:
     """Write ``text`` to a hidden sibling, then rename it over ``path``: a reader never sees
     half a file, and a failed write removes its temporary and leaves ``path`` as it was."""
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per writer: two never collide
     try:
         tmp.write_text(text, encoding="utf-8")
         os.replace(tmp, path)

@@ -696,8 +696,11 @@ def test_ctrl_c_in_the_prepare_command_is_one_line_and_a_rerun_continues(tmp_pat
     env = {**os.environ, "PICOLLM_CACHE": str(tmp_path / "cache")}
     cmd = [sys.executable, "-m", "picollm.data.prepare", "model=tiny", "tokenizer.vocab_size=2048",
            "tokenizer.train_chars=200000", "budget.tokens=1e9"]
+    # A child inherits an *ignored* SIGINT through exec (and Python then installs no
+    # KeyboardInterrupt handler), so give it the default, as an interactive shell does,
+    # whatever earlier code in this pytest process did to SIGINT.
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            start_new_session=True)
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     data = tmp_path / "cache" / "data"
     while proc.poll() is None and not list(data.glob(".*.build-*/resume.json")):
         time.sleep(0.02)  # the tokenizer is trained and tokenizing has begun
