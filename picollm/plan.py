@@ -463,11 +463,13 @@ VIEWS = ("card", "compute", "time", "params", "inference")
 
 
 def _law(cfg: DictConfig):
-    from picollm.scaling import LAWS
+    """(label, law) of plan.law: a named law or a sweep's summary.json."""
+    from picollm.scaling import load_law
 
-    if cfg.plan.law not in LAWS:
-        raise ConfigError(f"plan.law={cfg.plan.law!r} is unknown; use one of {', '.join(LAWS)}.")
-    return LAWS[cfg.plan.law]
+    try:
+        return load_law(cfg.plan.law)
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
 
 
 def _gpu_peak(name: str) -> float:
@@ -507,8 +509,8 @@ def compute_view(cfg: DictConfig, compute: Optional[float] = None) -> dict:
     from picollm.scaling import compare_allocations
 
     c = compute if compute is not None else _need(cfg.budget.compute, "budget.compute", "budget.compute=1e18")
-    return {"view": "compute", "compute": c, "law": cfg.plan.law,
-            "rows": compare_allocations(c, _law(cfg), cfg.plan.law)}
+    label, law = _law(cfg)
+    return {"view": "compute", "compute": c, "law": label, "rows": compare_allocations(c, law, label)}
 
 
 def time_view(cfg: DictConfig, measure_flops: Optional[Callable] = None) -> dict:
@@ -552,7 +554,7 @@ def inference_view(cfg: DictConfig) -> dict:
     """Compute-optimal vs inference-optimal sizing for a loss and a lifetime of served tokens."""
     from picollm.scaling import inference_optimal
 
-    law, p = _law(cfg), cfg.plan
+    law, p = _law(cfg)[1], cfg.plan
     tokens = p.inference_tokens
     if tokens is None or tokens < 0:
         raise ConfigError("plan.inference_tokens must be set to the tokens served (>= 0), e.g. plan.inference_tokens=1e12.")

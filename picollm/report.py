@@ -175,22 +175,17 @@ def happened_section(plan: dict, train: list[dict]) -> list[str]:
 
 
 def configured_law(run_dir: Path) -> Optional[tuple[str, "ScalingLaw"]]:
-    """The law named by the run's ``plan.law``: epoch, chinchilla, or a JSON file with
-    E, A, alpha, B, beta (top level, or under "law" or "parametric" as in a sweep's summary.json)."""
-    from picollm.scaling import LAWS, ScalingLaw
+    """The law named by the run's ``plan.law`` (see scaling.load_law), or None when the
+    run names none or its file is gone: the report goes on without the prediction."""
+    from picollm.scaling import load_law
 
     cfg_path = run_dir / "config.yaml"
     name = OmegaConf.load(cfg_path).get("plan", {}).get("law") if cfg_path.is_file() else None
     if not name:
         return None
-    if name in LAWS:
-        return name, LAWS[name]
-    path = Path(str(name)).expanduser()
     try:
-        data = json.loads(path.read_text())
-        data = data.get("law") or data.get("parametric") or data  # a sweep's summary.json keeps it under "parametric"
-        return path.name, ScalingLaw(**{k: float(data[k]) for k in ("E", "A", "alpha", "B", "beta")})
-    except (OSError, ValueError, KeyError, TypeError):
+        return load_law(str(name))
+    except ValueError:
         return None
 
 

@@ -73,6 +73,25 @@ EPOCH = ScalingLaw(E=1.8172, A=482.01, alpha=0.3478, B=2085.43, beta=0.3658)
 LAWS: dict[str, ScalingLaw] = {"chinchilla": CHINCHILLA, "epoch": EPOCH}
 
 
+def load_law(name: str) -> tuple[str, ScalingLaw]:
+    """(label, law) for ``plan.law``: a named law, or a JSON file with E, A, alpha, B, beta
+    (top level, or under "law" or "parametric" as in a sweep's summary.json). Raises
+    ValueError with one sentence when the file cannot serve."""
+    if name in LAWS:
+        return name, LAWS[name]
+    import json
+    from pathlib import Path
+
+    path = Path(str(name)).expanduser()
+    try:
+        data = json.loads(path.read_text())
+        data = data.get("law") or data.get("parametric") or data  # a sweep's summary.json keeps it under "parametric"
+        return path.name, ScalingLaw(**{k: float(data[k]) for k in ("E", "A", "alpha", "B", "beta")})
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as err:
+        raise ValueError(f"plan.law={name} is neither {' nor '.join(LAWS)} nor a readable JSON file with E, A, alpha, "
+                         f"B and beta ({type(err).__name__}: {err}); name a law or point at a sweep's summary.json.")
+
+
 def _tokens_for_loss(law: ScalingLaw, n_params: float, loss: float) -> float:
     """D that reaches `loss` with N params, or inf where N alone cannot get there."""
     gap = loss - law.E - law.A / n_params**law.alpha

@@ -386,6 +386,11 @@ class Trainer:
 
     def restore(self, state: dict, keep_stats: tuple = ()) -> None:
         """Continue from a checkpoint of either layout, saved with any world size."""
+        rows = state["model"]["embed.weight"].shape[0] if state["model"] and "embed.weight" in state["model"] else None
+        if rows is not None and rows != self.gcfg.padded_vocab:
+            raise TrainError(f"this checkpoint's embedding has {rows} rows, saved before the vocabulary was padded to a "
+                             f"multiple of 128 ({self.gcfg.padded_vocab}); its optimizer state cannot continue here. "
+                             "Evaluate, sample or export it, or continue it with the picollm version that started it.")
         if state["model"] is None:  # a sharded checkpoint read without tensors (FSDP): DCP reshards
             ckpt.load_sharded(Path(state["path"]), self.model, self.optimizer)
         else:

@@ -95,3 +95,24 @@ def test_cli_text_and_json(capsys):
     for view in (calc("plan.view=inference", "plan.inference_tokens=1e12", "plan.target_loss=2.4"),
                  calc("plan.view=time", "plan.gpu=t4", "plan.hours=2", "plan.price_per_hour=0.5")):
         assert format_view(view)
+
+
+def test_compute_view_takes_a_law_from_a_sweep_summary(tmp_path):
+    """plan.law accepts a path (the config and the report do); the calculator must too."""
+    import json as _json
+
+    from picollm.config import ConfigError, load_config
+    from picollm.plan import calculator
+    from picollm.scaling import EPOCH
+
+    summary = tmp_path / "summary.json"
+    summary.write_text(_json.dumps({"parametric": {"E": EPOCH.E, "A": EPOCH.A, "alpha": EPOCH.alpha, "B": EPOCH.B,
+                                                   "beta": EPOCH.beta}}))
+    from_file = calculator(load_config(["plan.view=compute", "budget.compute=1e21", f"plan.law={summary}"]))
+    named = calculator(load_config(["plan.view=compute", "budget.compute=1e21", "plan.law=epoch"]))
+    assert from_file["law"] == "summary.json"
+    assert [r["n_params"] for r in from_file["rows"]] == [r["n_params"] for r in named["rows"]]
+    bad = tmp_path / "bad.json"
+    bad.write_text("{}")
+    with pytest.raises(ConfigError, match="nor a readable JSON file"):
+        calculator(load_config(["plan.view=compute", "budget.compute=1e21", f"plan.law={bad}"]))

@@ -243,3 +243,21 @@ def test_no_module_but_dist_calls_torch_distributed_collectives():
             offenders += [f"{path.name}: {m.group(0)}" for m in pattern.finditer(text) if m.group(1) != "dist"
                           or "import torch.distributed as dist" in text]
     assert not offenders, offenders
+
+
+def test_resuming_a_checkpoint_saved_before_vocab_padding_is_refused_in_one_sentence(tiny):
+    """vocab 300 pads to 384 rows; a checkpoint with 300 (saved before padding) cannot
+    continue (its AdamW moments are 300 rows wide), and says so instead of a shape error."""
+    import torch as _torch
+
+    from picollm.checkpoint import write_file
+    from picollm.train import TrainError
+
+    base = tiny + ["train.batch_tokens=128", "train.save_every=1"]
+    _, run_dir, _, _ = train(base + ["train.steps=1"])
+    path = ckpt_dir(run_dir) / "step_0000001.pt"
+    state = load_checkpoint(path)
+    state["model"]["embed.weight"] = state["model"]["embed.weight"][:300].clone()
+    write_file(path, state)
+    with pytest.raises(TrainError, match="saved before the vocabulary was padded"):
+        train(base + ["train.steps=2"])
