@@ -86,6 +86,12 @@ class TrainSchema:
     micro_batch: Optional[int] = None  # sequences per forward pass per process; auto when unset
     lr: Optional[float] = None  # peak LR; derived from compute when unset
     min_lr_ratio: float = 0.1
+    # cosine: warmup, then cosine decay to min_lr_ratio * lr at the last step.
+    # wsd: warmup, constant lr, then the last decay_frac of the steps decay to
+    # min_lr_ratio * lr (linear, or 1-sqrt; Hägele et al. 2024).
+    schedule: str = "cosine"  # cosine | wsd
+    decay_frac: float = 0.2
+    decay_shape: str = "linear"  # linear | sqrt (wsd's decay)
     warmup_steps: Optional[int] = None
     warmup_frac: float = 0.03
     weight_decay: float = 0.1
@@ -312,6 +318,9 @@ RULES: dict[str, Rule] = {
     "train.micro_batch": at_least(1, nullable=True),
     "train.lr": positive(nullable=True),
     "train.min_lr_ratio": number(0, 1),
+    "train.schedule": one_of("cosine", "wsd"),
+    "train.decay_frac": number(0, 1, lo_open=True),
+    "train.decay_shape": one_of("linear", "sqrt"),
     "train.warmup_steps": at_least(0, nullable=True),
     "train.warmup_frac": number(0, 1, hi_open=True),
     "train.weight_decay": at_least(0),

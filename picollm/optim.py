@@ -1,4 +1,5 @@
-"""AdamW with weight decay on matmul weights only, and the warmup + cosine LR schedule."""
+"""AdamW with weight decay on matmul weights only, and the LR schedules: warmup + cosine,
+or warmup-stable-decay (WSD)."""
 
 from __future__ import annotations
 
@@ -32,11 +33,22 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tupl
                              fused=device.type in ("cuda", "cpu"))
 
 
-def lr_at(step: int, peak: float, warmup: int, total: int, min_ratio: float) -> float:
-    """Linear warmup over ``warmup`` steps to ``peak``, then cosine decay to
-    ``min_ratio * peak`` at the last step (``total - 1``)."""
+def lr_at(step: int, peak: float, warmup: int, total: int, min_ratio: float, schedule: str = "cosine",
+          decay_frac: float = 0.2, decay_shape: str = "linear") -> float:
+    """Linear warmup over ``warmup`` steps to ``peak``, then down to ``min_ratio * peak`` at
+    the last step (``total - 1``): a cosine over all the remaining steps, or (``wsd``) the
+    peak held constant until the last ``decay_frac`` of the run, which then decays linearly
+    or as 1 - sqrt. A WSD run's constant phase does not depend on its length, so one
+    constant-LR run can branch cooldowns to several token budgets (Hägele et al. 2024)."""
     if warmup > 0 and step < warmup:
         return peak * (step + 1) / warmup
+    if schedule == "wsd":
+        decay_start = max(warmup, total - 1 - max(1, round(decay_frac * total)))
+        if step <= decay_start:
+            return peak
+        progress = min(1.0, (step - decay_start) / max(1, total - 1 - decay_start))
+        left = 1 - math.sqrt(progress) if decay_shape == "sqrt" else 1 - progress
+        return peak * (min_ratio + (1 - min_ratio) * left)
     decay_steps = max(1, total - 1 - warmup)
     progress = min(1.0, (step - warmup) / decay_steps)
     cosine = 0.5 * (1 + math.cos(math.pi * progress))

@@ -146,6 +146,7 @@ class Plan:
     epochs: Optional[float] = None
     data_tokens: Optional[int] = None
     warnings: list = field(default_factory=list)
+    schedule: str = "cosine"  # how the LR goes from lr to min_lr, for the card
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -178,7 +179,7 @@ class Plan:
             f"compute      C={self.compute:.3e} FLOPs  ({_si(self.flops_per_token)} FLOPs/token)",
             f"batch        {_si(self.tokens_per_step)} tokens/step = {self.batch_seqs} seqs "
             f"= {self.world_size} proc x {self.micro_batch} micro x {self.accum_steps} accum",
-            f"schedule     {self.steps} steps, warmup {self.warmup_steps}, lr {self.lr:.2e} -> {self.min_lr:.2e} (cosine)",
+            f"schedule     {self.steps} steps, warmup {self.warmup_steps}, lr {self.lr:.2e} -> {self.min_lr:.2e} ({self.schedule})",
             f"device       {self.device}, {self.dtype}, peak "
             + (f"{self.peak_flops / 1e12:.3g} TFLOP/s" if self.peak_flops else "unknown"),
             f"time         ~{_duration(self.est_seconds)} ({self.est_source})",
@@ -313,6 +314,8 @@ def make_plan(cfg: DictConfig, device_info, world_size: int = 1,
         est_seconds=float(est), est_source=source, budget=budget, device=device_info.name,
         dtype=device_info.dtype, peak_flops=device_info.peak_flops, memory=memory,
         memory_available=device_info.memory_bytes, stream_tokens=n_tokens + seq + 1,
+        schedule=("cosine" if t.schedule == "cosine" else
+                  f"wsd: constant, then the last {t.decay_frac:.0%} decay {t.decay_shape}"),
     )
 
 

@@ -532,7 +532,8 @@ class Trainer:
         batches = self.loader.batches(self.step, plan.steps)
         while self.step < plan.steps:
             step_start = time.perf_counter()
-            lr = self.stats["lr_scale"] * lr_at(self.step, plan.lr, plan.warmup_steps, plan.steps, t.min_lr_ratio)
+            lr = self.stats["lr_scale"] * lr_at(self.step, plan.lr, plan.warmup_steps, plan.steps, t.min_lr_ratio,
+                                                t.schedule, t.decay_frac, t.decay_shape)
             for group in self.optimizer.param_groups:
                 group["lr"] = lr
             result = self.train_step(batches)

@@ -149,3 +149,38 @@ def test_lr_past_the_end_stays_at_the_floor():
     for step in (100, 101, 500):
         assert lr_at(step, peak, 10, 101, 0.1) == pytest.approx(0.1 * peak)
     assert 0.1 * peak <= lr_at(0, peak, 0, 1, 0.1) <= peak  # one-step run: no division by zero
+
+
+@pytest.mark.parametrize("shape", ["linear", "sqrt"])
+def test_wsd_schedule_holds_the_peak_then_decays_in_its_last_fraction(shape):
+    peak, warmup, total, frac, floor = 1e-3, 10, 100, 0.2, 0.1
+    lrs = [lr_at(s, peak, warmup, total, floor, "wsd", frac, shape) for s in range(total)]
+    assert lrs[warmup - 1] == pytest.approx(peak)
+    start = total - 1 - round(frac * total)  # step 79: the last step at the peak
+    assert all(lr == pytest.approx(peak) for lr in lrs[warmup:start + 1])
+    assert lrs[-1] == pytest.approx(floor * peak)
+    assert all(a > b for a, b in zip(lrs[start:], lrs[start + 1:]))  # strictly down to the end
+    middle = (start + total - 1) // 2
+    progress = (middle - start) / (total - 1 - start)
+    left = 1 - progress if shape == "linear" else 1 - math.sqrt(progress)
+    assert lrs[middle] == pytest.approx(peak * (floor + (1 - floor) * left))
+    # The constant phase does not depend on the run's length: a longer run branches off later.
+    longer = [lr_at(s, peak, warmup, 200, floor, "wsd", frac, shape) for s in range(start + 1)]
+    assert longer == lrs[:start + 1]
+
+
+def test_wsd_run_trains_and_shows_its_schedule_on_the_plan(tmp_path):
+    from picollm.config import load_config
+    from picollm.train import run
+    from tests.conftest import TINY
+
+    run_dir = tmp_path / "wsd"
+    run(load_config(TINY + ["train.steps=10", "train.batch_tokens=128", "train.warmup_steps=2", "train.schedule=wsd",
+                            "train.decay_frac=0.3", f"run_dir={run_dir}"]))
+    import json as _json
+
+    plan = _json.loads((run_dir / "plan.json").read_text())
+    lrs = [r["lr"] for r in map(_json.loads, (run_dir / "metrics.jsonl").read_text().splitlines())
+           if r["kind"] == "train"]
+    assert "wsd" in plan["schedule"] and lrs[2] == lrs[5] == pytest.approx(plan["lr"])
+    assert lrs[-1] == pytest.approx(plan["min_lr"])
