@@ -164,7 +164,8 @@ def wait_for(key: str, what: str, limit: datetime.timedelta = WAIT_LIMIT, poll_s
         raise RuntimeError("wait_for needs an initialised process group")
     rank = dist.get_rank()
     start = last_said = time.monotonic()
-    say(f"rank {rank}: waiting for {what}")
+    if not _store.check([key]):  # say it only when there is something to wait for
+        say(f"rank {rank}: waiting for {what}")
     while not _store.check([key]):
         now = time.monotonic()
         if now - start > limit.total_seconds():
