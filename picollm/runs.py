@@ -53,16 +53,10 @@ def saving(path: Path, what: str) -> Iterator[Path]:
 
 
 def write_atomic(path: Path, text: str) -> None:
-    """Write ``text`` to a hidden sibling, then rename it over ``path``: a reader never sees
-    half a file, and a failed write removes its temporary and leaves ``path`` as it was."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # one per writer: two never collide
-    try:
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError:
-        with contextlib.suppress(OSError):
-            tmp.unlink()
-        raise
+    """``text`` into ``path`` through checkpoint's atomic writer (a per-writer temporary,
+    fsynced, renamed): a reader never sees half a file, and a failed write leaves ``path``
+    as it was."""
+    ckpt._write_atomic(Path(path), text.encode("utf-8"))
 
 
 @dataclass

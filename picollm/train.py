@@ -103,7 +103,7 @@ def prepare(cfg: DictConfig, plan: Plan, info: dist.DistInfo) -> PreparedData:
             dist.publish(f"data/node{info.node}", outcome)
             raise
         dist.publish(f"data/node{info.node}", outcome)
-    outcomes = [dist.wait_for(f"data/node{n}", f"node {n}'s first process to prepare the data", say=_say(info))
+    outcomes = [dist.wait_for(f"data/node{n}", f"node {n}'s first process to prepare the data")
                 for n in range(info.n_nodes)]
     errors = [o["error"] for o in outcomes if "error" in o]
     if errors:
@@ -135,10 +135,6 @@ def _data_fingerprint(data: PreparedData, head_tokens: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
-def _say(info: dist.DistInfo):
-    return lambda msg: print(msg, flush=True)
-
-
 # ----------------------------------------------------------------------------- training
 
 class MetricsLog:
@@ -162,8 +158,7 @@ class MetricsLog:
         self.file.write(json.dumps(record) + "\n")
         self.file.flush()
         if self.wandb is not None:
-            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)
-                            or k == "step"})
+            self.wandb.log({k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)})
 
     def close(self) -> None:
         if self.file:
@@ -178,7 +173,7 @@ def _wandb_run(run_dir: Path, cfg: DictConfig):
     id_file = run_dir / "wandb_id"
     run_id = id_file.read_text().strip() if id_file.exists() else secrets.token_hex(4)
     w = cfg.wandb
-    run = wandb.init(project=w.project, entity=w.get("entity"), group=w.get("group"), tags=list(w.get("tags") or []),
+    run = wandb.init(project=w.project, entity=w.entity, group=w.group, tags=list(w.tags),
                      name=w.name or run_dir.name, id=run_id, resume="allow", dir=str(run_dir), mode=w.mode,
                      config=OmegaConf.to_container(cfg, resolve=True))
     id_file.write_text(run_id)
@@ -205,8 +200,6 @@ def _run(cfg: DictConfig, info: dist.DistInfo) -> dict:
     t = cfg.train
     if t.num_threads:
         torch.set_num_threads(t.num_threads)
-    if t.on_bad_steps not in ("rollback", "stop"):
-        raise ConfigError(f"train.on_bad_steps={t.on_bad_steps!r} is unknown; use rollback or stop.")
     # Cheap checks first: nothing expensive happens with a config that cannot work.
     try:
         validate_source(cfg.data)
@@ -377,7 +370,8 @@ class Trainer:
         return {
             "step": self.step, "model": model_sd, "optimizer": optim_sd,
             "scaler": self.scaler.state_dict() if self.scaler else None, "loader": self.loader.state_dict(),
-            "rng": dist.all_gather_object(ckpt.rng_state(self.device.device)), "config": OmegaConf.to_container(self.cfg, resolve=True),
+            "rng": dist.all_gather_object(ckpt.rng_state(self.device.device)),  # each rank's, its own GPU only
+            "config": OmegaConf.to_container(self.cfg, resolve=True),
             "plan": self.plan.to_dict(), "stats": dict(self.stats),
             "tokenizer": {"ref": self.data.tokenizer_ref, "bos_id": self.data.bos_id,
                           "vocab_size": self.data.vocab_size},
@@ -509,8 +503,7 @@ class Trainer:
             raise TrainError(f"{bad_streak} non-finite steps in a row at step {self.step} ({why}); stopping. "
                              "Lower train.lr, check the data, or resume from an earlier checkpoint.")
         state = ckpt.load_checkpoint(Path(latest), tensors=not self.sharded)
-        self.restore(state, keep_stats=("skipped_steps", "scaler_skips", "rollbacks", "lr_scale",
-                                                 "train_seconds"))
+        self.restore(state, keep_stats=("skipped_steps", "scaler_skips", "rollbacks", "lr_scale", "train_seconds"))
         self.stats["rollbacks"] += 1
         self.stats["lr_scale"] *= t.rollback_lr_scale
         self.event("rollback", checkpoint=latest, lr_scale=self.stats["lr_scale"])
