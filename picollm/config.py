@@ -103,10 +103,13 @@ class TrainSchema:
     compile: bool = False
     activation_checkpointing: bool = False
     parallel: str = "ddp"  # ddp | fsdp (FSDP2: parameters, gradients and AdamW state sharded over processes)
+    optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' matrices, AdamW for the rest; picollm/optim.py)
+    muon_lr_ratio: float = 1.0  # Muon's LR as a multiple of the AdamW LR (the schedule scales both)
     seed: int = 1337
     eval_every: Optional[int] = None  # steps; default about ten evaluations per run
     eval_tokens: int = 262_144
     save_every: Optional[int] = None  # steps; default about ten checkpoints per run
+    save_at: List[int] = field(default_factory=list)  # also save after these steps, kept (run_dir/saved_at)
     keep_checkpoints: int = 2
     log_every: int = 10  # progress line every k steps (metrics.jsonl gets every step)
     resume: str = "auto"  # auto | never | PATH
@@ -330,10 +333,13 @@ RULES: dict[str, Rule] = {
     "train.dtype": one_of("auto", "bf16", "fp32", "fp16"),
     "train.device": device_name,
     "train.parallel": one_of("ddp", "fsdp"),
+    "train.optimizer": _lazy_one_of("picollm.optim", "OPTIMIZERS"),
+    "train.muon_lr_ratio": positive(),
     "train.seed": SEED,
     "train.eval_every": at_least(1, nullable=True),
     "train.eval_tokens": at_least(1),
     "train.save_every": at_least(1, nullable=True),
+    "train.save_at": each(at_least(1)),
     "train.keep_checkpoints": at_least(1),
     "train.log_every": at_least(1),
     "train.resume": one_of("auto", "never", path="a path to a step_*.pt checkpoint"),
@@ -372,6 +378,16 @@ def value_problems(cfg: DictConfig) -> list[str]:
     """The sentence for every value in ``cfg`` that RULES refuses, in RULES order."""
     problems = (rule(key, OmegaConf.select(cfg, key)) for key, rule in RULES.items())
     return [p for p in problems if p]
+
+
+def combination_problems(cfg: DictConfig) -> list[str]:
+    """Settings that are each valid but cannot work together."""
+    t = cfg.get("train")
+    if t is not None and t.get("optimizer") == "muon" and t.get("parallel") == "fsdp":
+        return ["train.optimizer=muon orthogonalizes whole weight matrices, which train.parallel=fsdp splits "
+                "across processes; use train.parallel=ddp (Muon keeps one buffer per matrix, half of AdamW's state) "
+                "or train.optimizer=adamw."]
+    return []
 
 
 def unknown_keys(node: Any, schema: type = None, prefix: str = "") -> list[str]:
@@ -428,7 +444,8 @@ def load_config(overrides: Optional[List[str]] = None, config_name: str = "confi
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as err:
         raise ConfigError(_hydra_message(err)) from None
-    problems = [_unknown_key_message(k) for k in unknown_keys(cfg)] or value_problems(cfg)
+    problems = ([_unknown_key_message(k) for k in unknown_keys(cfg)] or value_problems(cfg)
+                or combination_problems(cfg))
     if problems:
         raise ConfigError(" ".join(problems))
     return cfg

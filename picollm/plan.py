@@ -320,7 +320,7 @@ def make_plan(cfg: DictConfig, device_info, world_size: int = 1,
 
 
 # Settings that may change between the plan and a resume without changing the run.
-HARMLESS = ("train.eval_every", "train.save_every", "train.log_every", "train.keep_checkpoints", "train.resume",
+HARMLESS = ("train.eval_every", "train.save_every", "train.save_at", "train.log_every", "train.keep_checkpoints", "train.resume",
             "train.eval_tokens", "train.num_threads", "train.compile", "train.device", "wandb", "sample", "plan",
             "run_dir", "budget.probe_seconds", "data.cache_dir", "extra", "train.max_bad_steps", "train.on_bad_steps",
             "train.rollback_lr_scale", "train.max_rollbacks", "train.spike_sigmas", "train.inject_nan_loss",

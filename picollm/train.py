@@ -42,6 +42,10 @@ from picollm.plan import Plan, _strip_harmless, plan_for_run, save_plan
 from picollm.run_lock import RunLock, RunLockedError
 from picollm.throughput import autocast
 
+# train.save_at checkpoints go to run_dir/saved_at/checkpoints/, where retention never prunes them.
+SAVED_AT = "saved_at"
+
+
 class TrainError(RuntimeError):
     pass
 
@@ -398,23 +402,25 @@ class Trainer:
         self.stats.update(state.get("stats", {}))
         self.stats.update(kept)
 
-    def save(self) -> None:
+    def save(self, into: Optional[Path] = None, keep: Optional[int] = None) -> None:
         """Every rank contributes its RNG state; rank 0 writes (under FSDP every rank writes
-        its shards). A failed write is fatal but leaves the earlier checkpoints intact."""
+        its shards). A failed write is fatal but leaves the earlier checkpoints intact.
+        ``into``/``keep``: another run_dir-like folder and retention (0 keeps all)."""
+        into = into or self.run_dir
+        keep = self.t.keep_checkpoints if keep is None else keep
         state = self.state()
         if self.sharded:
             tensors = {"model": state.pop("model"), "optimizer": state.pop("optimizer")}
             try:
-                ckpt.save_sharded(self.run_dir, self.step, tensors, state, self.info.is_main,
-                                  keep=self.t.keep_checkpoints, extra_keep=self.stats["best_step"])
+                ckpt.save_sharded(into, self.step, tensors, state, self.info.is_main,
+                                  keep=keep, extra_keep=self.stats["best_step"])
             except ckpt.CheckpointError as err:
                 raise TrainError(str(err)) from None
             return
         error = None
         if self.info.is_main:
             try:
-                ckpt.save_checkpoint(self.run_dir, self.step, state, keep=self.t.keep_checkpoints,
-                                     extra_keep=self.stats["best_step"])
+                ckpt.save_checkpoint(into, self.step, state, keep=keep, extra_keep=self.stats["best_step"])
             except ckpt.CheckpointError as err:
                 error = str(err)
         error = dist.broadcast_object(error)
@@ -580,6 +586,8 @@ class Trainer:
             stop = dist.any_rank(stopper.signum is not None)  # every rank stops at the same step
             if self.step % plan.save_every == 0 or stop:
                 self.save()
+            if self.step in t.save_at:  # kept apart from retention: a sweep branches cooldowns from these
+                self.save(self.run_dir / SAVED_AT, keep=0)
             if stop:
                 name = signal.Signals(stopper.signum).name if stopper.signum else "a signal on another rank"
                 log(f"stopped by {name} after step {self.step}; checkpoint saved in {self.run_dir}. "
