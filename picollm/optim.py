@@ -1,5 +1,18 @@
-"""AdamW with weight decay on matmul weights only, and the LR schedules: warmup + cosine,
-or warmup-stable-decay (WSD)."""
+"""The optimizers (``train.optimizer``) and the LR schedules: warmup + cosine, or
+warmup-stable-decay (WSD).
+
+adamw: AdamW (fused) for everything; weight decay on the matmul weights only.
+muon:  Muon (``torch.optim.Muon``) for the 2-D matrices inside the transformer blocks
+       (qkv, proj, MLP up/down), AdamW as above for the embeddings, the LM head, norm gains
+       and biases, as one optimizer object.
+
+LR rules. The schedule gives one LR, the AdamW LR (``train.lr``, or the derived rule
+``min(cap, 0.3118 * C**-0.125)``); each parameter group runs at its own multiple of it
+(``lr_ratio``). AdamW groups: 1. Muon groups: ``train.muon_lr_ratio``. Muon scales its
+update with ``adjust_lr_fn="match_rms_adamw"`` (0.2 * sqrt(max(rows, cols)), Liu et al.
+2025), so its update has about AdamW's RMS and the AdamW rule carries over; the ratio is
+what measurement on top of that preferred. Muon's weight decay is AdamW's
+(``train.weight_decay``, decoupled, applied as lr * wd with the unscaled group LR)."""
 
 from __future__ import annotations
 
@@ -26,11 +39,67 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     ]
 
 
+OPTIMIZERS = ("adamw", "muon")
+
+
+def muon_matrices(model: nn.Module) -> list[torch.Tensor]:
+    """The hidden matrices: every trainable 2-D weight inside the transformer blocks. The
+    embeddings and the LM head map tokens in and out; orthogonalizing them is not what
+    Muon is for."""
+    return [p for p in model.blocks.parameters() if p.requires_grad and p.dim() == 2]
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """Muon for some parameters and AdamW for the rest, seen as one optimizer: one list of
+    param_groups (Muon's first), one state and one state_dict, so checkpoints (by parameter
+    name), the LR schedule, gradient clipping and the GradScaler handle it like any other.
+    The two torch optimizers do the updates on the groups and state held here."""
+
+    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW) -> None:
+        self.muon, self.adamw = muon, adamw
+        super().__init__(muon.param_groups + adamw.param_groups, defaults={})
+        self._share()
+
+    def _share(self) -> None:
+        # load_state_dict replaces self.state and self.param_groups: point the two at the
+        # current ones before every step.
+        n = len(self.muon.param_groups)
+        self.muon.param_groups, self.adamw.param_groups = self.param_groups[:n], self.param_groups[n:]
+        self.muon.state = self.adamw.state = self.state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        self._share()
+        self.muon.step()
+        self.adamw.step()
+        return loss
+
+
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                   device: torch.device) -> torch.optim.AdamW:
+                   device: torch.device, kind: str = "adamw", muon_lr_ratio: float = 1.0) -> torch.optim.Optimizer:
+    """The optimizer ``kind`` names (OPTIMIZERS); ``lr`` is the AdamW LR (see the module's LR rules)."""
+    if kind not in OPTIMIZERS:
+        raise ValueError(f"train.optimizer={kind!r} is unknown; use one of {', '.join(OPTIMIZERS)}.")
+    hidden = {id(p) for p in muon_matrices(model)} if kind == "muon" else set()
+    groups = [{**g, "params": [p for p in g["params"] if id(p) not in hidden]}
+              for g in param_groups(model, weight_decay)]
     # The fused kernel does the whole update in one pass; it exists for CUDA and CPU.
-    return torch.optim.AdamW(param_groups(model, weight_decay), lr=lr, betas=betas, eps=1e-8,
-                             fused=device.type in ("cuda", "cpu"))
+    adamw = torch.optim.AdamW(groups, lr=lr, betas=betas, eps=1e-8, fused=device.type in ("cuda", "cpu"))
+    if kind == "adamw":
+        return adamw
+    muon = torch.optim.Muon([{"params": muon_matrices(model), "lr_ratio": muon_lr_ratio}], lr=lr * muon_lr_ratio,
+                            weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+    return MuonWithAdamW(muon, adamw)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    """The schedule's LR for this step: each group runs at its own multiple of it."""
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_ratio", 1.0)
 
 
 def lr_at(step: int, peak: float, warmup: int, total: int, min_ratio: float, schedule: str = "cosine",
