@@ -171,6 +171,15 @@ class SweepSchema:
     dir: Optional[str] = None  # where run dirs, results.jsonl, plots and summary go
     bootstrap: int = 100  # resamples for the fits' 95% intervals (0: regression intervals only)
     fit: bool = True
+    # Sizes come from ONE shape family: d_model = n_layer * model.aspect_ratio exactly, heads of
+    # model.head_dim, n_layer >= min_layers. mix_families=true allows any aspect within 2x and 1 layer.
+    min_layers: int = 2
+    mix_families: bool = False
+    # cosine: every point trains from scratch. wsd: per size one warmup+constant run to its
+    # largest budget, checkpointed where each smaller budget's decay starts, and a short
+    # cooldown branched from each (train.decay_frac / decay_shape set the decay).
+    schedule: str = "cosine"  # cosine | wsd
+    workers: Optional[int] = None  # parallel single-thread processes; unset: one per core on CPU
 
 
 @dataclass
@@ -371,6 +380,9 @@ RULES: dict[str, Rule] = {
     "sweep.sizes": at_least(1),
     "sweep.span": number(1, lo_open=True),
     "sweep.bootstrap": at_least(0),
+    "sweep.min_layers": at_least(1),
+    "sweep.schedule": one_of("cosine", "wsd"),
+    "sweep.workers": at_least(1, nullable=True),
 }
 
 
