@@ -37,7 +37,7 @@ from picollm.data.prepare import (PreparationInterrupted, PreparedData, check_fi
 from picollm.data.sources import validate_source
 from picollm.evaluate import evaluate, token_byte_lengths
 from picollm.model import GPT
-from picollm.optim import lr_at, make_optimizer
+from picollm.optim import lr_at, make_optimizer, set_lr
 from picollm.plan import Plan, _strip_harmless, plan_for_run, save_plan
 from picollm.run_lock import RunLock, RunLockedError
 from picollm.throughput import autocast
@@ -349,7 +349,8 @@ class Trainer:
         if t.compile:
             self.train_model = torch.compile(self.train_model)
         # The optimizer comes after wrapping: FSDP replaces the parameters with sharded ones.
-        self.optimizer = make_optimizer(self.model, plan.lr, t.weight_decay, (t.beta1, t.beta2), device.device)
+        self.optimizer = make_optimizer(self.model, plan.lr, t.weight_decay, (t.beta1, t.beta2), device.device,
+                                        t.optimizer, t.muon_lr_ratio)
         # fp16 (GPUs without bf16; also runs on CPU): the scaler skips steps whose scaled
         # gradients overflow and lowers the scale. That is its job, not a bad step.
         self.scaler = torch.amp.GradScaler(device.device.type) if device.dtype == "fp16" else None
@@ -533,8 +534,7 @@ class Trainer:
             step_start = time.perf_counter()
             lr = self.stats["lr_scale"] * lr_at(self.step, plan.lr, plan.warmup_steps, plan.steps, t.min_lr_ratio,
                                                 t.schedule, t.decay_frac, t.decay_shape)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
+            set_lr(self.optimizer, lr)  # each group its own multiple (Muon's differs from AdamW's)
             result = self.train_step(batches)
             loss, grad_norm = result.loss, result.grad_norm
             if self.device.is_cuda:

@@ -1,4 +1,4 @@
-"""AdamW parameter groups and the warmup + cosine learning-rate schedule."""
+"""The optimizers (AdamW; Muon with AdamW), their parameter groups and the learning-rate schedules."""
 
 import math
 
@@ -7,7 +7,7 @@ import torch
 import torch.nn as nn
 
 from picollm.model import GPT, GPTConfig
-from picollm.optim import lr_at, make_optimizer, param_groups
+from picollm.optim import MuonWithAdamW, lr_at, make_optimizer, param_groups, set_lr
 
 
 def tiny(arch):
@@ -104,6 +104,144 @@ def test_weight_decay_applies_only_to_the_decay_group():
         torch.testing.assert_close(p.detach(), before[id(p)] * (1 - lr * wd))
     for p in no_decay["params"]:
         assert torch.equal(p.detach(), before[id(p)])
+
+
+# --- Muon ---------------------------------------------------------------------------------------
+
+CPU = torch.device("cpu")
+
+
+def train_steps(model, opt, n, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    losses = []
+    for _ in range(n):
+        x = torch.randint(0, 61, (2, 16), generator=gen)
+        opt.zero_grad(set_to_none=True)
+        loss = model(x, x)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    return losses
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_muon_takes_the_blocks_matrices_and_adamw_the_rest(arch):
+    model = tiny(arch)
+    opt = make_optimizer(model, lr=1e-3, weight_decay=0.1, betas=(0.9, 0.95), device=CPU, kind="muon",
+                         muon_lr_ratio=3.0)
+    assert isinstance(opt, MuonWithAdamW)
+    muon_group, decay, no_decay = opt.param_groups
+    hidden = {id(m.weight) for b in model.blocks for m in (b.attn.qkv, b.attn.proj, b.mlp.up, b.mlp.down)}
+    assert {id(p) for p in muon_group["params"]} == hidden
+    assert muon_group["adjust_lr_fn"] == "match_rms_adamw" and muon_group["weight_decay"] == 0.1
+    assert muon_group["lr"] == pytest.approx(3e-3) and muon_group["lr_ratio"] == 3.0
+    # AdamW keeps its decay rule for what is left: the untied head decays, embeddings and norms do not.
+    adamw = param_groups(model, 0.1)
+    assert {id(p) for p in decay["params"]} == {id(p) for p in adamw[0]["params"]} - hidden
+    assert {id(p) for p in no_decay["params"]} == {id(p) for p in adamw[1]["params"]}
+    assert [decay["weight_decay"], no_decay["weight_decay"]] == [0.1, 0.0] and decay["fused"] is True
+    assert (id(model.lm_head.weight) in {id(p) for p in decay["params"]}) == (arch == "llama")
+    listed = [id(p) for g in opt.param_groups for p in g["params"]]
+    assert sorted(listed) == sorted({id(p) for p in model.parameters()})  # each parameter exactly once
+
+    set_lr(opt, 2e-3)  # the schedule's LR: AdamW groups take it, Muon its multiple
+    assert [g["lr"] for g in opt.param_groups] == [pytest.approx(6e-3), 2e-3, 2e-3]
+
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    losses = train_steps(model, opt, 4)
+    assert all(math.isfinite(x) for x in losses) and losses[-1] < losses[0]
+    for n, p in model.named_parameters():
+        assert not torch.equal(p, before[n]), f"{n} did not change"
+    assert all(set(opt.state[p]) == {"momentum_buffer"} for p in muon_group["params"])
+    assert all(set(opt.state[p]) == {"step", "exp_avg", "exp_avg_sq"} for p in no_decay["params"])
+
+
+def test_muon_update_is_orthogonalized_and_scaled_like_adamw():
+    """One Muon step moves a matrix by lr * 0.2 * sqrt(max dim) times an approximately
+    orthogonal matrix: singular values around 1 (five Newton-Schulz steps leave the gradient's
+    smallest directions short of 1 and may overshoot to ~1.2), so the update's RMS is about
+    0.2 * lr, AdamW's typical RMS, whatever the matrix's shape."""
+    model = tiny("llama")
+    lr = 1e-2
+    opt = make_optimizer(model, lr=lr, weight_decay=0.0, betas=(0.9, 0.95), device=CPU, kind="muon")
+    w = model.blocks[0].mlp.up.weight
+    before = w.detach().clone()
+    train_steps(model, opt, 1)
+    update = (before - w.detach()) / (lr * 0.2 * math.sqrt(max(w.shape)))
+    singular = torch.linalg.svdvals(update)
+    assert singular.max() < 1.5 and 0.7 < singular.median() < 1.3
+
+
+def test_muon_weight_decay_matches_adamw_on_zero_gradients():
+    model = tiny("llama")
+    lr, wd = 0.1, 0.5
+    opt = make_optimizer(model, lr=lr, weight_decay=wd, betas=(0.9, 0.95), device=CPU, kind="muon")
+    before = {id(p): p.detach().clone() for p in model.parameters()}
+    for p in model.parameters():
+        p.grad = torch.zeros_like(p)
+    opt.step()
+    muon_group, decay, no_decay = opt.param_groups
+    for p in muon_group["params"] + decay["params"]:
+        torch.testing.assert_close(p.detach(), before[id(p)] * (1 - lr * wd))
+    assert all(torch.equal(p.detach(), before[id(p)]) for p in no_decay["params"])
+
+
+def test_muon_state_round_trips_through_the_name_keyed_checkpoint_state():
+    """Save after 3 steps as the trainer does (parallel.training_state), load into a fresh
+    model and optimizer, take 3 more steps: bitwise what the uninterrupted one did."""
+    from picollm import parallel
+
+    model = tiny("llama")
+    opt = make_optimizer(model, lr=3e-3, weight_decay=0.1, betas=(0.9, 0.95), device=CPU, kind="muon",
+                         muon_lr_ratio=2.0)
+    train_steps(model, opt, 3)
+    model_sd, optim_sd = (torch.utils._pytree.tree_map(lambda v: v.clone() if torch.is_tensor(v) else v, sd)
+                          for sd in parallel.training_state(model, opt))
+    assert any(k.endswith("qkv.weight") for k in optim_sd["state"])
+    continued = train_steps(model, opt, 3, seed=1)
+
+    fresh = tiny("llama")
+    fresh_opt = make_optimizer(fresh, lr=1.0, weight_decay=0.1, betas=(0.9, 0.95), device=CPU, kind="muon")
+    parallel.load_training_state(fresh, fresh_opt, model_sd, optim_sd, sharded=False)
+    assert fresh_opt.param_groups[0]["lr_ratio"] == 2.0
+    assert train_steps(fresh, fresh_opt, 3, seed=1) == continued
+    assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
+
+
+def test_muon_run_resumes_bitwise(tmp_path):
+    """CPU fp32: resume a copy of a finished run from its step-3 checkpoint, and steps 4-6
+    repeat the uninterrupted run's losses and weights exactly."""
+    import shutil
+
+    from picollm import checkpoint as ckpt
+    from picollm.config import load_config
+    from picollm.train import run
+    from tests.conftest import TINY
+    from tests.test_resume import checkpoint_state, losses, records
+
+    base = TINY + ["train.batch_tokens=256", "train.dtype=fp32", "train.warmup_steps=2", "train.eval_every=1000",
+                   "train.steps=6", "train.save_every=3", "train.optimizer=muon"]
+    full, part = tmp_path / "full", tmp_path / "part"
+    run(load_config(base + [f"run_dir={full}"]))
+    final = checkpoint_state(full, 6)
+    assert any("momentum_buffer" in s for s in final["optimizer"]["state"].values())  # Muon's own state
+    shutil.copytree(full, part)
+    for suffix in (".pt", ".json"):
+        (ckpt.ckpt_dir(part) / f"step_0000006{suffix}").unlink()
+    run(load_config(base + [f"run_dir={part}"]))
+    assert [len(records(part)[step]) for step in range(1, 7)] == [1, 1, 1, 2, 2, 2]  # 4-6 ran again
+    assert losses(part) == losses(full)
+    resumed = checkpoint_state(part, 6)["model"]
+    assert all(torch.equal(final["model"][k], resumed[k]) for k in final["model"])
+
+
+def test_muon_with_fsdp_is_refused_in_one_sentence():
+    from picollm.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=r"train.optimizer=muon .* train.parallel=fsdp .*; use train.parallel=ddp"):
+        load_config(["train.optimizer=muon", "train.parallel=fsdp"])
+    with pytest.raises(ConfigError, match="train.optimizer='sgd' is unknown; use adamw or muon"):
+        load_config(["train.optimizer=sgd"])
 
 
 # --- learning-rate schedule -------------------------------------------------------------------
