@@ -147,7 +147,8 @@ def plan_section(plan: dict) -> list[str]:
         ("steps", f"{plan['steps']:,}"),
         ("batch", f"{plan['tokens_per_step']:,} tokens/step = {plan['batch_seqs']} seqs "
                   f"({plan['world_size']} proc x {plan['micro_batch']} micro x {plan['accum_steps']} accum)"),
-        ("LR", f"{plan['lr']:.2e} peak -> {plan['min_lr']:.2e}, warmup {plan['warmup_steps']} steps, cosine"),
+        ("LR", f"{plan['lr']:.2e} peak -> {plan['min_lr']:.2e}, warmup {plan['warmup_steps']} steps, "
+                f"{plan.get('schedule') or 'cosine'}"),
         ("device", f"{plan['device']}, {plan['dtype']}"),
         ("estimated time", f"{duration(plan['est_seconds'])} ({plan['est_source']})"
          if math.isfinite(plan.get("est_seconds", math.nan)) else "n/a"),  # NaN when no peak was known

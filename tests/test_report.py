@@ -365,3 +365,10 @@ def test_report_cli_errors(tmp_path: Path) -> None:
         report.main([f"run_dir={tmp_path}"])
     with pytest.raises(SystemExit, match="unknown report command 'bogus'"):
         report.main(["bogus", f"run_dir={tmp_path}"])
+
+
+def test_plan_section_names_the_schedule(run_dir: Path) -> None:
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert "steps, cosine" in "\n".join(report.plan_section(plan))
+    plan["schedule"] = "wsd: constant, then the last 20% decay linear"
+    assert "steps, wsd: constant, then the last 20% decay linear" in "\n".join(report.plan_section(plan))
