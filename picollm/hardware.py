@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Optional
 
 import torch
@@ -40,8 +40,11 @@ class DeviceInfo:
     name: str
     dtype: str  # the dtype training runs in: fp32 | bf16 | fp16
     peak_flops: Optional[float]  # for that dtype; None when unknown
-    peak_source: str  # "published" | "measured" | "unknown"
+    peak_source: str  # "published" | "measured" | "given" | "unknown" | "pending" (measured once dtype is known)
     memory_bytes: int  # what a run may use: free GPU memory, or available RAM
+    dtype_reason: str = ""  # why this dtype, for the plan card
+    dtype_pending: bool = False  # CPU auto: the plan times both dtypes on the run's shape and picks
+
 
     @property
     def is_cuda(self) -> bool:
@@ -58,10 +61,11 @@ def pick_device(name: str = "auto") -> torch.device:
 
 
 @functools.lru_cache(maxsize=None)
-def measure_matmul_peak(dtype: str, max_size: int = 4096, repeats: int = 3, budget_s: float = 0.5) -> float:
+def measure_matmul_peak(dtype: str, max_size: int = 4096, repeats: int = 3, budget_s: float = 0.25) -> float:
     """Best FLOP/s of square matmuls in ``dtype`` on the CPU (the same-run yardstick).
     Sizes grow from 1024 until one product takes ``budget_s`` or ``max_size`` is reached,
-    since small products underrate the peak and huge emulated-bf16 ones take seconds."""
+    since small products underrate the peak and huge ones take seconds (it runs inside a
+    budget.minutes run's wall clock: about 1-2 s in all)."""
     best, size = 0.0, 1024
     while size <= max_size:
         a = torch.randn(size, size, dtype=DTYPES[dtype])
@@ -81,8 +85,8 @@ def measure_matmul_peak(dtype: str, max_size: int = 4096, repeats: int = 3, budg
 
 
 def cpu_has_fast_bf16() -> bool:
-    """AMX or AVX512-BF16 make bf16 matmuls faster than fp32; without them bf16 is emulated
-    and several times slower, so auto picks fp32 there."""
+    """AMX or AVX512-BF16: bf16 matmuls may beat fp32 here. Only a first guess: whether
+    they do on a given model shape is measured (``pick_faster_dtype``)."""
     try:
         with open("/proc/cpuinfo") as f:
             flags = next((line for line in f if line.startswith("flags")), "")
@@ -91,16 +95,53 @@ def cpu_has_fast_bf16() -> bool:
     return any(flag in flags.split() for flag in ("amx_bf16", "avx512_bf16"))
 
 
-def resolve_dtype(requested: str, device: torch.device) -> str:
+def resolve_dtype(requested: str, device: torch.device) -> tuple[str, str]:
+    """(dtype, why). On CPU, ``auto`` answers the CPU-flag guess; the plan replaces it by
+    a measurement on the run's own shape (``DeviceInfo.dtype_pending``)."""
     if requested not in ("auto", *DTYPES):
         raise ValueError(f"train.dtype={requested!r} is unknown; use auto, bf16, fp32 or fp16.")
     if requested != "auto":
         if requested == "bf16" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
             raise ValueError("this GPU has no bf16 support; use train.dtype=fp16 (loss-scaled) or fp32.")
-        return requested
+        return requested, f"train.dtype={requested}"
     if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
-    return "bf16" if cpu_has_fast_bf16() else "fp32"
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "auto: this GPU has bf16"
+        return "fp16", "auto: this GPU has no bf16 (fp16 with loss scaling)"
+    if cpu_has_fast_bf16():
+        return "bf16", "auto: guessed from the CPU flags (AMX/AVX512-BF16), not measured"
+    return "fp32", "auto: guessed from the CPU flags (no bf16 units), not measured"
+
+
+CPU_DTYPES = ("fp32", "bf16")  # what auto chooses between on CPU (fp16 is for GPUs without bf16)
+
+
+def pick_faster_dtype(step_seconds: dict, probe_seconds: float) -> tuple[str, str]:
+    """(dtype, why) from measured seconds per training step of each candidate dtype."""
+    fast = min(step_seconds, key=step_seconds.get)
+    slow = max(step_seconds, key=step_seconds.get)
+    if fast == slow:
+        return fast, f"auto: {fast}, the only dtype measured"
+    ratio = step_seconds[slow] / step_seconds[fast]
+    return fast, (f"auto: {fast} step {ratio:.2f}x as fast as {slow} on this CPU and shape, "
+                  f"measured ({probe_seconds:.1f} s probe)")
+
+
+def with_dtype(info: DeviceInfo, dtype: str, reason: str, measure: bool = True) -> DeviceInfo:
+    """``info`` training in ``dtype``: the MFU yardstick becomes that dtype's peak
+    (measured on CPU, published on GPUs; a given peak stays)."""
+    peak, source = info.peak_flops, info.peak_source
+    if dtype != info.dtype or source == "pending":
+        if source == "given":
+            pass
+        elif info.is_cuda:
+            peak = next((p.get(dtype) for key, p in GPU_PEAKS if key in info.name), None)
+            source = "published" if peak else "unknown"
+        elif measure and source in ("measured", "pending"):
+            peak, source = measure_matmul_peak(dtype), "measured"
+        else:
+            peak, source = None, "unknown"
+    return replace(info, dtype=dtype, peak_flops=peak, peak_source=source, dtype_reason=reason, dtype_pending=False)
 
 
 def combined_peak(info: "DeviceInfo", world_size: int) -> Optional[float]:
@@ -135,21 +176,27 @@ def peak_memory_mib(device: torch.device) -> float:
 
 
 def describe(device_name: str = "auto", dtype: str = "auto", measure: bool = True,
-             peak_flops: Optional[float] = None) -> DeviceInfo:
+             peak_flops: Optional[float] = None, decide_dtype_later: bool = False) -> DeviceInfo:
+    """The device, its dtype and that dtype's peak. ``decide_dtype_later`` (the planner):
+    CPU ``auto`` stays pending, to be measured on the run's shape, and its peak is measured
+    only once the dtype is chosen (``with_dtype``)."""
     device = pick_device(device_name)
-    dt = resolve_dtype(dtype, device)
+    dt, why = resolve_dtype(dtype, device)
+    pending = decide_dtype_later and dtype == "auto" and device.type == "cpu"
     if peak_flops:
         name = torch.cuda.get_device_name(device) if device.type == "cuda" else _cpu_name()
-        return DeviceInfo(device, name, dt, float(peak_flops), "given", available_memory(device))
+        return DeviceInfo(device, name, dt, float(peak_flops), "given", available_memory(device), why, pending)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
         peak = next((p.get(dt) for key, p in GPU_PEAKS if key in name), None)
         source = "published" if peak else "unknown"
+    elif pending:
+        name, peak, source = _cpu_name(), None, "pending" if measure else "unknown"
     else:
         name = _cpu_name()
         peak = measure_matmul_peak(dt) if measure else None
         source = "measured" if measure else "unknown"
-    return DeviceInfo(device, name, dt, peak, source, available_memory(device))
+    return DeviceInfo(device, name, dt, peak, source, available_memory(device), why, pending)
 
 
 def _cpu_name() -> str:

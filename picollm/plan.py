@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import sys
+import time
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +41,11 @@ NAMED_VOCABS = {"gpt2": 50257, "r50k_base": 50257, "p50k_base": 50281, "cl100k_b
 LR_CAP = 3e-3
 MIN_STEPS = 50
 ASSUMED_MFU = {"cuda": 0.35, "cpu": 0.3}  # for the wall-clock estimate when nothing was measured
+UNMEASURED_PEAK = {"cuda": 1e14, "cpu": 1e11}  # the first guess of budget.minutes when no peak is known yet
+# budget.minutes: what besides the training steps the run spends inside its wall clock.
+EVALS_PER_RUN = 12  # at step 0, ~10 on the default interval (steps // 10), and the final one
+CHECKPOINT_BYTES_PER_S = 200e6  # fp32 weights + AdamW state to disk, a conservative local-disk rate
+REPORT_SECONDS = 5.0  # report.md with samples after the last step (train.report), planned
 
 
 def vocab_size_for(tok: DictConfig) -> int:
@@ -83,6 +90,24 @@ def nearest_model(m: DictConfig, vocab_size: int, n_target: float) -> GPTConfig:
         if best is None or gap < best[0]:
             best = (gap, cand)
     return best[1]
+
+
+# budget.minutes on a CPU: Chinchilla's D = 20 N turns a few minutes into a 1-layer, 1-head
+# model (N ~ 184k at vocab 2048), whose loss measured worse than a deeper one trained on
+# fewer tokens in the same wall clock (scripts/bench_time_to_loss.py --shapes; numbers in
+# BENCHMARKS.md). The floor below is that measurement, not a law: it only lifts depths below it.
+MINUTES_MIN_DEPTH = 2
+MINUTES_MIN_HEADS = 2
+
+
+def minutes_model(m: DictConfig, vocab_size: int, n_target: float) -> GPTConfig:
+    """The shape budget.minutes trains: nearest_model, lifted to the shallowest depth with at
+    least MINUTES_MIN_DEPTH layers and MINUTES_MIN_HEADS heads (never past model.max_depth)."""
+    gcfg = nearest_model(m, vocab_size, n_target)
+    depth = gcfg.n_layer
+    while depth < m.max_depth and (depth < MINUTES_MIN_DEPTH or model_config(m, vocab_size, depth).n_head < MINUTES_MIN_HEADS):
+        depth += 1
+    return gcfg if depth == gcfg.n_layer else model_config(m, vocab_size, depth)
 
 
 def estimate_memory(gcfg: GPTConfig, micro_batch: int, dtype: str, activation_checkpointing: bool,
@@ -147,6 +172,8 @@ class Plan:
     data_tokens: Optional[int] = None
     warnings: list = field(default_factory=list)
     schedule: str = "cosine"  # how the LR goes from lr to min_lr, for the card
+    dtype_reason: str = ""  # why this dtype (auto on CPU: measured); a resume keeps plan.dtype
+    time_budget: Optional[dict] = None  # budget.minutes: seconds by part (start-up, probes, evals, training)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -182,7 +209,9 @@ class Plan:
             f"schedule     {self.steps} steps, warmup {self.warmup_steps}, lr {self.lr:.2e} -> {self.min_lr:.2e} ({self.schedule})",
             f"device       {self.device}, {self.dtype}, peak "
             + (f"{self.peak_flops / 1e12:.3g} TFLOP/s" if self.peak_flops else "unknown"),
+            *([f"dtype        {self.dtype_reason}"] if self.dtype_reason else []),
             f"time         ~{_duration(self.est_seconds)} ({self.est_source})",
+            *([f"wall clock   {_time_budget_line(self.time_budget)}"] if self.time_budget else []),
             f"memory       ~{_gib(mem['total'])} peak (weights {_gib(mem['weights'])}, grads {_gib(mem['gradients'])}, "
             f"adam {_gib(mem['optimizer'])}, activations {_gib(mem['activations'])}) of {_gib(self.memory_available)}",
             "data         " + (f"{_si(self.data_tokens)} train tokens available, {self.epochs:.2f} epochs"
@@ -193,9 +222,17 @@ class Plan:
 
 
 def make_plan(cfg: DictConfig, device_info, world_size: int = 1,
-              measure_flops: Optional[Callable[[GPTConfig, int], float]] = None) -> Plan:
-    """Resolve the budget into a full plan. ``measure_flops(gpt_cfg, micro_batch)`` returns
-    achieved training FLOP/s on this machine; budget.minutes needs it."""
+              measure_flops: Optional[Callable] = None, measure_dtypes: Optional[Callable] = None,
+              startup_seconds: float = 0.0, clock: Callable[[], float] = time.perf_counter) -> Plan:
+    """Resolve the budget into a full plan.
+
+    ``measure_flops(gpt_cfg, micro_batch, device_info)`` returns achieved training FLOP/s
+    on this machine in ``device_info.dtype``; budget.minutes needs it.
+    ``measure_dtypes(gpt_cfg, micro_batch, device_info)`` returns ``{"step_seconds":
+    {dtype: s}, "seconds": probe cost}``; it decides train.dtype=auto on CPU
+    (``device_info.dtype_pending``), else the CPU-flag guess stands.
+    ``startup_seconds``: what this process spent before planning, taken out of budget.minutes
+    with the probes' own time (read from ``clock``)."""
     b, t = cfg.budget, cfg.train
     vocab = vocab_size_for(cfg.tokenizer)
     chosen = [k for k in ("compute", "params", "tokens", "minutes") if b[k] is not None]
@@ -208,7 +245,8 @@ def make_plan(cfg: DictConfig, device_info, world_size: int = 1,
         raise ConfigError(f"budget.tokens_per_param={b.tokens_per_param} must be positive.")
     r = b.tokens_per_param
     explicit = model_is_explicit(cfg.model)
-    measured_rate = None
+    measured_rate, time_budget = None, None
+    probe_seconds = {"dtype": 0.0, "throughput": 0.0}
     # The probe measures one process. GPUs add up; CPU processes share one machine's cores.
     devices = world_size if device_info.is_cuda else 1
 
@@ -217,7 +255,8 @@ def make_plan(cfg: DictConfig, device_info, world_size: int = 1,
             raise ConfigError("budget.minutes needs a throughput probe on this machine; run it through picollm.train or picollm.plan.")
         seconds = 60.0 * b.minutes
         # First guess from the peak, then re-measure on the chosen shape until it settles.
-        rate = devices * (device_info.peak_flops or 1e12) * ASSUMED_MFU[device_info.device.type]
+        # The probe runs what training will run: the same micro-batch and dtype.
+        rate = devices * (device_info.peak_flops or UNMEASURED_PEAK[device_info.device.type]) * ASSUMED_MFU[device_info.device.type]
         gcfg, tried = None, set()
         for _ in range(3):
             guess = model_config(cfg.model, vocab) if explicit else nearest_model(cfg.model, vocab, chinchilla_optimal(rate * seconds, r)[0])
@@ -225,16 +264,22 @@ def make_plan(cfg: DictConfig, device_info, world_size: int = 1,
                 break
             tried.add((guess.n_layer, guess.d_model))
             gcfg = guess
-            rate = devices * measure_flops(gcfg, t.micro_batch or (32 if device_info.is_cuda else 16))
+            micro = _probe_micro(t, gcfg, rate * seconds, world_size, device_info)
+            device_info = _settle_dtype(device_info, gcfg, micro, measure_dtypes, probe_seconds, clock)
+            start = clock()
+            rate = devices * measure_flops(gcfg, micro, device_info)
+            probe_seconds["throughput"] += clock() - start
             if explicit:
                 break
+        time_budget = _time_budget(seconds, startup_seconds, probe_seconds, gcfg, rate, t)
         if not explicit:
-            gcfg = nearest_model(cfg.model, vocab, chinchilla_optimal(rate * seconds, r)[0])
+            gcfg = nearest_model(cfg.model, vocab, chinchilla_optimal(rate * time_budget["train_s"], r)[0])
+            time_budget = _time_budget(seconds, startup_seconds, probe_seconds, gcfg, rate, t)
         measured_rate = rate
-        compute = rate * seconds
+        compute = rate * time_budget["train_s"]
         n_tokens = compute / gcfg.flops_per_token()
-        budget = (f"{b.minutes:g} min at a measured {rate / 1e9:.3g} GFLOP/s"
-                  + (f" ({devices} GPUs)" if devices > 1 else "") + f" -> C={compute:.3e}")
+        budget = (f"{b.minutes:g} min, {_duration(time_budget['train_s'])} of it training at a measured "
+                  f"{rate / 1e9:.3g} GFLOP/s" + (f" ({devices} GPUs)" if devices > 1 else "") + f" -> C={compute:.3e}")
     elif "compute" in chosen:
         gcfg = model_config(cfg.model, vocab) if explicit else nearest_model(cfg.model, vocab, chinchilla_optimal(b.compute, r)[0])
         n_tokens, budget = b.compute / gcfg.flops_per_token(), f"compute C={b.compute:.3e} FLOPs"
@@ -254,25 +299,8 @@ def make_plan(cfg: DictConfig, device_info, world_size: int = 1,
         n_tokens, budget = r * gcfg.num_params(), f"explicit model, D = {r:g} N"
 
     fpt = gcfg.flops_per_token()
-    compute_est = fpt * n_tokens
     seq = gcfg.seq_len
-
-    # Global batch in sequences.
-    if t.batch_tokens is not None:
-        if t.batch_tokens % seq:
-            raise ConfigError(f"train.batch_tokens={t.batch_tokens} is not a multiple of model.seq_len={seq}; "
-                              f"use a multiple such as {max(1, round(t.batch_tokens / seq)) * seq}.")
-        batch_seqs = t.batch_tokens // seq
-    else:
-        batch_seqs = _pow2(max(1.0, 0.292 * compute_est ** 0.3271 / seq))
-        if t.steps is None:
-            while batch_seqs > world_size and n_tokens / (batch_seqs * seq) < MIN_STEPS:
-                batch_seqs //= 2
-        batch_seqs = max(batch_seqs, world_size)
-        batch_seqs += (-batch_seqs) % world_size
-    if batch_seqs % world_size:
-        raise ConfigError(f"global batch of {batch_seqs} sequences is not divisible by the world size {world_size}; "
-                          f"set train.batch_tokens to a multiple of {world_size * seq}.")
+    batch_seqs = _global_batch(t, fpt * n_tokens, n_tokens, seq, world_size)
     tokens_per_step = batch_seqs * seq
 
     if t.steps is not None:
@@ -289,6 +317,9 @@ def make_plan(cfg: DictConfig, device_info, world_size: int = 1,
 
     shards = world_size if t.parallel == "fsdp" else 1
     micro, memory = _micro_batch(t, gcfg, batch_seqs // world_size, device_info, shards)
+    if device_info.dtype_pending:  # not a minutes budget: measure on the final shape and micro-batch
+        device_info = _settle_dtype(device_info, gcfg, micro, measure_dtypes, probe_seconds, clock)
+        micro, memory = _micro_batch(t, gcfg, batch_seqs // world_size, device_info, shards)
     accum = batch_seqs // (world_size * micro)
 
     lr = t.lr if t.lr is not None else min(LR_CAP, 0.3118 * compute ** -0.125)
@@ -312,7 +343,8 @@ def make_plan(cfg: DictConfig, device_info, world_size: int = 1,
         micro_batch=micro, accum_steps=accum, world_size=world_size, warmup_steps=warmup, lr=float(lr),
         min_lr=float(lr * t.min_lr_ratio), eval_every=t.eval_every or every, save_every=t.save_every or every,
         est_seconds=float(est), est_source=source, budget=budget, device=device_info.name,
-        dtype=device_info.dtype, peak_flops=device_info.peak_flops, memory=memory,
+        dtype=device_info.dtype, peak_flops=device_info.peak_flops, memory=memory, dtype_reason=device_info.dtype_reason,
+        time_budget=time_budget,
         memory_available=device_info.memory_bytes, stream_tokens=n_tokens + seq + 1,
         schedule=("cosine" if t.schedule == "cosine" else
                   f"wsd: constant, then the last {t.decay_frac:.0%} decay {t.decay_shape}"),
@@ -386,7 +418,8 @@ def plan_for_run(cfg: DictConfig, device: hardware.DeviceInfo, info: dist.DistIn
     error = None
     if info.is_main and plan is None:
         try:
-            plan = make_plan(cfg, device, world_size=info.world_size, measure_flops=_probe(cfg, device))
+            plan = make_plan(cfg, device, world_size=info.world_size, measure_flops=_probe(cfg),
+                             measure_dtypes=_dtype_probe, startup_seconds=process_age())
         except ConfigError as err:
             error = str(err)
     error = dist.broadcast_object(error)
@@ -431,6 +464,99 @@ def _micro_batch(t: DictConfig, gcfg: GPTConfig, per_rank: int, device_info, sha
     return b, mem(b)
 
 
+def _global_batch(t: DictConfig, compute: float, n_tokens: float, seq: int, world_size: int) -> int:
+    """Global batch in sequences: train.batch_tokens, or the compute rule halved while the
+    run would have fewer than MIN_STEPS steps."""
+    if t.batch_tokens is not None:
+        if t.batch_tokens % seq:
+            raise ConfigError(f"train.batch_tokens={t.batch_tokens} is not a multiple of model.seq_len={seq}; "
+                              f"use a multiple such as {max(1, round(t.batch_tokens / seq)) * seq}.")
+        batch_seqs = t.batch_tokens // seq
+    else:
+        batch_seqs = _pow2(max(1.0, 0.292 * compute ** 0.3271 / seq))
+        if t.steps is None:
+            while batch_seqs > world_size and n_tokens / (batch_seqs * seq) < MIN_STEPS:
+                batch_seqs //= 2
+        batch_seqs = max(batch_seqs, world_size)
+        batch_seqs += (-batch_seqs) % world_size
+    if batch_seqs % world_size:
+        raise ConfigError(f"global batch of {batch_seqs} sequences is not divisible by the world size {world_size}; "
+                          f"set train.batch_tokens to a multiple of {world_size * seq}.")
+    return batch_seqs
+
+
+def _probe_micro(t: DictConfig, gcfg: GPTConfig, compute: float, world_size: int, device_info) -> int:
+    """The micro-batch training would use at this shape and compute, for the probes."""
+    n_tokens = compute / gcfg.flops_per_token()
+    batch = _global_batch(t, compute, n_tokens, gcfg.seq_len, world_size)
+    shards = world_size if t.parallel == "fsdp" else 1
+    return _micro_batch(t, gcfg, batch // world_size, device_info, shards)[0]
+
+
+def _settle_dtype(device_info, gcfg: GPTConfig, micro: int, measure_dtypes: Optional[Callable],
+                  probe_seconds: dict, clock: Callable[[], float]):
+    """train.dtype=auto on CPU: time a training step in each dtype on this shape and
+    micro-batch and train in the faster (without a probe, the CPU-flag guess stands).
+    Either way the peak of the chosen dtype becomes the MFU yardstick."""
+    if not device_info.dtype_pending:
+        return device_info
+    start = clock()
+    if measure_dtypes is None:
+        settled = hardware.with_dtype(device_info, device_info.dtype, device_info.dtype_reason)
+    else:
+        timed = measure_dtypes(gcfg, micro, device_info)
+        dtype, why = hardware.pick_faster_dtype(timed["step_seconds"], timed["seconds"])
+        settled = hardware.with_dtype(device_info, dtype, why)
+    probe_seconds["dtype"] += clock() - start
+    return settled
+
+
+def _time_budget(seconds: float, startup: float, probes: dict, gcfg: GPTConfig, rate: float, t: DictConfig) -> dict:
+    """budget.minutes is the whole training process's wall clock: take out what was spent
+    before and during planning (measured) and what evaluations, checkpoints and the end of
+    the run will spend (planned at the measured rate); the rest is training."""
+    eval_s = EVALS_PER_RUN * t.eval_tokens * gcfg.flops_per_token() / 3 / rate  # forward only: 1/3 of a step's FLOPs
+    if t.eval_every is not None:  # an explicit interval: as many as the steps allow, estimated from the rate
+        steps_guess = max(1.0, seconds * rate / gcfg.flops_per_token() / (t.batch_tokens or 2**16))
+        eval_s *= (2 + steps_guess / t.eval_every) / EVALS_PER_RUN
+    saves = 11 if t.save_every is None else 1 + seconds / 60  # one a minute at most, as a bound
+    save_s = saves * 16 * gcfg.num_params(total=True) / CHECKPOINT_BYTES_PER_S
+    parts = {"budget_s": seconds, "startup_s": startup, "dtype_probe_s": probes["dtype"],
+             "throughput_probe_s": probes["throughput"], "evals_s": eval_s + save_s,
+             "finish_s": (REPORT_SECONDS if t.report else 0.0) + save_s / saves}  # + the exported weights
+    spent = sum(v for k, v in parts.items() if k != "budget_s")
+    if spent >= 0.9 * seconds:
+        raise ConfigError(f"budget.minutes={seconds / 60:g} leaves no time to train: start-up, probes, evaluations and "
+                          f"the report take ~{spent:.0f} s; raise budget.minutes, lower budget.probe_seconds or "
+                          "train.eval_tokens.")
+    parts["train_s"] = seconds - spent
+    return parts
+
+
+def _time_budget_line(tb: dict) -> str:
+    return (f"{_duration(tb['budget_s'])} = start-up {tb['startup_s']:.0f} s + dtype probe {tb['dtype_probe_s']:.1f} s"
+            f" + throughput probe {tb['throughput_probe_s']:.1f} s + evals/checkpoints ~{tb['evals_s']:.0f} s"
+            f" + export/report ~{tb['finish_s']:.0f} s + training {_duration(tb['train_s'])}")
+
+
+def process_age() -> float:
+    """Seconds since this process started (interpreter and imports included): the start-up
+    a budget.minutes run has already spent when it plans. Counted only in a picollm command
+    (python -m picollm.X, torchrun -m ...): a library caller's age (a test session, a
+    notebook) says nothing about a run. 0 where /proc is missing."""
+    main_spec = getattr(sys.modules.get("__main__"), "__spec__", None)
+    if not (main_spec and main_spec.name.startswith("picollm.")):
+        return 0.0
+    try:
+        with open("/proc/self/stat") as f:
+            start_ticks = float(f.read().rsplit(")", 1)[1].split()[19])
+        with open("/proc/uptime") as f:
+            uptime = float(f.read().split()[0])
+        return max(0.0, uptime - start_ticks / os.sysconf("SC_CLK_TCK"))
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
 def _pow2(x: float) -> int:
     return 2 ** max(0, int(round(math.log2(x))))
 
@@ -452,10 +578,22 @@ def _duration(s: float) -> str:
     return f"{s / 3600:.1f} h" if s >= 5400 else f"{s / 60:.1f} min" if s >= 90 else f"{s:.0f} s"
 
 
-def _probe(cfg: DictConfig, device) -> Callable:
+def _probe(cfg: DictConfig) -> Callable:
     from picollm.throughput import measure_train_flops
 
-    return lambda gcfg, micro: measure_train_flops(gcfg, micro, device, cfg.budget.probe_seconds)
+    return lambda gcfg, micro, device: measure_train_flops(gcfg, micro, device, cfg.budget.probe_seconds)
+
+
+def _dtype_probe(gcfg: GPTConfig, micro: int, device) -> dict:
+    from picollm.throughput import time_dtypes
+
+    return time_dtypes(gcfg, micro, device, hardware.CPU_DTYPES)
+
+
+def _planner_device(cfg: DictConfig, measure: bool = True):
+    """The device as the planner sees it: CPU auto dtype left to the plan's measurement."""
+    return hardware.describe(cfg.train.device, cfg.train.dtype, measure=measure, peak_flops=cfg.train.peak_flops,
+                             decide_dtype_later=True)
 
 
 # ---------------------------------------------------------------- calculator views
@@ -531,8 +669,8 @@ def time_view(cfg: DictConfig, measure_flops: Optional[Callable] = None) -> dict
         minutes = _need(minutes, "plan.hours (or budget.minutes)", "plan.hours=1, or plan.gpu=h100-sxm plan.hours=24")
         c2 = OmegaConf.create(OmegaConf.to_container(cfg))  # a writable copy
         c2.budget.minutes = minutes
-        device = hardware.describe(cfg.train.device, cfg.train.dtype, peak_flops=cfg.train.peak_flops)
-        plan = make_plan(c2, device, measure_flops=measure_flops or _probe(c2, device))
+        plan = make_plan(c2, _planner_device(cfg, measure=measure_flops is None), measure_flops=measure_flops or _probe(c2),
+                         measure_dtypes=None if measure_flops else _dtype_probe)
         rate = plan.compute / plan.est_seconds
         seconds = minutes * 60
         hours, c = seconds / 3600, rate * seconds
@@ -636,9 +774,10 @@ def format_view(res: dict) -> str:
 def plan_from_config(cfg: DictConfig) -> Plan:
     """The plan a single-process command works from: the run's own (reused or recorded
     in run_dir) when run_dir is set, else a fresh one, probing for budget.minutes."""
-    device = hardware.describe(cfg.train.device, cfg.train.dtype, peak_flops=cfg.train.peak_flops)
+    device = _planner_device(cfg)
     if not cfg.run_dir:
-        return make_plan(cfg, device, measure_flops=_probe(cfg, device))
+        return make_plan(cfg, device, measure_flops=_probe(cfg), measure_dtypes=_dtype_probe,
+                         startup_seconds=process_age())
     plan = plan_for_run(cfg, device, dist.DistInfo(), Path(cfg.run_dir), None)
     save_plan(Path(cfg.run_dir), cfg, plan)
     return plan

@@ -1,10 +1,13 @@
-"""Measure achieved training throughput on this machine (the budget.minutes probe and
-the benchmarks): full forward + backward + AdamW steps on random tokens."""
+"""Measure achieved training throughput on this machine (the budget.minutes probe, the
+dtype probe of train.dtype=auto on CPU, and the benchmarks): whole training steps on
+random tokens, built like the trainer's (host batch copied in, forward + backward,
+gradient clipping, the loss read back, the optimizer), so the probe predicts training."""
 
 from __future__ import annotations
 
 import contextlib
 import time
+from dataclasses import replace
 
 import torch
 
@@ -20,25 +23,39 @@ def autocast(info: DeviceInfo):
     return torch.autocast(info.device.type, dtype=DTYPES[info.dtype])
 
 
-def measure_train_flops(gcfg: GPTConfig, micro_batch: int, info: DeviceInfo, seconds: float = 10.0,
-                        compile: bool = False, activation_checkpointing: bool = False,
-                        warmup_steps: int = 2, return_details: bool = False):
-    """Model FLOP/s (DESIGN's flops_per_token x tokens / time) after ``warmup_steps``
-    untimed steps, timing whole steps until ``seconds`` have passed (at least two)."""
+def _training_step(gcfg: GPTConfig, micro_batch: int, info: DeviceInfo, compile: bool = False,
+                   activation_checkpointing: bool = False):
+    """A closure running one training step as the trainer does, in ``info.dtype``."""
     torch.manual_seed(0)
     model = GPT(gcfg).to(info.device)
     model.activation_checkpointing = activation_checkpointing
     opt = make_optimizer(model, 1e-4, 0.1, (0.9, 0.95), info.device)
+    params = [p for p in model.parameters() if p.requires_grad]
     run = torch.compile(model) if compile else model
-    x = torch.randint(0, gcfg.vocab_size, (micro_batch, gcfg.seq_len + 1), device=info.device)
+    host = torch.randint(0, gcfg.vocab_size, (micro_batch, gcfg.seq_len + 1))
 
-    def step():
-        with autocast(info):
-            loss = run(x[:, :-1], x[:, 1:])
+    def step(dtype_info: DeviceInfo = info) -> float:
+        x = host[:, :-1].to(info.device, non_blocking=True)
+        y = host[:, 1:].to(info.device, non_blocking=True)
+        with autocast(dtype_info):
+            loss = run(x, y)
         loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
         opt.zero_grad(set_to_none=True)
+        return float(loss.detach())  # the trainer reads the loss back every step too
 
+    return step
+
+
+def measure_train_flops(gcfg: GPTConfig, micro_batch: int, info: DeviceInfo, seconds: float = 10.0,
+                        compile: bool = False, activation_checkpointing: bool = False,
+                        warmup_steps: int = 2, return_details: bool = False):
+    """Model FLOP/s (DESIGN's flops_per_token x tokens / time) after ``warmup_steps``
+    untimed steps, timing whole steps until ``seconds`` have passed (at least two). The
+    rate is total tokens over total time, not a best or median step: a budget is spent
+    at the mean rate, slow steps included."""
+    step = _training_step(gcfg, micro_batch, info, compile, activation_checkpointing)
     for _ in range(warmup_steps):
         step()
     _sync(info)
@@ -49,12 +66,34 @@ def measure_train_flops(gcfg: GPTConfig, micro_batch: int, info: DeviceInfo, sec
         step()
         _sync(info)
         times.append(time.perf_counter() - t0)
-    step_time = sorted(times)[len(times) // 2]  # the median resists a noisy neighbour
+    step_time = sum(times) / len(times)
     tokens = micro_batch * gcfg.seq_len
     rate = gcfg.flops_per_token() * tokens / step_time
     if return_details:
         return {"flops_per_s": rate, "step_time": step_time, "tokens_per_s": tokens / step_time, "steps": len(times)}
     return rate
+
+
+def time_dtypes(gcfg: GPTConfig, micro_batch: int, info: DeviceInfo, dtypes=("fp32", "bf16"),
+                seconds: float = 2.0, rounds: int = 3) -> dict:
+    """Seconds per training step in each dtype on this shape and micro-batch: one model,
+    the dtypes interleaved (a neighbour's load hits both alike), best of ``rounds`` after a
+    warm-up step each. Stops adding rounds once ``seconds`` have passed (at least one)."""
+    start = time.perf_counter()
+    step = _training_step(gcfg, micro_batch, info)
+    variants = {d: replace(info, dtype=d) for d in dtypes}
+    for v in variants.values():
+        step(v)  # warm-up: first-call allocations and kernel selection
+    best = {d: float("inf") for d in dtypes}
+    for r in range(rounds):
+        for d, v in variants.items():
+            t0 = time.perf_counter()
+            step(v)
+            _sync(info)
+            best[d] = min(best[d], time.perf_counter() - t0)
+        if time.perf_counter() - start > seconds:
+            break
+    return {"step_seconds": best, "seconds": time.perf_counter() - start}
 
 
 def _sync(info: DeviceInfo) -> None:

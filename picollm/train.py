@@ -208,14 +208,14 @@ def _run(cfg: DictConfig, info: dist.DistInfo) -> dict:
     try:
         validate_source(cfg.data)
         validate_tokenizer_config(cfg.tokenizer)
-        device = hardware.describe(t.device, t.dtype, measure=info.is_main, peak_flops=t.peak_flops)
+        # CPU auto: the plan times both dtypes on the run's shape (or a resume reads its choice).
+        device = hardware.describe(t.device, t.dtype, measure=info.is_main, peak_flops=t.peak_flops,
+                                   decide_dtype_later=True)
         parallel.check_mode(t.parallel, device.dtype)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if info.enabled:  # one measured peak for all ranks; each rank on its own GPU
-        device.peak_flops, device.peak_source = dist.broadcast_object((device.peak_flops, device.peak_source))
-        if device.is_cuda:
-            device.device = torch.device("cuda", info.local_rank)
+    if info.enabled and device.is_cuda:  # each rank on its own GPU
+        device.device = torch.device("cuda", info.local_rank)
     run_dir, lock = resolve_run_dir(cfg, info)
     with contextlib.ExitStack() as cleanup:
         if lock is not None:
@@ -232,6 +232,7 @@ def _train_in(run_dir: Path, cfg: DictConfig, info: dist.DistInfo, device: hardw
     whole = not parallel.is_sharded(t.parallel, info)
     resume_state = ckpt.load_checkpoint(resume_path, tensors=whole) if resume_path else None
     plan = plan_for_run(cfg, device, info, run_dir, resume_state)
+    device = _train_as_planned(device, plan, info)
     if plan.world_size != info.world_size:
         plan = _reshard(plan, info)
     log(plan.card(), info)
@@ -264,6 +265,16 @@ def _train_in(run_dir: Path, cfg: DictConfig, info: dist.DistInfo, device: hardw
     del resume_state
     with _StopOnSignal() as stopper:
         return trainer.fit(stopper)
+
+
+def _train_as_planned(device: hardware.DeviceInfo, plan: Plan, info: dist.DistInfo) -> hardware.DeviceInfo:
+    """Train in the plan's dtype (recorded when it was measured, so a rerun or a resume
+    never decides again), with that dtype's peak as the MFU yardstick: this machine's,
+    measured once on rank 0 and shared."""
+    device = hardware.with_dtype(device, plan.dtype, plan.dtype_reason)
+    if info.enabled:
+        device.peak_flops, device.peak_source = dist.broadcast_object((device.peak_flops, device.peak_source))
+    return device
 
 
 @contextlib.contextmanager

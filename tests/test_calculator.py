@@ -35,7 +35,7 @@ def test_time_view_on_a_named_gpu():
 
 def test_time_view_on_this_machine_uses_the_probe():
     res = calculator(load_config(["plan.view=time", "plan.hours=0.5", "model.seq_len=64", "tokenizer.vocab_size=512"]),
-                     measure_flops=lambda gcfg, micro: 2e9)
+                     measure_flops=lambda gcfg, micro, device: 2e9)
     assert res["measured_flops"] == pytest.approx(2e9)
     assert res["compute"] == pytest.approx(2e9 * 1800)
 

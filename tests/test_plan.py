@@ -57,31 +57,34 @@ def test_explicit_model_defaults_to_twenty_tokens_per_param():
 def test_minutes_budget_converts_measured_throughput_into_compute():
     calls = []
 
-    def measure(gcfg, micro):
+    def measure(gcfg, micro, device):
         calls.append(gcfg.num_params())
         return 2e10  # FLOP/s
 
     p = plan("budget.minutes=10", "tokenizer.vocab_size=2048", measure=measure)
     assert calls, "the probe was not run"
     C = 2e10 * 600
-    assert p.compute == pytest.approx(C, rel=p.tokens_per_step / p.n_tokens + 1e-6)
-    assert p.est_seconds == pytest.approx(600, rel=0.05)
+    train_s = p.time_budget["train_s"]  # 600 s less the planned evaluations and end of run
+    assert 0.8 * 600 < train_s < 600
+    assert p.compute == pytest.approx(2e10 * train_s, rel=p.tokens_per_step / p.n_tokens + 1e-6)
+    assert p.est_seconds == pytest.approx(train_s, rel=0.05)
     assert p.est_source == "measured throughput"
 
 
 def test_minutes_budget_counts_every_gpu_but_cpu_processes_share_the_cores():
     """The probe measures one process: 8 GPUs deliver 8 times its rate, while 2 CPU
     processes share one machine's cores and deliver its rate once."""
-    measure = lambda gcfg, micro: 2e10
+    measure = lambda gcfg, micro, device: 2e10
     gpu = DeviceInfo(torch.device("cuda", 0), "test gpu", "bf16", 1e15, "published", 80 * 2**30)
     one_gpu = plan("budget.minutes=10", "tokenizer.vocab_size=2048", device=gpu, measure=measure)
     eight = plan("budget.minutes=10", "tokenizer.vocab_size=2048", device=gpu, world_size=8, measure=measure)
-    assert eight.compute == pytest.approx(8 * 2e10 * 600, rel=0.02)
-    assert one_gpu.compute == pytest.approx(2e10 * 600, rel=0.02)
-    assert eight.est_seconds == pytest.approx(600, rel=0.05)  # same wall clock, 8x the work
+    train_s = one_gpu.time_budget["train_s"]
+    assert eight.compute == pytest.approx(8 * 2e10 * eight.time_budget["train_s"], rel=0.02)
+    assert one_gpu.compute == pytest.approx(2e10 * train_s, rel=0.02)
+    assert eight.est_seconds == pytest.approx(eight.time_budget["train_s"], rel=0.05)  # same wall clock, 8x the work
     two_cpu = plan("budget.minutes=10", "tokenizer.vocab_size=2048", world_size=2, measure=measure)
-    assert two_cpu.compute == pytest.approx(2e10 * 600, rel=0.02)
-    assert two_cpu.est_seconds == pytest.approx(600, rel=0.05)
+    assert two_cpu.compute == pytest.approx(2e10 * two_cpu.time_budget["train_s"], rel=0.02)
+    assert two_cpu.est_seconds == pytest.approx(two_cpu.time_budget["train_s"], rel=0.05)
 
 
 def test_mfu_yardstick_is_the_current_device_counted_once_per_device():
@@ -188,6 +191,105 @@ def test_prepare_cli_plans_a_minutes_budget_without_a_run_dir(capsys):
     """The data stage plans like the plan stage: budget.minutes runs the probe there too."""
     from picollm.data.prepare import main as prepare_main
     from tests.conftest import TINY
-    prepare_main(TINY + ["budget.minutes=0.05"])
+    prepare_main(TINY + ["budget.minutes=2"])
     out = capsys.readouterr().out
     assert ("prepared " in out or "reused " in out) and "vocabulary 300" in out
+
+
+# ---------------------------------------------------------------- dtype by measurement, the minutes budget kept
+
+def pending_cpu(monkeypatch, guess="bf16"):
+    """CPU with train.dtype=auto as the planner sees it: the dtype is to be measured; the
+    matmul peak of each dtype is a fixed fake (its real measurement takes seconds)."""
+    from picollm import hardware
+    monkeypatch.setattr(hardware, "measure_matmul_peak", lambda dtype: {"fp32": 1e11, "bf16": 3e11}[dtype])
+    return DeviceInfo(torch.device("cpu"), "test cpu", guess, None, "pending", 16 * 2**30, "flags guess", True)
+
+
+def timings(fp32, bf16, cost=2.0):
+    calls = []
+
+    def measure_dtypes(gcfg, micro, device):
+        calls.append((gcfg.n_layer, gcfg.d_model, micro))
+        return {"step_seconds": {"fp32": fp32, "bf16": bf16}, "seconds": cost}
+    return measure_dtypes, calls
+
+
+@pytest.mark.parametrize("fp32, bf16, winner", [(1.8, 1.0, "bf16"), (1.0, 3.0, "fp32")])
+def test_auto_dtype_on_cpu_is_the_measured_faster_one(monkeypatch, fp32, bf16, winner):
+    measure_dtypes, calls = timings(fp32, bf16)
+    p = make_plan(load_config(["model=tiny", "budget.tokens=1e6"]), pending_cpu(monkeypatch, guess="bf16"),
+                  measure_dtypes=measure_dtypes)
+    assert p.dtype == winner
+    assert calls == [(p.model["n_layer"], p.model["d_model"], p.micro_batch)]  # on the run's shape and micro-batch
+    assert p.peak_flops == {"fp32": 1e11, "bf16": 3e11}[winner]  # MFU against the chosen dtype's peak
+    ratio = max(fp32, bf16) / min(fp32, bf16)
+    line = next(l for l in p.card().splitlines() if l.startswith("dtype"))
+    assert f"{winner} step {ratio:.2f}x as fast as" in line and "measured" in line and "2.0 s probe" in line
+
+
+def test_explicit_dtype_is_not_probed(monkeypatch):
+    from picollm import hardware
+    monkeypatch.setattr(hardware, "measure_matmul_peak", lambda dtype: 1e11)
+
+    def never(*args):
+        raise AssertionError("an explicit train.dtype must not be probed")
+    for dtype in ("fp32", "bf16"):
+        device = hardware.describe("cpu", dtype, decide_dtype_later=True)
+        assert not device.dtype_pending
+        p = make_plan(load_config(["model=tiny", "budget.tokens=1e6", f"train.dtype={dtype}"]), device,
+                      measure_dtypes=never)
+        assert p.dtype == dtype and p.dtype_reason == f"train.dtype={dtype}"
+
+
+def test_minutes_probe_runs_in_the_chosen_dtype_at_the_planned_micro_batch(monkeypatch):
+    measure_dtypes, _ = timings(fp32=1.0, bf16=2.0)  # fp32 wins, although the flags guessed bf16
+    probed = []
+
+    def measure(gcfg, micro, device):
+        probed.append((device.dtype, micro, gcfg.n_layer, gcfg.d_model))
+        return 2e10
+    p = make_plan(load_config(["budget.minutes=10", "tokenizer.vocab_size=2048"]), pending_cpu(monkeypatch),
+                  measure_flops=measure, measure_dtypes=measure_dtypes)
+    assert p.dtype == "fp32" and {d for d, *_ in probed} == {"fp32"}
+    assert (p.micro_batch, p.model["n_layer"], p.model["d_model"]) in [(m, l, d) for _, m, l, d in probed]
+
+
+def test_minutes_budget_takes_out_start_up_probes_evals_and_the_report(monkeypatch):
+    """Injected timings: start-up 7 s, every clock reading 3 s after the last, so each
+    probe costs 3 s; the rest of the budget, less planned evaluations and the end of
+    the run, is the training time the compute is sized for."""
+    from itertools import count
+    measure_dtypes, _ = timings(fp32=2.0, bf16=1.0)
+    ticks = count(0.0, 3.0)
+    p = make_plan(load_config(["budget.minutes=5", "tokenizer.vocab_size=2048", "train.eval_tokens=65536"]),
+                  pending_cpu(monkeypatch), measure_flops=lambda g, m, d: 2e10, measure_dtypes=measure_dtypes,
+                  startup_seconds=7.0, clock=lambda: next(ticks))
+    tb = p.time_budget
+    assert tb["budget_s"] == 300 and tb["startup_s"] == 7.0
+    assert tb["dtype_probe_s"] == 3.0 and tb["throughput_probe_s"] > 0 and tb["throughput_probe_s"] % 3 == 0
+    fpt = p.flops_per_token
+    assert tb["evals_s"] >= 12 * 65536 * fpt / 3 / 2e10  # forward passes over eval_tokens, ~12 evaluations
+    spent = tb["startup_s"] + tb["dtype_probe_s"] + tb["throughput_probe_s"] + tb["evals_s"] + tb["finish_s"]
+    assert tb["train_s"] == pytest.approx(300 - spent)
+    assert p.compute == pytest.approx(2e10 * tb["train_s"], rel=p.tokens_per_step / p.n_tokens + 1e-6)
+    assert "wall clock   5.0 min = start-up 7 s" in p.card() and "+ training" in p.card()
+
+
+def test_minutes_budget_too_small_for_its_overheads_is_refused(monkeypatch):
+    with pytest.raises(ConfigError, match="leaves no time to train"):
+        make_plan(load_config(["budget.minutes=0.2", "model=tiny"]), CPU, measure_flops=lambda g, m, d: 2e10,
+                  startup_seconds=11.0)
+
+
+def test_a_rerun_keeps_the_recorded_dtype_without_probing(monkeypatch, tmp_path):
+    from picollm import dist, plan as planmod
+    cfg = load_config(["model=tiny", "budget.tokens=1e6", f"run_dir={tmp_path}"])
+    measure_dtypes, calls = timings(fp32=1.0, bf16=2.0)
+    monkeypatch.setattr(planmod, "_dtype_probe", measure_dtypes)
+    first = planmod.plan_for_run(cfg, pending_cpu(monkeypatch), dist.DistInfo(), tmp_path, None)
+    planmod.save_plan(tmp_path, cfg, first)
+    assert first.dtype == "fp32" and len(calls) == 1
+    monkeypatch.setattr(planmod, "_dtype_probe", timings(fp32=2.0, bf16=1.0)[0])  # the machine changed its mind
+    again = planmod.plan_for_run(cfg, pending_cpu(monkeypatch), dist.DistInfo(), tmp_path, None)
+    assert again.dtype == "fp32" and again.dtype_reason == first.dtype_reason and len(calls) == 1

@@ -261,3 +261,27 @@ def test_resuming_a_checkpoint_saved_before_vocab_padding_is_refused_in_one_sent
     write_file(path, state)
     with pytest.raises(TrainError, match="saved before the vocabulary was padded"):
         train(base + ["train.steps=2"])
+
+
+def test_auto_dtype_is_measured_once_and_a_resume_keeps_it(tiny, monkeypatch):
+    """train.dtype=auto on CPU: the plan's dtype probe decides (here an injected timing in
+    which fp32 wins), plan.json records it with the reason, and extending the run resumes
+    in that dtype without probing again."""
+    from picollm import plan as planmod
+    calls = []
+
+    def fp32_wins(gcfg, micro, device):
+        calls.append(micro)
+        return {"step_seconds": {"fp32": 1.0, "bf16": 2.5}, "seconds": 0.1}
+    monkeypatch.setattr(planmod, "_dtype_probe", fp32_wins)
+    base = tiny + ["train.steps=2", "train.batch_tokens=128", "train.dtype=auto"]
+    _, run_dir, _, _ = train(base)
+    saved = json.loads((run_dir / "plan.json").read_text())
+    assert saved["dtype"] == "fp32" and "2.50x as fast as bf16" in saved["dtype_reason"] and len(calls) == 1
+
+    def never(*args):
+        raise AssertionError("a resumed run must not decide its dtype again")
+    monkeypatch.setattr(planmod, "_dtype_probe", never)
+    _, _, steps, _ = train(tiny + ["train.steps=3", "train.batch_tokens=128", "train.dtype=auto"])
+    assert [s["step"] for s in steps][-1] == 3
+    assert json.loads((run_dir / "plan.json").read_text())["dtype"] == "fp32"
