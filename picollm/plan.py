@@ -438,9 +438,16 @@ def save_plan(run_dir: Path, cfg: DictConfig, plan: Plan) -> None:
     write_atomic(run_dir / "plan.json", json.dumps(plan.to_dict(), indent=2))
 
 
+# CPU micro-steps of more tokens than this gained nothing in tokens/s, measured at 1 thread
+# from the 2x128 speedrun model to the 6x384 reference shape, and 16k-token ones lost 15-50%
+# (a (tokens x vocab) logits block far beyond the caches): /tmp/bench notes in BENCHMARKS.md.
+CPU_MICRO_TOKENS = 4096
+
+
 def _micro_batch(t: DictConfig, gcfg: GPTConfig, per_rank: int, device_info, shards: int = 1) -> tuple[int, dict]:
     """The requested micro-batch, or the largest power of two dividing the per-process
-    batch that fits in 85% of the device's memory (CPU: at most 16, larger gains nothing)."""
+    batch that fits in 85% of the device's memory (CPU: at most CPU_MICRO_TOKENS tokens
+    per micro-step, so 16 sequences of 256 and 32 of 128)."""
     limit = 0.85 * device_info.memory_bytes
     mem = lambda b: estimate_memory(gcfg, b, device_info.dtype, t.activation_checkpointing, shards)
     if t.micro_batch is not None:
@@ -451,7 +458,7 @@ def _micro_batch(t: DictConfig, gcfg: GPTConfig, per_rank: int, device_info, sha
             raise ConfigError(f"train.micro_batch={t.micro_batch} needs ~{_gib(mem(t.micro_batch)['total'])} but only "
                               f"{_gib(device_info.memory_bytes)} is available; lower it or set train.activation_checkpointing=true.")
         return t.micro_batch, mem(t.micro_batch)
-    cap = 64 if device_info.is_cuda else 16
+    cap = 64 if device_info.is_cuda else max(1, CPU_MICRO_TOKENS // gcfg.seq_len)
     b = 1
     while b * 2 <= min(per_rank, cap) and per_rank % (b * 2) == 0:
         b *= 2

@@ -293,3 +293,10 @@ def test_a_rerun_keeps_the_recorded_dtype_without_probing(monkeypatch, tmp_path)
     monkeypatch.setattr(planmod, "_dtype_probe", timings(fp32=2.0, bf16=1.0)[0])  # the machine changed its mind
     again = planmod.plan_for_run(cfg, pending_cpu(monkeypatch), dist.DistInfo(), tmp_path, None)
     assert again.dtype == "fp32" and again.dtype_reason == first.dtype_reason and len(calls) == 1
+
+
+@pytest.mark.parametrize("seq, micro", [(128, 32), (256, 16), (1024, 4)])
+def test_cpu_micro_batch_is_capped_by_tokens_per_micro_step(seq, micro):
+    from picollm.plan import CPU_MICRO_TOKENS
+    p = plan("model=tiny", f"model.seq_len={seq}", f"train.batch_tokens={64 * seq}")
+    assert p.micro_batch == micro == CPU_MICRO_TOKENS // seq and p.accum_steps == 64 // micro
