@@ -44,6 +44,7 @@ ASSUMED_MFU = {"cuda": 0.35, "cpu": 0.3}  # for the wall-clock estimate when not
 UNMEASURED_PEAK = {"cuda": 1e14, "cpu": 1e11}  # the first guess of budget.minutes when no peak is known yet
 # budget.minutes: what besides the training steps the run spends inside its wall clock.
 EVALS_PER_RUN = 12  # at step 0, ~10 on the default interval (steps // 10), and the final one
+EVAL_SHARE = 0.05  # of budget.minutes the default evaluation interval may spend (fewer evals when short)
 CHECKPOINT_BYTES_PER_S = 200e6  # fp32 weights + AdamW state to disk, a conservative local-disk rate
 REPORT_SECONDS = 5.0  # report.md with samples after the last step (train.report), planned
 
@@ -341,7 +342,8 @@ def make_plan(cfg: DictConfig, device_info, world_size: int = 1,
         n_tokens=n_tokens, tokens_per_param=n_tokens / gcfg.num_params(), flops_per_token=fpt,
         compute=float(compute), steps=steps, tokens_per_step=tokens_per_step, batch_seqs=batch_seqs,
         micro_batch=micro, accum_steps=accum, world_size=world_size, warmup_steps=warmup, lr=float(lr),
-        min_lr=float(lr * t.min_lr_ratio), eval_every=t.eval_every or every, save_every=t.save_every or every,
+        min_lr=float(lr * t.min_lr_ratio), eval_every=t.eval_every or _eval_every(steps, time_budget),
+        save_every=t.save_every or every,
         est_seconds=float(est), est_source=source, budget=budget, device=device_info.name,
         dtype=device_info.dtype, peak_flops=device_info.peak_flops, memory=memory, dtype_reason=device_info.dtype_reason,
         time_budget=time_budget,
@@ -522,28 +524,42 @@ def _time_budget(seconds: float, startup: float, probes: dict, gcfg: GPTConfig, 
     """budget.minutes is the whole training process's wall clock: take out what was spent
     before and during planning (measured) and what evaluations, checkpoints and the end of
     the run will spend (planned at the measured rate); the rest is training."""
-    eval_s = EVALS_PER_RUN * t.eval_tokens * gcfg.flops_per_token() / 3 / rate  # forward only: 1/3 of a step's FLOPs
-    if t.eval_every is not None:  # an explicit interval: as many as the steps allow, estimated from the rate
+    one_eval_s = t.eval_tokens * gcfg.flops_per_token() / 3 / rate  # forward only: 1/3 of a step's FLOPs
+    if t.eval_every is None:  # as many as EVAL_SHARE of the budget pays for: at least the first and the last
+        evals = int(min(EVALS_PER_RUN, max(2, EVAL_SHARE * seconds // one_eval_s)))
+    else:  # an explicit interval: as many as the steps allow, estimated from the rate
         steps_guess = max(1.0, seconds * rate / gcfg.flops_per_token() / (t.batch_tokens or 2**16))
-        eval_s *= (2 + steps_guess / t.eval_every) / EVALS_PER_RUN
+        evals = int(2 + steps_guess // t.eval_every)
+    eval_s = evals * one_eval_s
     saves = 11 if t.save_every is None else 1 + seconds / 60  # one a minute at most, as a bound
     save_s = saves * 16 * gcfg.num_params(total=True) / CHECKPOINT_BYTES_PER_S
-    parts = {"budget_s": seconds, "startup_s": startup, "dtype_probe_s": probes["dtype"],
+    parts = {"budget_s": seconds, "evals": evals, "startup_s": startup, "dtype_probe_s": probes["dtype"],
              "throughput_probe_s": probes["throughput"], "evals_s": eval_s + save_s,
              "finish_s": (REPORT_SECONDS if t.report else 0.0) + save_s / saves}  # + the exported weights
-    spent = sum(v for k, v in parts.items() if k != "budget_s")
+    spent = sum(v for k, v in parts.items() if k.endswith("_s") and k != "budget_s")
     if spent >= 0.9 * seconds:
-        raise ConfigError(f"budget.minutes={seconds / 60:g} leaves no time to train: start-up, probes, evaluations and "
-                          f"the report take ~{spent:.0f} s; raise budget.minutes, lower budget.probe_seconds or "
-                          "train.eval_tokens.")
+        raise ConfigError(f"budget.minutes={seconds / 60:g} leaves no time to train: {_overheads(parts)} take "
+                          f"~{spent:.0f} s; raise budget.minutes, or lower budget.probe_seconds or train.eval_tokens.")
     parts["train_s"] = seconds - spent
     return parts
 
 
+def _eval_every(steps: int, time_budget: Optional[dict]) -> int:
+    """About ten evaluations per run; a budget.minutes run, the number its time budget planned
+    (the first and the last are always there)."""
+    if time_budget is None:
+        return max(1, steps // 10)
+    return max(1, math.ceil(steps / max(1, time_budget["evals"] - 1)))  # never one more than planned
+
+
+def _overheads(tb: dict) -> str:
+    return (f"start-up {tb['startup_s']:.0f} s + dtype probe {tb['dtype_probe_s']:.1f} s"
+            f" + throughput probe {tb['throughput_probe_s']:.1f} s + {tb['evals']} evals/checkpoints ~{tb['evals_s']:.0f} s"
+            f" + export/report ~{tb['finish_s']:.0f} s")
+
+
 def _time_budget_line(tb: dict) -> str:
-    return (f"{_duration(tb['budget_s'])} = start-up {tb['startup_s']:.0f} s + dtype probe {tb['dtype_probe_s']:.1f} s"
-            f" + throughput probe {tb['throughput_probe_s']:.1f} s + evals/checkpoints ~{tb['evals_s']:.0f} s"
-            f" + export/report ~{tb['finish_s']:.0f} s + training {_duration(tb['train_s'])}")
+    return f"{_duration(tb['budget_s'])} = {_overheads(tb)} + training {_duration(tb['train_s'])}"
 
 
 def process_age() -> float:
