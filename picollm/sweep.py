@@ -1,24 +1,44 @@
 """IsoFLOP sweeps: a grid of compute budgets x model sizes, trained, tabled and fitted.
 
     python -m picollm.sweep sweep.budgets=[1e12,3e12,1e13] sweep.sizes=5 sweep.dir=sweeps/a \
-        model.seq_len=128 tokenizer.vocab_size=1024
+        model.seq_len=128 tokenizer.vocab_size=1024 sweep.schedule=wsd
 
 Design:
 - ``sweep.*`` settings live in ``SweepSchema`` (config.py), so Hydra type-checks them. Every
   other override is passed to each run unchanged; each run's own config keeps ``sweep`` at
   its defaults, so changing the grid never invalidates a finished run.
-- For budget C the sizes are log-spaced from N_opt/span to N_opt*span around the
-  Chinchilla-20 optimum N_opt = sqrt(C/(6r)); each target gets the nearest (n_layer,
-  d_model) shape with d_model a multiple of model.head_dim and d_model/n_layer within 2x of
-  model.aspect_ratio. Each run is planned with ``budget.compute=C`` and its explicit shape,
-  so D = C / flops_per_token and its LR schedule spans exactly its own steps.
-- Runs train in-process one after another (fast: no interpreter start per point). A run
-  that raises is recorded with status "failed" and its error sentence; the sweep goes on.
-- ``results.jsonl`` (one JSON object per point, rewritten atomically after every point) has
-  n_params, n_tokens, compute (the plan's actual FLOPs), val_loss, val_bpb, budget (the
-  nominal C, used to group IsoFLOP profiles because actual compute differs by < 1 step),
-  n_layer, d_model, steps, run_dir, seconds, status, error. ``fit.load_runs`` reads it.
-  A point with status ok and a final.json is skipped on rerun; failed points are retried.
+- One shape family: sizes come from the ladder n_layer = min_layers, min_layers+1, ... with
+  d_model = n_layer * model.aspect_ratio exactly and heads of model.head_dim, so the loss
+  differences between points come from size, not from shape (mixing aspect ratios 4x apart
+  adds ~0.1 of shape-to-shape scatter at this scale). ``sweep.mix_families=true`` allows any
+  aspect within 2x of model.aspect_ratio and 1-layer models, as an explicit opt-in.
+- For budget C the sizes are the ladder shapes nearest to targets log-spaced from
+  N_opt/span to N_opt*span around the Chinchilla-20 optimum; the same shapes recur across
+  budgets, which the WSD schedule needs.
+- Per-size hyperparameters: a size trains with ONE peak LR, batch and warmup at every budget,
+  those the planner derives for it at the smallest budget it appears at (user-set train.lr /
+  batch_tokens / warmup_steps win). Each point then runs train.steps = round(C / (6N-ish
+  flops_per_token * batch_tokens)) steps. The WSD branches need this (a branch continues
+  its trunk's run), and the cosine grid uses the same rule so the two compare like for like.
+- ``sweep.schedule=wsd``: per size, the largest-budget point is the trunk: a WSD run that
+  also saves (train.save_at, never pruned) after the last constant-LR step of every smaller
+  budget. Each smaller budget's point copies that checkpoint into its own run_dir and
+  resumes there with its own train.steps (picollm.train's "extend": only train.steps
+  differs), so it trains just its cooldown (the last train.decay_frac of its steps) and
+  ends with a true end-of-schedule loss. ``spent`` in the table counts the FLOPs a point
+  trained itself; the summary compares their sum with the cosine grid's.
+- Workers: chains of points (a size's trunk then its branches under wsd; single points
+  under cosine) run in ``sweep.workers`` spawned processes (default on CPU: one per core).
+  On CPU every point trains with one thread unless train.num_threads is set: tiny models
+  are overhead-bound, so 2 single-thread processes beat 1 two-thread process on 2 cores,
+  and a fixed thread count keeps the numbers bit-identical for any worker count (the
+  thread count changes the last digits of the loss).
+- A run that raises is recorded with status "failed" and its error sentence; the sweep
+  goes on. ``results.jsonl`` (one JSON object per point, rewritten atomically after every
+  point) has n_params, n_tokens, compute (the plan's actual FLOPs), spent, val_loss,
+  val_bpb, budget (the nominal C, used to group IsoFLOP profiles), n_layer, d_model, steps,
+  schedule, branch_of, run_dir, seconds, status, error. ``fit.load_runs`` reads it. A point
+  with status ok and a final.json is skipped on rerun; failed points are retried.
 - At the end: IsoFLOP fit (N_opt ~ C^a, D_opt ~ C^b), the parametric law when >= 5 points
   succeeded, plots, and summary.json / summary.md.
 """
@@ -27,55 +47,114 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import sys
 import time
 import traceback
 import warnings
-from dataclasses import dataclass
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
+from dataclasses import dataclass, field
+from multiprocessing import get_context
 from pathlib import Path
 from typing import Callable, Optional
 
 import numpy as np
 from omegaconf import DictConfig
 
+from picollm import checkpoint as ckpt
 from picollm.config import ConfigError, load_config, parse_cli
+from picollm.hardware import describe
 from picollm.model import GPTConfig
-from picollm.plan import vocab_size_for
+from picollm.optim import lr_at
+from picollm.plan import make_plan, vocab_size_for
 from picollm.scaling import chinchilla_optimal
-from picollm.train import Interrupted, run
+from picollm.train import SAVED_AT, Interrupted, run
 
 RESULTS = "results.jsonl"
 # Keys the sweep sets per point; the same keys in the user's overrides would clash.
-POINT_KEYS = ("model.depth", "model.n_layer", "model.d_model", "model.n_head", "budget.compute", "run_dir")
+POINT_KEYS = ("model.depth", "model.n_layer", "model.d_model", "model.n_head", "budget.compute", "run_dir",
+              "train.steps", "train.schedule", "train.save_at")
 MIN_PARAMETRIC_POINTS = 5
+
+
+@dataclass(frozen=True)
+class SizeSettings:
+    """What a size keeps at every budget: peak LR, global batch in tokens, warmup steps."""
+    lr: float
+    batch_tokens: int
+    warmup_steps: int
 
 
 @dataclass
 class Point:
     budget: float
     shape: GPTConfig
+    steps: int = 0
+    settings: Optional[SizeSettings] = None
+    schedule: str = "cosine"
+    save_at: list = field(default_factory=list)  # a WSD trunk: where its branches start
+    branch_of: Optional[str] = None  # a WSD branch: its trunk's name...
+    branch_step: Optional[int] = None  # ...and the checkpoint (completed steps) it continues
 
     @property
     def name(self) -> str:
         mant, exp = f"{self.budget:.2e}".split("e")
         return f"C{mant.rstrip('0').rstrip('.')}e{int(exp)}_L{self.shape.n_layer}_d{self.shape.d_model}"
 
+    @property
+    def size(self) -> tuple[int, int]:
+        return self.shape.n_layer, self.shape.d_model
+
+    @property
+    def flops_per_step(self) -> int:
+        return self.shape.flops_per_token() * self.settings.batch_tokens
+
+    @property
+    def spent(self) -> float:
+        """FLOPs this point trains itself (a branch only its cooldown)."""
+        return float(self.flops_per_step * (self.steps - (self.branch_step or 0)))
+
     def overrides(self, sweep_dir: Path) -> list[str]:
-        g = self.shape
-        return ["model.depth=null", f"model.n_layer={g.n_layer}", f"model.d_model={g.d_model}",
-                f"model.n_head={g.n_head}", f"budget.compute={self.budget!r}", f"run_dir={sweep_dir / self.name}"]
+        g, s = self.shape, self.settings
+        out = ["model.depth=null", f"model.n_layer={g.n_layer}", f"model.d_model={g.d_model}",
+               f"model.n_head={g.n_head}", f"run_dir={sweep_dir / self.name}", f"train.schedule={self.schedule}"]
+        if s is None:  # a bare point (e.g. a held-out run): the planner sizes it from the budget
+            return out + [f"budget.compute={self.budget!r}"]
+        out += [f"train.steps={self.steps}", f"train.lr={s.lr!r}", f"train.batch_tokens={s.batch_tokens}",
+                f"train.warmup_steps={s.warmup_steps}"]
+        if self.save_at:
+            out.append(f"train.save_at=[{','.join(map(str, self.save_at))}]")
+        return out
 
 
 # ---------------------------------------------------------------- the grid
 
 
-def candidate_shapes(m: DictConfig, vocab_size: int) -> list[GPTConfig]:
-    """Every (n_layer, d_model) with d_model a multiple of head_dim and an aspect ratio
-    d_model/n_layer within 2x of model.aspect_ratio: finer steps in N than depth alone."""
-    common = dict(seq_len=m.seq_len, vocab_size=vocab_size, arch=m.arch, mlp_hidden=m.mlp_hidden,
-                  qk_norm=m.qk_norm, rope_theta=m.rope_theta)
+def _shape_kwargs(m: DictConfig, vocab_size: int) -> dict:
+    return dict(seq_len=m.seq_len, vocab_size=vocab_size, arch=m.arch, mlp_hidden=m.mlp_hidden,
+                qk_norm=m.qk_norm, rope_theta=m.rope_theta)
+
+
+def family_shapes(m: DictConfig, vocab_size: int, min_layers: int = 2) -> list[GPTConfig]:
+    """The ladder of one family: d_model = n_layer * aspect_ratio exactly (a multiple of
+    head_dim), for n_layer from min_layers to max_depth."""
+    common = _shape_kwargs(m, vocab_size)
+    shapes = [GPTConfig(n_layer=L, d_model=L * m.aspect_ratio, n_head=L * m.aspect_ratio // m.head_dim, **common)
+              for L in range(min_layers, m.max_depth + 1) if (L * m.aspect_ratio) % m.head_dim == 0]
+    if not shapes:
+        raise ConfigError(f"no depth from sweep.min_layers={min_layers} to model.max_depth={m.max_depth} gives a "
+                          f"d_model = n_layer x model.aspect_ratio={m.aspect_ratio} divisible by model.head_dim="
+                          f"{m.head_dim}; make the aspect ratio a multiple of the head size.")
+    return shapes
+
+
+def candidate_shapes(m: DictConfig, vocab_size: int, min_layers: int = 1) -> list[GPTConfig]:
+    """Mixed families (opt-in): every (n_layer, d_model) with d_model a multiple of head_dim
+    and an aspect ratio d_model/n_layer within 2x of model.aspect_ratio."""
+    common = _shape_kwargs(m, vocab_size)
     shapes = []
-    for n_layer in range(1, m.max_depth + 1):
+    for n_layer in range(min_layers, m.max_depth + 1):
         lo, hi = n_layer * m.aspect_ratio / 2, n_layer * m.aspect_ratio * 2
         for heads in range(1, int(hi // m.head_dim) + 1):
             d_model = heads * m.head_dim
@@ -87,13 +166,30 @@ def candidate_shapes(m: DictConfig, vocab_size: int) -> list[GPTConfig]:
     return shapes
 
 
+def sweep_shapes(cfg: DictConfig) -> list[GPTConfig]:
+    vocab = vocab_size_for(cfg.tokenizer)
+    if cfg.sweep.mix_families:
+        return candidate_shapes(cfg.model, vocab, min(1, cfg.sweep.min_layers))
+    return family_shapes(cfg.model, vocab, cfg.sweep.min_layers)
+
+
+def family_text(cfg: DictConfig) -> str:
+    m, sw = cfg.model, cfg.sweep
+    if sw.mix_families:
+        return (f"mixed families (sweep.mix_families=true): aspect ratios within 2x of {m.aspect_ratio}, "
+                f"heads of {m.head_dim}, any depth")
+    return (f"one family: d_model/n_layer = {m.aspect_ratio}, head_dim {m.head_dim}, "
+            f"n_layer >= {sw.min_layers}")
+
+
 def pick_sizes(shapes: list[GPTConfig], n_opt: float, sizes: int, span: float) -> list[GPTConfig]:
     """`sizes` distinct shapes nearest to targets log-spaced in [n_opt/span, n_opt*span],
-    sorted by N. Ties go to the aspect ratio nearest the shapes' median, for tidy models."""
+    sorted by N. Ties go to the shallower shape."""
     if sizes < 1 or span <= 1:
         raise ConfigError(f"sweep.sizes={sizes} must be >= 1 and sweep.span={span} above 1.")
     if sizes > len(shapes):
-        raise ConfigError(f"sweep.sizes={sizes} exceeds the {len(shapes)} model shapes available; lower it.")
+        raise ConfigError(f"sweep.sizes={sizes} exceeds the {len(shapes)} model shapes available; lower it "
+                          "or raise model.max_depth.")
     targets = np.geomspace(n_opt / span, n_opt * span, sizes) if sizes > 1 else np.array([n_opt])
     chosen: list[GPTConfig] = []
     for target in targets:
@@ -102,14 +198,35 @@ def pick_sizes(shapes: list[GPTConfig], n_opt: float, sizes: int, span: float) -
     return sorted(chosen, key=lambda s: s.num_params())
 
 
+def size_settings(cfg: DictConfig, shape: GPTConfig, budget: float) -> SizeSettings:
+    """The planner's LR, batch and warmup for `shape` at `budget` (its smallest in the grid,
+    so the batch leaves enough steps and the warmup fits every budget of the size)."""
+    run_cfg = cfg.copy()
+    g = shape
+    run_cfg.model.depth, run_cfg.model.n_layer, run_cfg.model.d_model, run_cfg.model.n_head = \
+        None, g.n_layer, g.d_model, g.n_head
+    run_cfg.budget.compute = budget
+    plan = make_plan(run_cfg, describe(run_cfg.train.device, run_cfg.train.dtype, measure=False))
+    return SizeSettings(lr=plan.lr, batch_tokens=plan.tokens_per_step, warmup_steps=plan.warmup_steps)
+
+
+def last_constant_step(steps: int, settings: SizeSettings, t: DictConfig) -> int:
+    """Completed steps after the last step at the peak LR of a `steps`-step WSD run: where
+    its cooldown branches off a longer constant-LR run."""
+    at_peak = [i for i in range(steps) if lr_at(i, 1.0, settings.warmup_steps, steps, t.min_lr_ratio, "wsd",
+                                              t.decay_frac, t.decay_shape) == 1.0]
+    return (at_peak[-1] + 1) if at_peak else 0
+
+
 def grid(cfg: DictConfig) -> list[Point]:
-    """The sweep's points, budget by budget, smallest model first."""
+    """The sweep's points, budget by budget, smallest model first, each with its steps and
+    its size's settings; under wsd the trunks carry save_at and the others branch_of."""
     sw = cfg.sweep
     if not sw.budgets:
         raise ConfigError("sweep.budgets is empty; give compute budgets in FLOPs, e.g. sweep.budgets=[1e12,3e12,1e13].")
     if any(not c > 0 for c in sw.budgets):
         raise ConfigError(f"sweep.budgets={list(sw.budgets)} must all be positive FLOP counts.")
-    shapes = candidate_shapes(cfg.model, vocab_size_for(cfg.tokenizer))
+    shapes = sweep_shapes(cfg)
     r = cfg.budget.tokens_per_param
     points = []
     for c in sorted(float(c) for c in sw.budgets):
@@ -118,8 +235,46 @@ def grid(cfg: DictConfig) -> list[Point]:
         if sw.sizes >= 3 and not picked[0].num_params() < n_opt < picked[-1].num_params():
             warnings.warn(f"budget C={c:.3g}: the sizes ({picked[0].num_params():,}..{picked[-1].num_params():,}) "
                           f"do not bracket N_opt~{n_opt:,.0f}; change the budget or model.head_dim/aspect_ratio.")
-        points += [Point(c, s) for s in picked]
+        points += [Point(c, s, schedule=sw.schedule) for s in picked]
+    settings = {}
+    for p in points:  # points are in budget order: the first sighting is the size's smallest budget
+        if p.size not in settings:
+            settings[p.size] = size_settings(cfg, p.shape, p.budget)
+        p.settings = settings[p.size]
+        p.steps = max(1, round(p.budget / p.flops_per_step))
+        if p.steps <= p.settings.warmup_steps:
+            raise ConfigError(f"{p.name} gets {p.steps} steps, no more than its {p.settings.warmup_steps} warmup steps; "
+                              "raise the smallest budget or lower train.batch_tokens.")
+    if sw.schedule == "wsd":
+        _link_branches(points, cfg.train)
     return points
+
+
+def _link_branches(points: list[Point], t: DictConfig) -> None:
+    """Per size: the longest run is the trunk; every shorter one branches off it."""
+    by_size: dict = {}
+    for p in points:
+        by_size.setdefault(p.size, []).append(p)
+    for same in by_size.values():
+        trunk = max(same, key=lambda p: p.steps)
+        for p in same:
+            if p is not trunk:
+                p.branch_of, p.branch_step = trunk.name, last_constant_step(p.steps, p.settings, t)
+        trunk.save_at = sorted({p.branch_step for p in same if p.branch_of and p.branch_step > 0})
+
+
+def chains(points: list[Point]) -> list[list[Point]]:
+    """Independent groups, each trained in order: a trunk and its branches, or one point."""
+    groups: dict = {}
+    for p in points:
+        key = p.size if p.schedule == "wsd" else p.name
+        groups.setdefault(key, []).append(p)
+    ordered = [sorted(g, key=lambda p: (p.branch_of is not None, p.budget)) for g in groups.values()]
+    return sorted(ordered, key=lambda g: -sum(p.spent for p in g))  # longest first: better packing
+
+
+def cosine_grid_flops(points: list[Point]) -> float:
+    return float(sum(p.flops_per_step * p.steps for p in points))
 
 
 # ---------------------------------------------------------------- the table
@@ -156,11 +311,52 @@ def train_point(overrides: list[str]) -> dict:
     return run(load_config(overrides))
 
 
+def branch_from_trunk(point: Point, sweep_dir: Path) -> None:
+    """Seed a branch's run_dir with its trunk's constant-LR checkpoint (and the trunk's
+    metrics up to there, so the branch has a whole training curve). A branch that already
+    has checkpoints of its own (an interrupted cooldown) resumes from those instead."""
+    run_dir, trunk = sweep_dir / point.name, sweep_dir / point.branch_of
+    if ckpt.list_checkpoints(run_dir) or not point.branch_step:
+        return
+    source = ckpt.step_path(trunk / SAVED_AT, point.branch_step)
+    if not source.exists():
+        raise ConfigError(f"the trunk {point.branch_of} has no checkpoint after step {point.branch_step} in "
+                          f"{source.parent}; delete the trunk's run_dir and rerun the sweep to retrain it.")
+    target = ckpt.ckpt_dir(run_dir)
+    target.mkdir(parents=True, exist_ok=True)
+    for path in (source, ckpt.manifest_path(source)):
+        (shutil.copytree if path.is_dir() else shutil.copy2)(path, target / path.name)
+    metrics = trunk / "metrics.jsonl"
+    if metrics.exists():
+        kept = [line for line in metrics.read_text().splitlines()
+                if line.strip() and json.loads(line).get("step", 0) <= point.branch_step]
+        (run_dir / "metrics.jsonl").write_text("".join(line + "\n" for line in kept))
+
+
+def run_point(point: Point, sweep_dir: Path, overrides: list[str], train: Callable[[list[str]], dict]) -> dict:
+    """Train one point (a branch from its trunk's checkpoint); its results row, failed or not."""
+    start, final, error = time.perf_counter(), None, None
+    try:
+        if point.branch_of:
+            branch_from_trunk(point, sweep_dir)
+        final = train(overrides)
+    except (KeyboardInterrupt, Interrupted):  # the user stopped the sweep, not a failed point
+        raise
+    except Exception as err:  # one bad point must not stop the grid
+        error = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        (sweep_dir / f"{point.name}.error.txt").write_text(traceback.format_exc())
+    return _row(point, sweep_dir, final, time.perf_counter() - start, error)
+
+
 def _row(point: Point, sweep_dir: Path, final: Optional[dict], seconds: float, error: Optional[str]) -> dict:
     run_dir = sweep_dir / point.name
     g = point.shape
     row = {"name": point.name, "budget": point.budget, "n_layer": g.n_layer, "d_model": g.d_model,
            "n_head": g.n_head, "n_params": g.num_params(), "n_tokens": None, "compute": None, "steps": None,
+           "spent": point.spent if point.settings else None, "schedule": point.schedule,
+           "branch_of": point.branch_of, "branch_step": point.branch_step,
+           "lr": point.settings.lr if point.settings else None,
+           "batch_tokens": point.settings.batch_tokens if point.settings else None,
            "val_loss": None, "val_bpb": None, "run_dir": str(run_dir), "seconds": round(seconds, 2),
            "status": "failed" if error else "ok", "error": error}
     plan_file = run_dir / "plan.json"
@@ -172,6 +368,36 @@ def _row(point: Point, sweep_dir: Path, final: Optional[dict], seconds: float, e
     return row
 
 
+def usable_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+
+
+def worker_count(cfg: DictConfig, n_chains: int) -> int:
+    """sweep.workers, or on CPU one single-thread process per core (measured faster for tiny
+    models than one process using every core), never more than there are chains."""
+    if cfg.sweep.workers is not None:
+        return max(1, min(cfg.sweep.workers, n_chains))
+    return max(1, min(usable_cores(), n_chains)) if on_cpu(cfg) else 1
+
+
+def on_cpu(cfg: DictConfig) -> bool:
+    import torch
+    return cfg.train.device == "cpu" or (cfg.train.device == "auto" and not torch.cuda.is_available())
+
+
+def _run_chain(chain: list[Point], sweep_dir: Path, base: list[str], train: Callable, log_file: Optional[str]) -> list:
+    """A worker's job: the chain's points in order (a branch needs its trunk first)."""
+    if log_file:  # the runs' own train.log keep their output; the console stays readable
+        sys.stdout = sys.stderr = open(log_file, "a", buffering=1)
+    rows = []
+    for point in chain:
+        try:
+            rows.append(run_point(point, sweep_dir, base + point.overrides(sweep_dir), train))
+        except (KeyboardInterrupt, Interrupted):
+            return rows + [None]  # None: stopped here
+    return rows
+
+
 def run_sweep(overrides: list[str], train: Optional[Callable[[list[str]], dict]] = None,
               log: Callable[[str], None] = print) -> dict:
     """Train every missing point of the grid, then fit; returns the summary dict."""
@@ -181,7 +407,8 @@ def run_sweep(overrides: list[str], train: Optional[Callable[[list[str]], dict]]
         raise ConfigError("sweep.dir is not set; give a folder for the sweep, e.g. sweep.dir=sweeps/first.")
     clash = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") in POINT_KEYS]
     if clash:
-        raise ConfigError(f"{clash[0]} is chosen per point by the sweep; drop it from the command.")
+        hint = " (use sweep.schedule)" if clash[0].lstrip("+~").startswith("train.schedule") else ""
+        raise ConfigError(f"{clash[0]} is chosen per point by the sweep{hint}; drop it from the command.")
     if any(cfg.budget[k] is not None for k in ("params", "tokens", "minutes")):
         raise ConfigError("the sweep sets budget.compute per point; drop budget.params/tokens/minutes.")
     base = [o for o in overrides if not o.lstrip("+~").startswith("sweep.")]
@@ -190,29 +417,72 @@ def run_sweep(overrides: list[str], train: Optional[Callable[[list[str]], dict]]
     table = sweep_dir / RESULTS
     rows = read_table(table)
     points = grid(cfg)
-    for i, point in enumerate(points, 1):
-        if is_done(rows.get(point.name), sweep_dir):
-            log(f"[{i}/{len(points)}] {point.name}: done, skipped")
-            continue
-        log(f"[{i}/{len(points)}] {point.name}: N={point.shape.num_params():,} training")
-        start, final, error = time.perf_counter(), None, None
-        try:
-            final = train(base + point.overrides(sweep_dir))
-        except (KeyboardInterrupt, Interrupted):  # the user stopped the sweep, not a failed point
-            raise
-        except Exception as err:  # one bad point must not stop the grid
-            error = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-            (sweep_dir / f"{point.name}.error.txt").write_text(traceback.format_exc())
-            log(f"[{i}/{len(points)}] {point.name}: FAILED: {error}")
-        rows[point.name] = _row(point, sweep_dir, final, time.perf_counter() - start, error)
+    todo = [[p for p in chain if not is_done(rows.get(p.name), sweep_dir)] for chain in chains(points)]
+    todo = [chain for chain in todo if chain]
+    for p in points:
+        if is_done(rows.get(p.name), sweep_dir):
+            log(f"{p.name}: done, skipped")
+    # A caller's own train function (tests inject faults with one) runs in this process.
+    workers = worker_count(cfg, len(todo)) if train is train_point else 1
+    if on_cpu(cfg) and cfg.train.num_threads is None:  # the thread count can change the last digits
+        base = base + ["train.num_threads=1"]  # harmless to a resume
+    log(f"{len(points)} points ({family_text(cfg)}; schedule {cfg.sweep.schedule}); "
+        f"{sum(len(c) for c in todo)} to train in {workers} worker(s)")
+    done = 0
+
+    def record(row: dict) -> None:
+        nonlocal done
+        done += 1
+        rows[row["name"]] = row
         write_table(table, rows)
+        status = "ok" if row["status"] == "ok" else f"FAILED: {row['error']}"
+        loss = f"val_loss {row['val_loss']:.4f}, " if row.get("val_loss") is not None else ""
+        log(f"[{done}/{sum(len(c) for c in todo)}] {row['name']}: N={row['n_params']:,} {loss}{row['seconds']:.0f}s {status}")
+
+    stopped = False
+    if workers == 1:
+        for chain in todo:
+            for point in chain:
+                log(f"{point.name}: N={point.shape.num_params():,}, {point.steps} steps"
+                    + (f" (cooldown from step {point.branch_step} of {point.branch_of})" if point.branch_of else ""))
+                record(run_point(point, sweep_dir, base + point.overrides(sweep_dir), train))
+    else:
+        stopped = _run_parallel(todo, sweep_dir, base, train, workers, record)
+    if stopped:
+        raise Interrupted(2)
     summary = fit_sweep(list(rows.values()), sweep_dir, cfg.sweep.bootstrap) if cfg.sweep.fit else {}
     summary["points"] = len(points)
+    summary["family"] = family_text(cfg)
+    summary["schedule"] = cfg.sweep.schedule
+    summary["workers"] = workers
+    summary["flops"] = {"trained": float(sum(p.spent for p in points)), "cosine_grid": cosine_grid_flops(points)}
     summary["failed"] = [r["name"] for r in rows.values() if r["status"] != "ok"]
     (sweep_dir / "summary.json").write_text(json.dumps(summary, indent=2, default=_jsonable))
     (sweep_dir / "summary.md").write_text(summary_markdown(summary, list(rows.values())))
     return summary
 
+
+def _run_parallel(todo: list[list[Point]], sweep_dir: Path, base: list[str], train: Callable, workers: int,
+                  record: Callable[[dict], None]) -> bool:
+    """Chains in `workers` spawned processes; True when a signal stopped the sweep."""
+    stopped = False
+    log_file = str((sweep_dir / "workers.log").resolve())
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+        pending = {pool.submit(_run_chain, chain, sweep_dir, base, train, log_file) for chain in todo}
+        try:
+            while pending:
+                finished, pending = wait(pending, return_when=FIRST_COMPLETED)
+                for future in finished:
+                    for row in future.result():
+                        if row is None:
+                            stopped = True
+                        else:
+                            record(row)
+        except KeyboardInterrupt:  # the workers got the signal too: they save and return
+            for future in pending:
+                future.cancel()
+            stopped = True
+    return stopped
 
 # ---------------------------------------------------------------- fits
 
@@ -269,9 +539,17 @@ def summary_markdown(summary: dict, rows: list[dict]) -> str:
         dn = f"{r['n_tokens'] / r['n_params']:.1f}" if r.get("n_tokens") else ""
         num = lambda k, f: format(r[k], f) if r.get(k) is not None else ""
         status = r["status"] if r["status"] == "ok" else f"failed: {r.get('error')}"
+        if r.get("branch_of"):
+            status += f" (cooldown from step {r['branch_step']})"
         lines.append(f"| {r['name']} | {r['budget']:.3g} | {r['n_params']:,} | {num('n_tokens', ',')} | {dn} | "
                      f"{num('compute', '.3e')} | {num('steps', 'd')} | {num('val_loss', '.4f')} | "
                      f"{num('val_bpb', '.4f')} | {r['seconds']:.0f} | {status} |")
+    lines += ["", f"Sizes: {summary['family']}." if summary.get("family") else ""]
+    flops = summary.get("flops")
+    if flops:
+        lines.append(f"Schedule: {summary.get('schedule')}; trained {flops['trained']:.3e} FLOPs, "
+                     f"{flops['trained'] / flops['cosine_grid']:.0%} of the {flops['cosine_grid']:.3e} that training "
+                     "every point from scratch (the cosine grid) takes.")
     iso, par = summary.get("isoflop"), summary.get("parametric")
     if iso:
         lines += ["", "IsoFLOP (Approach 2):",

@@ -12,9 +12,10 @@ from picollm.config import ConfigError, load_config
 from picollm.fit import load_runs
 from picollm.scaling import chinchilla_optimal
 
-BUDGETS = [1e9, 3e9]
+BUDGETS = [3e9, 9e9]
 # Narrow heads and a fixed small batch so the tiny models span a range of sizes in seconds.
-GRID = TINY + ["model.head_dim=16", "model.aspect_ratio=32", "train.batch_tokens=1024", "train.device=cpu",
+GRID = TINY + ["model.head_dim=16", "model.aspect_ratio=16", "train.batch_tokens=1024", "train.device=cpu",
+               "train.dtype=fp32", "train.peak_flops=1e11",  # no probes: the points are seconds long
                "train.eval_tokens=1024", "train.save_every=100000", "train.eval_every=100000",
                "sweep.sizes=3", "sweep.bootstrap=0",
                f"sweep.budgets=[{','.join(map(str, BUDGETS))}]"]
@@ -34,11 +35,11 @@ class Counting:
 
 
 def test_grid_brackets_the_optimum_and_rejects_bad_settings(tmp_path):
-    cfg = load_config(TINY + ["model.head_dim=16", "model.aspect_ratio=32", "sweep.sizes=3",
-                              "model.seq_len=64", "sweep.budgets=[3e10,3e11]"])
+    cfg = load_config(TINY + ["model.head_dim=16", "model.aspect_ratio=16", "sweep.sizes=3",
+                              "model.seq_len=64", "sweep.budgets=[3e11,3e12]"])
     points = sweep.grid(cfg)
     assert len(points) == 6 and len({p.name for p in points}) == 6
-    for c in (3e10, 3e11):
+    for c in (3e11, 3e12):
         ns = [p.shape.num_params() for p in points if p.budget == c]
         assert ns == sorted(ns) and ns[0] < chinchilla_optimal(c)[0] < ns[-1]
     with pytest.raises(ConfigError, match="sweep.budgets"):
@@ -107,3 +108,81 @@ def test_a_signal_stops_the_sweep_instead_of_failing_the_point(tmp_path):
     with pytest.raises(Interrupted):
         sweep.run_sweep(GRID + [f"sweep.dir={out}"], train=interrupted, log=lambda s: None)
     assert not sweep.read_table(out / sweep.RESULTS)
+
+
+def test_sizes_come_from_one_family_that_recurs_across_budgets(tmp_path):
+    cfg = load_config(TINY + ["model.head_dim=16", "model.aspect_ratio=16", "sweep.sizes=3", "model.seq_len=64",
+                              "sweep.budgets=[3e10,1e11,3e11]"])
+    points = sweep.grid(cfg)
+    for p in points:
+        g = p.shape
+        assert g.d_model == 16 * g.n_layer and g.n_layer >= 2 and g.n_head * 16 == g.d_model
+    by_size = {}
+    for p in points:
+        by_size.setdefault(p.size, []).append(p)
+    assert max(len(same) for same in by_size.values()) >= 2  # shapes recur: WSD branches need that
+    for same in by_size.values():  # one LR, batch and warmup per size, at every budget
+        assert len({p.settings for p in same}) == 1
+    assert "d_model/n_layer = 16" in sweep.family_text(cfg)
+
+    mixed = load_config(TINY + ["model.head_dim=16", "model.aspect_ratio=16", "sweep.sizes=3", "model.seq_len=64",
+                                "sweep.budgets=[3e10]", "sweep.mix_families=true"])
+    shapes = sweep.sweep_shapes(mixed)
+    assert any(s.n_layer == 1 for s in shapes) and any(s.d_model != 16 * s.n_layer for s in shapes)
+    assert "mixed" in sweep.family_text(mixed)
+    with pytest.raises(ConfigError, match="aspect ratio a multiple of the head size"):
+        sweep.grid(load_config(TINY + ["model.head_dim=48", "model.aspect_ratio=7", "model.max_depth=5",
+                                       "sweep.budgets=[3e10]"]))
+    with pytest.raises(ConfigError, match="sweep.schedule"):
+        sweep.run_sweep(GRID + [f"sweep.dir={tmp_path}", "train.schedule=wsd"])
+
+
+WSD = TINY + ["model.head_dim=16", "model.aspect_ratio=16", "train.batch_tokens=512", "train.device=cpu",
+              "train.dtype=fp32", "train.peak_flops=1e11", "train.eval_tokens=1024", "train.save_every=3", "train.eval_every=100000",
+              "sweep.sizes=2", "sweep.bootstrap=0", "sweep.fit=false", "sweep.schedule=wsd",
+              "sweep.budgets=[2e9,6e9]"]
+
+
+def _train_records(run_dir):
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [m for m in map(json.loads, lines) if m.get("kind") == "train"]
+
+
+def test_wsd_branches_cool_down_from_the_trunk_and_workers_do_not_change_numbers(tmp_path):
+    from picollm.optim import lr_at
+    from picollm.train import SAVED_AT
+
+    one, two = tmp_path / "one", tmp_path / "two"
+    summary = sweep.run_sweep(WSD + [f"sweep.dir={one}", "sweep.workers=1"], log=lambda s: None)
+    points = {p.name: p for p in sweep.grid(load_config(WSD))}
+    rows = sweep.read_table(one / sweep.RESULTS)
+    assert summary["failed"] == [] and set(rows) == set(points)
+    branches = [p for p in points.values() if p.branch_of]
+    assert len(branches) == 2
+    for p in branches:
+        trunk, row = points[p.branch_of], rows[p.name]
+        assert trunk.save_at == [p.branch_step] and trunk.steps > p.steps > p.branch_step > 0
+        # the trunk kept its branch checkpoint although retention (keep 2, a save every 3 steps) pruned the others
+        assert (one / trunk.name / SAVED_AT / "checkpoints" / f"step_{p.branch_step:07d}.pt").exists()
+        # The branch is a true p.steps-step WSD run: its whole LR curve (the trunk's constant part,
+        # then its own cooldown) is the schedule of that length, ending at min_lr.
+        s = p.settings
+        records = _train_records(one / p.name)
+        assert [m["step"] for m in records] == list(range(1, p.steps + 1))
+        expected = [lr_at(i, s.lr, s.warmup_steps, p.steps, 0.1, "wsd", 0.2, "linear") for i in range(p.steps)]
+        assert [m["lr"] for m in records] == pytest.approx(expected)
+        assert records[p.branch_step]["lr"] < s.lr == records[p.branch_step - 1]["lr"]
+        trunk_records = _train_records(one / trunk.name)
+        assert [m["loss"] for m in records[:p.branch_step]] == [m["loss"] for m in trunk_records[:p.branch_step]]
+        assert row["steps"] == p.steps and row["n_tokens"] == p.steps * s.batch_tokens
+        assert row["spent"] == p.flops_per_step * (p.steps - p.branch_step) and math.isfinite(row["val_loss"])
+    flops = summary["flops"]
+    assert flops["trained"] < flops["cosine_grid"]
+    assert flops["cosine_grid"] == pytest.approx(sum(r["compute"] for r in rows.values()))
+    assert "of the" in (one / "summary.md").read_text()
+
+    # Two worker processes: the same points, bit for bit.
+    summary = sweep.run_sweep(WSD + [f"sweep.dir={two}", "sweep.workers=2"], log=lambda s: None)
+    assert summary["workers"] == 2 and summary["failed"] == []
+    assert {n: r["val_loss"] for n, r in sweep.read_table(two / sweep.RESULTS).items()} == \
+        {n: r["val_loss"] for n, r in rows.items()}
