@@ -1,18 +1,29 @@
-"""Fitting scaling laws to a sweep of training runs, and plotting the fits.
+"""Fitting scaling laws to a sweep of training runs, with intervals that hold for new runs.
 
-Two of Hoffmann et al. 2022's approaches:
-- Approach 3 (`fit_parametric`): fit L(N, D) = E + A/N^alpha + B/D^beta to every run
-  with a Huber loss on log loss, L-BFGS from a grid of starts, bootstrap intervals.
+Hoffmann et al. 2022's three approaches:
+- Approach 1 (`fit_envelope`): the lower envelope of loss over compute across training
+  curves (or end-of-schedule losses at several budgets per size); the N attaining it at
+  each C gives N_opt ~ C^a.
 - Approach 2 (`fit_isoflop`): per compute budget, a parabola of loss vs log N gives
   N_opt(C); power laws N_opt ~ C^a and D_opt ~ C^b are fitted through those minima.
+- Approach 3 (`fit_parametric`): fit L(N, D) = E + A/N^alpha + B/D^beta to every run
+  with a Huber loss on log loss, L-BFGS from a grid of starts.
 
-CLI: python -m picollm.fit RESULTS_FILE [--out DIR] [--bootstrap K]
+Intervals come from bootstraps over RUNS (within each budget for Approach 2). A new run's
+predicted loss (`predict_loss`, `FitResult.predict`) adds the measured scatter of runs
+about the law (`measure_scatter`: shape-to-shape and seed-to-seed) to the law's own
+uncertainty; `holdout_calibration` checks how often those intervals cover runs larger
+than any the fit saw; `exponent_agreement` compares the approaches' exponents.
+
+CLI: python -m picollm.fit RESULTS_FILE [--out DIR] [--bootstrap K] [--curves]
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
+import functools
 import itertools
 import json
 import math
@@ -49,6 +60,7 @@ class FitResult:
     intervals: dict[str, tuple[float, float]] | None
     loss: float
     samples: np.ndarray | None = None  # bootstrap fits, columns E, A, alpha, B, beta
+    scatter: "Scatter | None" = None  # measured run-to-run scatter around the law (see Scatter)
 
     E = property(lambda self: self.law.E)
     A = property(lambda self: self.law.A)
@@ -56,6 +68,10 @@ class FitResult:
     B = property(lambda self: self.law.B)
     beta = property(lambda self: self.law.beta)
     a = property(lambda self: self.law.a)
+
+    def predict(self, n_params, n_tokens, level: float = 0.95, seed: int = 0) -> dict:
+        """The loss of one new run at (N, D) with a `level` prediction interval; see predict_loss."""
+        return predict_loss(self.law, n_params, n_tokens, self.samples, self.scatter, level, seed)
 
 
 def _huber_objective(theta: np.ndarray, log_n: np.ndarray, log_d: np.ndarray,
@@ -105,15 +121,55 @@ def _screen(starts: np.ndarray, log_n: np.ndarray, log_d: np.ndarray, log_l: np.
     return starts[np.argsort(value, kind="stable")[:keep]]
 
 
+@functools.lru_cache(maxsize=1)
+def _openblas_thread_controls() -> tuple:
+    """(set, get) function pairs of every OpenBLAS this process has loaded (numpy's and scipy's
+    ship their own); empty where none is found (another BLAS, or no /proc)."""
+    import ctypes
+
+    try:
+        paths = {line.split()[-1] for line in open("/proc/self/maps") if "openblas" in line.lower()}
+    except OSError:
+        return ()
+    controls = []
+    for path in sorted(paths):
+        try:
+            lib = ctypes.CDLL(path)
+        except OSError:
+            continue
+        for suffix in ("", "64_"):
+            for prefix in ("scipy_openblas", "openblas"):
+                setter, getter = (getattr(lib, f"{prefix}_{verb}_num_threads{suffix}", None) for verb in ("set", "get"))
+                if setter is not None and getter is not None:
+                    controls.append((setter, getter))
+    return tuple(controls)
+
+
+@contextlib.contextmanager
+def _one_blas_thread():
+    """L-BFGS-B's BLAS calls work on 5-vectors, where threads only cost: with OpenBLAS's idle
+    threads spinning on a busy 2-core machine, 20 fits took 6.5 s of CPU instead of 0.10 s."""
+    controls = _openblas_thread_controls()
+    before = [get() for _, get in controls]
+    for set_threads, _ in controls:
+        set_threads(1)
+    try:
+        yield
+    finally:
+        for (set_threads, _), n in zip(controls, before):
+            set_threads(n)
+
+
 def _best_fit(starts: np.ndarray, args: tuple) -> tuple[np.ndarray, float]:
     """Run L-BFGS from every start and keep the lowest objective."""
     best_x, best_f = None, math.inf
     bounds = [(None, None)] * 3 + [(0.0, None)] * 2  # negative exponents are meaningless
-    for x0 in starts:
-        res = minimize(_huber_objective, x0, args=args, jac=True, method="L-BFGS-B",
-                       bounds=bounds, options={"maxiter": 2000, "ftol": 1e-12, "gtol": 1e-10})
-        if np.isfinite(res.fun) and res.fun < best_f:
-            best_x, best_f = res.x, float(res.fun)
+    with _one_blas_thread():
+        for x0 in starts:
+            res = minimize(_huber_objective, x0, args=args, jac=True, method="L-BFGS-B",
+                           bounds=bounds, options={"maxiter": 2000, "ftol": 1e-12, "gtol": 1e-10})
+            if np.isfinite(res.fun) and res.fun < best_f:
+                best_x, best_f = res.x, float(res.fun)
     if best_x is None:
         raise RuntimeError("every L-BFGS start failed; check the data for zeros or NaNs.")
     return best_x, best_f
@@ -153,8 +209,9 @@ def fit_parametric(
     grid_starts = _grid_starts(CHINCHILLA_GRID if grid is None else grid)
     theta, value = _best_fit(_screen(grid_starts, *logs, delta, n_starts), (*logs, delta))
     law = _theta_to_law(theta)
+    scatter = measure_scatter(law, n, d, l)
     if bootstrap <= 0:
-        return FitResult(law=law, intervals=None, loss=value)
+        return FitResult(law=law, intervals=None, loss=value, scatter=scatter)
 
     rng = np.random.default_rng(seed)
     samples = []
@@ -172,14 +229,189 @@ def fit_parametric(
             "a": samples[:, 4] / (samples[:, 2] + samples[:, 4])}
     intervals = {k: (float(np.percentile(v, 2.5)), float(np.percentile(v, 97.5)))
                  for k, v in cols.items()}
-    return FitResult(law=law, intervals=intervals, loss=value, samples=samples)
+    return FitResult(law=law, intervals=intervals, loss=value, samples=samples, scatter=scatter)
+
+
+# ---------------------------------------------------------------- scatter and prediction intervals
+
+N_LAW_PARAMETERS = 5  # E, A, alpha, B, beta: the degrees of freedom a parametric fit uses up
+
+
+@dataclass
+class Scatter:
+    """How far single runs fall from a fitted law, in natural-log units of loss (0.01 ~ 1%).
+
+    Runs that share (N, D) exactly are repeats (different seeds). With repeats:
+      seed_sd  = pooled within-repeat sd of log loss (seed-to-seed scatter), on
+                 `seed_dof` = sum(k_g - 1) degrees of freedom;
+      shape_sd = what remains of the residuals of the repeat MEANS around the law once
+                 their share of seed noise is taken out:
+                 sqrt(max(0, s_means^2 - seed_sd^2 * mean(1/k_g))), with
+                 s_means^2 = sum(resid_g^2) / (groups - 5). It holds shape-to-shape scatter
+                 (different shapes of similar N) and any misfit of the law.
+    Without repeats seed_sd is None and shape_sd is the residual sd itself, which then
+    holds both kinds of scatter (each run has its one seed).
+    total_sd = sqrt(shape_sd^2 + seed_sd^2) is the scatter of ONE new run around the law;
+    `dof` = groups - 5 is what its Student-t quantiles use.
+    """
+
+    total_sd: float
+    shape_sd: float
+    seed_sd: float | None
+    dof: int
+    seed_dof: int
+    groups: int
+    runs: int
+
+
+def _repeat_groups(n: np.ndarray, d: np.ndarray) -> list[np.ndarray]:
+    """Indices of runs with the same (N, D) to 1e-9 relative: repeats that differ by seed only."""
+    keys = np.round(np.column_stack([np.log(n), np.log(d)]) / 1e-9).astype(np.int64)
+    _, inverse = np.unique(keys, axis=0, return_inverse=True)
+    return [np.flatnonzero(inverse.ravel() == g) for g in range(inverse.max() + 1)]
+
+
+def measure_scatter(law: ScalingLaw, n_params, n_tokens, losses) -> Scatter:
+    """The measured seed-to-seed and shape-to-shape scatter of runs around `law` (see Scatter)."""
+    n, d, l = (np.asarray(v, dtype=float).ravel() for v in (n_params, n_tokens, losses))
+    log_l = np.log(l)
+    groups = _repeat_groups(n, d)
+    means = np.array([log_l[g].mean() for g in groups])
+    first = np.array([g[0] for g in groups])
+    resid = means - np.log(law.loss(n[first], d[first]))
+    dof = max(len(groups) - N_LAW_PARAMETERS, 1)
+    var_means = float(resid @ resid) / dof
+    seed_dof = sum(len(g) - 1 for g in groups)
+    if seed_dof == 0:
+        shape = math.sqrt(var_means)
+        return Scatter(total_sd=shape, shape_sd=shape, seed_sd=None, dof=dof, seed_dof=0,
+                       groups=len(groups), runs=len(l))
+    seed_var = sum(float(((log_l[g] - log_l[g].mean()) ** 2).sum()) for g in groups) / seed_dof
+    share = seed_var * float(np.mean([1.0 / len(g) for g in groups]))
+    shape = math.sqrt(max(var_means - share, 0.0))
+    return Scatter(total_sd=math.sqrt(shape**2 + seed_var), shape_sd=shape, seed_sd=math.sqrt(seed_var),
+                   dof=dof, seed_dof=seed_dof, groups=len(groups), runs=len(l))
+
+
+def _bootstrap_log_losses(samples: np.ndarray, n: np.ndarray, d: np.ndarray) -> np.ndarray:
+    """log L(N, D) under each bootstrap law: shape (samples, points)."""
+    e, a, alpha, b, beta = (samples[:, i:i + 1] for i in range(5))
+    return np.log(e + a / n[None, :] ** alpha + b / d[None, :] ** beta)
+
+
+def predict_loss(law: ScalingLaw, n_params, n_tokens, samples: np.ndarray | None = None,
+                 scatter: Scatter | None = None, level: float = 0.95, seed: int = 0,
+                 draws: int = 4000) -> dict:
+    """Predicted loss of ONE new run at each (N, D), with a `level` prediction interval.
+
+    Two sources of uncertainty, added in log-loss space:
+      1. the law's own: log L(N, D) under each bootstrap refit in `samples` (runs
+         resampled with replacement; columns E, A, alpha, B, beta);
+      2. the new run's own scatter about the law: scatter.total_sd (shape-to-shape plus
+         seed-to-seed, see Scatter) times a Student-t draw on scatter.dof degrees of freedom.
+    log L_new = log L_boot + total_sd * t, drawn `draws` times (bootstrap laws cycled); the
+    interval is the central `level` of exp(log L_new). `mean_interval` is source 1 alone:
+    where the LAW is, not where a run will land. Without samples only source 2 is used
+    (around the point prediction); without scatter only source 1.
+
+    Returns {"loss", "interval", "mean_interval"} with arrays, or floats for scalar input.
+    """
+    from scipy.stats import t as student_t
+
+    if not 0 < level < 1:
+        raise ValueError(f"level must be in (0, 1), e.g. 0.95; got {level}.")
+    n, d = (np.atleast_1d(np.asarray(v, dtype=float)) for v in (n_params, n_tokens))
+    n, d = np.broadcast_arrays(n, d)
+    point = np.log(np.atleast_1d(law.loss(n, d)))
+    tail = 100 * (1 - level) / 2
+    rng = np.random.default_rng(seed)
+    if samples is not None and len(samples):
+        boot = _bootstrap_log_losses(np.asarray(samples, dtype=float), n, d)
+        mean_iv = np.exp(np.percentile(boot, [tail, 100 - tail], axis=0))
+        centre = boot[np.arange(draws) % len(boot)]
+    else:
+        mean_iv = np.exp(np.vstack([point, point]))
+        centre = np.broadcast_to(point, (draws, len(point)))
+    if scatter is not None and scatter.total_sd > 0:
+        noise = scatter.total_sd * student_t.rvs(scatter.dof, size=centre.shape, random_state=rng)
+        interval = np.exp(np.percentile(centre + noise, [tail, 100 - tail], axis=0))
+    else:
+        interval = mean_iv
+    out = {"loss": np.exp(point), "interval": interval.T, "mean_interval": mean_iv.T}
+    if np.ndim(n_params) == 0 and np.ndim(n_tokens) == 0:
+        out = {"loss": float(out["loss"][0]), "interval": tuple(float(v) for v in out["interval"][0]),
+               "mean_interval": tuple(float(v) for v in out["mean_interval"][0])}
+    return out
+
+
+# ---------------------------------------------------------------- calibration
+
+
+def holdout_calibration(n_params, n_tokens, losses, holdout_fraction: float, bootstrap: int = 100,
+                        level: float = 0.95, seed: int = 0, largest: bool = True, **fit_kwargs) -> dict:
+    """How often the prediction interval covers runs larger than any the law saw.
+
+    The `holdout_fraction` of runs with the largest compute (C = 6ND) is held out (with
+    largest=False: a random draw of runs instead, which tests interpolation); the law
+    is fitted with `bootstrap` resamples on the rest (fit_parametric, **fit_kwargs), and
+    each held-out run's loss is checked against its `level` prediction interval
+    (predict_loss). Also reported: the coverage of the law-only interval (no scatter), the
+    median |error| of the point prediction, and the median interval width, both relative.
+    """
+    n, d, l = (np.asarray(v, dtype=float).ravel() for v in (n_params, n_tokens, losses))
+    if not 0 < holdout_fraction < 1:
+        raise ValueError(f"holdout_fraction must be in (0, 1), e.g. 0.1; got {holdout_fraction}.")
+    if bootstrap < 1:
+        raise ValueError(f"calibration needs bootstrap >= 1 resamples; got {bootstrap}.")
+    order = np.argsort(6 * n * d, kind="stable") if largest else np.random.default_rng(seed).permutation(len(n))
+    k = max(1, int(round(holdout_fraction * len(n))))
+    fit_idx, held_idx = order[:-k], order[-k:]
+    fit = fit_parametric(n[fit_idx], d[fit_idx], l[fit_idx], bootstrap=bootstrap, seed=seed, **fit_kwargs)
+    pred = fit.predict(n[held_idx], d[held_idx], level=level, seed=seed)
+    y = l[held_idx]
+    inside = lambda iv: (iv[:, 0] <= y) & (y <= iv[:, 1])
+    return {
+        "holdout": "largest compute" if largest else "random", "holdout_fraction": holdout_fraction, "n_fit": len(fit_idx), "n_held": len(held_idx),
+        "fit_compute_max": float((6 * n * d)[fit_idx].max()),
+        "held_compute_range": (float((6 * n * d)[held_idx].min()), float((6 * n * d)[held_idx].max())),
+        "coverage": float(inside(pred["interval"]).mean()),
+        "coverage_law_only": float(inside(pred["mean_interval"]).mean()),
+        "median_abs_rel_error": float(np.median(np.abs(pred["loss"] / y - 1))),
+        "median_rel_width": float(np.median((pred["interval"][:, 1] - pred["interval"][:, 0]) / pred["loss"])),
+        "total_sd": fit.scatter.total_sd, "seed_sd": fit.scatter.seed_sd, "a": fit.a,
+        "a_interval": fit.intervals["a"],
+    }
 
 
 # ---------------------------------------------------------------- IsoFLOP fit
 
 
+class _Frontier:
+    """N_opt(C) and D_opt(C) as power laws in log10 space, shared by Approaches 1 and 2.
+
+    `samples` (when bootstrapped) holds one row (a, n_coef, b, d_coef) per resample.
+    """
+
+    def predict_n(self, compute):
+        """Compute-optimal parameter count at `compute` from the fitted power law."""
+        return 10 ** (self.n_coef + self.a * np.log10(compute))
+
+    def predict_d(self, compute):
+        """Compute-optimal token count at `compute` from the fitted power law."""
+        return 10 ** (self.d_coef + self.b * np.log10(compute))
+
+    def n_interval(self, compute, level: float = 0.95) -> np.ndarray | None:
+        """The `level` band of N_opt(compute) over the bootstrap fits: shape (2, len(compute)), or None."""
+        if self.samples is None or not len(self.samples):
+            return None
+        x = np.log10(np.atleast_1d(np.asarray(compute, dtype=float)))
+        lines = self.samples[:, 1:2] + self.samples[:, 0:1] * x[None, :]
+        tail = 100 * (1 - level) / 2
+        return 10 ** np.percentile(lines, [tail, 100 - tail], axis=0)
+
+
 @dataclass
-class IsoFlopResult:
+class IsoFlopResult(_Frontier):
     """Approach 2: per-budget parabola minima and power laws through them.
 
     Exponents are fitted in log10 space: log10 N_opt = a log10 C + n_coef and
@@ -200,14 +432,7 @@ class IsoFlopResult:
     interval_method: str
     curves: list[dict] = field(default_factory=list)  # per budget: data, parabola, flags
     warnings: list[str] = field(default_factory=list)
-
-    def predict_n(self, compute):
-        """Compute-optimal parameter count at `compute` from the fitted power law."""
-        return 10 ** (self.n_coef + self.a * np.log10(compute))
-
-    def predict_d(self, compute):
-        """Compute-optimal token count at `compute` from the fitted power law."""
-        return 10 ** (self.d_coef + self.b * np.log10(compute))
+    samples: np.ndarray | None = None  # bootstrap rows (a, n_coef, b, d_coef)
 
 
 def _group_budgets(compute: np.ndarray, rtol: float = 1e-6) -> list[np.ndarray]:
@@ -315,34 +540,204 @@ def fit_isoflop(
     a, n_coef, a_int = _power_law(cs, n_opt)
     b, d_coef, b_int = _power_law(cs, d_opt)
     method = "regression standard error (Student t, 95%)"
-
+    samples = None
     if bootstrap > 0:
-        rng = np.random.default_rng(seed)
-        good_groups = [g for g, cv in zip(groups, curves) if math.isfinite(cv["n_opt"])]
-        a_s, b_s = [], []
-        for _ in range(bootstrap):
-            mins = []
-            for g in good_groups:
-                gi = rng.choice(g, size=len(g), replace=True)
-                with warnings.catch_warnings():
-                    warnings.simplefilter("ignore")  # resamples may be degenerate
-                    cv = _budget_minimum(c[g[0]], n[gi], l[gi], None if d is None else d[gi])
-                if math.isfinite(cv["n_opt"]):
-                    mins.append((cv["compute"], cv["n_opt"], cv["d_opt"]))
-            if len(mins) >= 2:
-                m = np.array(mins)
-                a_s.append(_power_law(m[:, 0], m[:, 1])[0])
-                b_s.append(_power_law(m[:, 0], m[:, 2])[0])
-        if a_s:
-            a_int = tuple(float(q) for q in np.percentile(a_s, [2.5, 97.5]))
-            b_int = tuple(float(q) for q in np.percentile(b_s, [2.5, 97.5]))
-            method = f"bootstrap over runs within budgets ({len(a_s)} resamples, 2.5/97.5 percentiles)"
-
+        with _one_blas_thread():
+            samples = _isoflop_bootstrap(c, n, l, d, groups, curves, bootstrap, seed)
+        if samples is not None:
+            a_int = tuple(float(q) for q in np.percentile(samples[:, 0], [2.5, 97.5]))
+            b_int = tuple(float(q) for q in np.percentile(samples[:, 2], [2.5, 97.5]))
+            method = f"bootstrap over runs within budgets ({len(samples)} resamples, 2.5/97.5 percentiles)"
     return IsoFlopResult(
         compute=cs, n_opt=n_opt, d_opt=d_opt, loss_opt=np.array([cv["loss_opt"] for cv in good]),
         a=a, b=b, n_coef=n_coef, d_coef=d_coef, a_interval=a_int, b_interval=b_int,
-        interval_method=method, curves=curves, warnings=notes,
+        interval_method=method, curves=curves, warnings=notes, samples=samples,
     )
+
+
+def _isoflop_bootstrap(c, n, l, d, groups, curves, bootstrap: int, seed: int) -> np.ndarray | None:
+    """Rows (a, n_coef, b, d_coef) refitted on runs resampled within each usable budget."""
+    rng = np.random.default_rng(seed)
+    good_groups = [g for g, cv in zip(groups, curves) if math.isfinite(cv["n_opt"])]
+    boot = []
+    for _ in range(bootstrap):
+        mins = []
+        for g in good_groups:
+            gi = rng.choice(g, size=len(g), replace=True)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # resamples may be degenerate
+                cv = _budget_minimum(c[g[0]], n[gi], l[gi], None if d is None else d[gi])
+            if math.isfinite(cv["n_opt"]):
+                mins.append((cv["compute"], cv["n_opt"], cv["d_opt"]))
+        if len(mins) >= 2:
+            m = np.array(mins)
+            boot.append(_power_law(m[:, 0], m[:, 1])[:2] + _power_law(m[:, 0], m[:, 2])[:2])
+    return np.array(boot) if boot else None
+
+
+# ---------------------------------------------------------------- Approach 1: training-curve envelope
+
+
+@dataclass
+class EnvelopeResult(_Frontier):
+    """Approach 1: the lower envelope of loss over compute and the N that attains it.
+
+    `compute` are the grid points (log-spaced) where the envelope's run is bracketed: some
+    run with fewer and some with more parameters also reached that compute, so the winner
+    is an interior optimum, not merely the only or the last size there. Exponents are
+    least squares in log10 space through those points; the intervals come from a bootstrap
+    over runs (grid points of one staircase are not independent, so no regression error).
+    """
+
+    compute: np.ndarray
+    n_opt: np.ndarray
+    d_opt: np.ndarray
+    loss_opt: np.ndarray
+    winners: list  # run id attaining the envelope at each grid point
+    a: float
+    b: float
+    n_coef: float
+    d_coef: float
+    a_interval: tuple[float, float]
+    b_interval: tuple[float, float]
+    interval_method: str
+    curves: list[dict] = field(default_factory=list)  # per run: id, n_params, compute, losses
+    warnings: list[str] = field(default_factory=list)
+    samples: np.ndarray | None = None  # bootstrap rows (a, n_coef, b, d_coef)
+
+
+def _training_curves(n, d, c, l, run_ids) -> tuple[list[dict], list[str]]:
+    """One curve per run id (sorted by compute); runs with one compute value cannot trace one."""
+    curves, notes = [], []
+    ids = run_ids if run_ids is not None else n  # default: one curve per model size
+    for rid in dict.fromkeys(ids.tolist() if isinstance(ids, np.ndarray) else list(ids)):
+        idx = np.array([i for i, r in enumerate(ids) if r == rid])
+        if len(np.unique(n[idx])) != 1:
+            raise ValueError(f"run {rid!r} has rows with different n_params; give each model its own run id.")
+        idx = idx[np.argsort(c[idx], kind="stable")]
+        if len(np.unique(c[idx])) < 2:
+            notes.append(f"run {rid!r} (N={n[idx[0]]:.3g}) has losses at one compute only; it cannot trace a curve.")
+            continue
+        curves.append({"id": rid, "n_params": float(n[idx[0]]), "compute": c[idx], "losses": l[idx],
+                       "flops_per_token": float(np.median(c[idx] / d[idx]))})
+    return curves, notes
+
+
+def _envelope_points(curves: list[dict], log_grid: np.ndarray) -> dict | None:
+    """The bracketed envelope on `log_grid` (log10 C): winner's N, D, loss and id per point."""
+    loss = np.full((len(curves), len(log_grid)), np.inf)
+    for i, cv in enumerate(curves):
+        x = np.log10(cv["compute"])
+        inside = (log_grid >= x[0]) & (log_grid <= x[-1])
+        loss[i, inside] = np.interp(log_grid[inside], x, np.log(cv["losses"]))
+    sizes = np.array([cv["n_params"] for cv in curves])
+    best = np.argmin(loss, axis=0)
+    covered = np.isfinite(loss)
+    n_best = sizes[best]
+    smaller = (covered & (sizes[:, None] < n_best[None, :])).any(axis=0)
+    larger = (covered & (sizes[:, None] > n_best[None, :])).any(axis=0)
+    keep = smaller & larger
+    if len(np.unique(n_best[keep])) < 2:
+        return None
+    c = 10 ** log_grid[keep]
+    fpt = np.array([curves[k]["flops_per_token"] for k in best[keep]])
+    return {"compute": c, "n_opt": n_best[keep], "d_opt": c / fpt,
+            "loss_opt": np.exp(loss[best[keep], np.flatnonzero(keep)]),
+            "winners": [curves[k]["id"] for k in best[keep]]}
+
+
+def fit_envelope(
+    n_params: Sequence[float],
+    n_tokens: Sequence[float],
+    compute: Sequence[float],
+    losses: Sequence[float],
+    run_ids: Sequence | None = None,
+    bootstrap: int = 0,
+    seed: int = 0,
+    grid_points: int = 400,
+) -> EnvelopeResult:
+    """N_opt(C) ~ C^a from the lower envelope of training curves (Hoffmann et al. Approach 1).
+
+    Rows are points on training curves: (n_params, n_tokens, compute, loss, run id). A
+    run's rows trace its curve, log loss interpolated linearly in log C between them (no
+    extrapolation). With run_ids None the rows of each model size form one curve, which
+    suits end-of-schedule losses of WSD cooldown branches at several budgets per size.
+    Mid-run losses of a cosine run are NOT end-of-schedule losses (its LR has not decayed
+    yet), which biases the envelope towards models whose schedule ends nearer that compute.
+
+    On `grid_points` log-spaced compute values the envelope is the lowest loss among the
+    runs that reached that compute; only points where a smaller and a larger model also
+    reached it count (see EnvelopeResult). `bootstrap` > 0 resamples RUNS with replacement
+    (a run drawn twice adds nothing, one never drawn is absent) and refits.
+    """
+    n, d, c, l = (np.asarray(v, dtype=float).ravel() for v in (n_params, n_tokens, compute, losses))
+    if not (len(n) == len(d) == len(c) == len(l)) or (run_ids is not None and len(run_ids) != len(n)):
+        raise ValueError("n_params, n_tokens, compute, losses (and run_ids) must have the same length.")
+    if not all(np.all(np.isfinite(v) & (v > 0)) for v in (n, d, c, l)):
+        raise ValueError("n_params, n_tokens, compute and losses must all be positive and finite.")
+    ids = None if run_ids is None else list(run_ids)
+    curves, notes = _training_curves(n, d, c, l, ids)
+    if len(curves) < 3:
+        raise ValueError(f"only {len(curves)} run(s) trace a loss curve (losses at 2+ compute values); the envelope "
+                         "needs at least 3 model sizes whose curves overlap in compute.")
+    lo = min(np.log10(cv["compute"][0]) for cv in curves)
+    hi = max(np.log10(cv["compute"][-1]) for cv in curves)
+    log_grid = np.linspace(lo, hi, grid_points)
+    with _one_blas_thread():  # polyfit's LAPACK on tiny arrays: threads only cost
+        return _fit_envelope(curves, notes, log_grid, bootstrap, seed)
+
+
+def _fit_envelope(curves, notes, log_grid, bootstrap, seed) -> EnvelopeResult:
+    env = _envelope_points(curves, log_grid)
+    if env is None:
+        raise ValueError("the lower envelope is attained by fewer than 2 model sizes with a smaller and a larger "
+                         "model beside them; add sizes on both sides of the optimum or overlap the curves more.")
+    a, n_coef = np.polyfit(np.log10(env["compute"]), np.log10(env["n_opt"]), 1)
+    b, d_coef = np.polyfit(np.log10(env["compute"]), np.log10(env["d_opt"]), 1)
+    a_int = b_int = (math.nan, math.nan)
+    method = "none (no bootstrap)"
+    samples = None
+    if bootstrap > 0:
+        rng = np.random.default_rng(seed)
+        boot = []
+        for _ in range(bootstrap):
+            drawn = sorted(set(rng.integers(0, len(curves), len(curves)).tolist()))
+            e = _envelope_points([curves[k] for k in drawn], log_grid)
+            if e is not None:
+                x = np.log10(e["compute"])
+                boot.append([*np.polyfit(x, np.log10(e["n_opt"]), 1), *np.polyfit(x, np.log10(e["d_opt"]), 1)])
+        if boot:
+            samples = np.array(boot)
+            a_int = tuple(float(q) for q in np.percentile(samples[:, 0], [2.5, 97.5]))
+            b_int = tuple(float(q) for q in np.percentile(samples[:, 2], [2.5, 97.5]))
+            method = (f"bootstrap over runs ({len(boot)} of {bootstrap} resamples had an envelope, "
+                      "2.5/97.5 percentiles)")
+    return EnvelopeResult(
+        compute=env["compute"], n_opt=env["n_opt"], d_opt=env["d_opt"], loss_opt=env["loss_opt"],
+        winners=env["winners"], a=float(a), b=float(b), n_coef=float(n_coef), d_coef=float(d_coef),
+        a_interval=a_int, b_interval=b_int, interval_method=method, curves=curves, warnings=notes,
+        samples=samples,
+    )
+
+
+def exponent_agreement(estimates: Mapping[str, tuple[float, tuple[float, float] | None]],
+                       tolerance: float = 0.1, max_width: float = 0.3) -> dict:
+    """Whether estimates of a (name -> (a, 95% interval)) agree: each pair's |difference|
+    against `tolerance`, whether their intervals overlap, and each interval's width against
+    `max_width` (the capstone's targets: within 0.1, intervals narrower than 0.3)."""
+    names = list(estimates)
+    width = {k: (iv[1] - iv[0]) if iv is not None and all(map(math.isfinite, iv)) else math.nan
+             for k, (_, iv) in estimates.items()}
+    pairs = {}
+    for i, p in enumerate(names):
+        for q in names[i + 1:]:
+            (ap, ip), (aq, iq) = estimates[p], estimates[q]
+            overlap = None if ip is None or iq is None else bool(max(ip[0], iq[0]) <= min(ip[1], iq[1]))
+            pairs[f"{p} vs {q}"] = {"difference": abs(ap - aq), "within_tolerance": abs(ap - aq) <= tolerance,
+                                    "intervals_overlap": overlap}
+    return {"pairs": pairs, "widths": width,
+            "narrow_enough": {k: bool(w < max_width) for k, w in width.items()},
+            "tolerance": tolerance, "max_width": max_width}
 
 
 # ---------------------------------------------------------------- results table
@@ -451,6 +846,60 @@ def load_runs(path: str | Path) -> Runs:
                 grouped_by=grouped_by)
 
 
+def load_curves(path: str | Path) -> dict[str, np.ndarray]:
+    """Training curves of a sweep's runs: every evaluation in each ok run's metrics.jsonl.
+
+    Reads the results table at `path` for each run's n_params and run_dir (a relative
+    run_dir is looked up from the current folder, then beside the table and its parent).
+    Returns rows for fit_envelope: n_params, n_tokens, compute, losses, run_ids. The
+    evaluation at step 0 (an untrained model) is left out. A cosine run's mid-run losses
+    are not end-of-schedule losses (see fit_envelope).
+    """
+    from picollm.runs import read_metrics  # imports torch: only this path needs it
+
+    path = Path(path)
+    rows = _drop_unfinished(path, _read_rows(path))
+    out: dict[str, list] = {"n_params": [], "n_tokens": [], "compute": [], "losses": [], "run_ids": []}
+    missing = []
+    for row in rows:
+        run_dir = row.get("run_dir")
+        if not run_dir or row.get("n_params") in (None, ""):
+            continue
+        places = [Path(run_dir)] if Path(run_dir).is_absolute() else \
+            [Path(run_dir), path.parent / run_dir, path.parent.parent / run_dir]
+        found = next((p for p in places if (p / "metrics.jsonl").is_file()), None)
+        if found is None:
+            missing.append(str(run_dir))
+            continue
+        for rec in read_metrics(found)[1]:
+            if rec.get("step", 0) > 0 and all(rec.get(k) is not None for k in ("tokens", "flops", "val_loss")) \
+                    and math.isfinite(rec["val_loss"]):
+                out["n_params"].append(float(row["n_params"]))
+                out["n_tokens"].append(float(rec["tokens"]))
+                out["compute"].append(float(rec["flops"]))
+                out["losses"].append(float(rec["val_loss"]))
+                out["run_ids"].append(str(run_dir))
+    if missing:
+        warnings.warn(f"{path}: no metrics.jsonl for {len(missing)} run(s), e.g. {missing[0]}; they are left out.",
+                      stacklevel=2)
+    return {k: (v if k == "run_ids" else np.array(v, dtype=float)) for k, v in out.items()}
+
+
+def read_chinchilla_epoch(path: str | Path, drop_highest: int = 5) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(N, D, loss) from Epoch AI's reconstruction of Chinchilla's runs (Besiroglu et al.
+    2024; columns "Model Size", "Training FLOP", "loss"), D = C / (6N). Like Epoch, the
+    `drop_highest` runs with the highest loss are left out (unconverged outliers)."""
+    path = Path(path)
+    with open(path, newline="") as f:
+        rows = list(csv.DictReader(f))
+    need = {"Model Size", "Training FLOP", "loss"}
+    if not rows or not need <= set(rows[0]):
+        raise ValueError(f"{path} is not Epoch's Chinchilla table: it needs columns {sorted(need)}.")
+    n, c, loss = (np.array([float(r[k]) for r in rows]) for k in ("Model Size", "Training FLOP", "loss"))
+    keep = np.sort(np.argsort(loss, kind="stable")[:len(loss) - drop_highest])
+    return n[keep], c[keep] / (6 * n[keep]), loss[keep]
+
+
 # ---------------------------------------------------------------- plots
 
 
@@ -517,13 +966,18 @@ def plot_optimal_allocation(result: IsoFlopResult, path: str | Path) -> Path:
     return _save(fig, path)
 
 
-def plot_predicted_vs_measured(law: ScalingLaw, n, d, loss, path: str | Path) -> Path:
-    """Each run's measured loss against the law's prediction, coloured by compute."""
+def plot_predicted_vs_measured(law: ScalingLaw, n, d, loss, path: str | Path, intervals=None) -> Path:
+    """Each run's measured loss against the law's prediction, coloured by compute; with
+    `intervals` (rows lo, hi, e.g. predict_loss(...)["interval"]) as horizontal bars."""
     n, d, loss = (np.asarray(v, dtype=float) for v in (n, d, loss))
     pred = law.loss(n, d)
     fig = _figure(figsize=(5, 5))
     ax = fig.add_subplot()
-    sc = ax.scatter(pred, loss, c=np.log10(6 * n * d), s=14, cmap="viridis")
+    if intervals is not None:
+        iv = np.asarray(intervals, dtype=float)
+        ax.errorbar(pred, loss, xerr=[pred - iv[:, 0], iv[:, 1] - pred], fmt="none", ecolor="0.6", lw=0.8,
+                    label="95% prediction interval")
+    sc = ax.scatter(pred, loss, c=np.log10(6 * n * d), s=14, cmap="viridis", zorder=3)
     fig.colorbar(sc, ax=ax, label="log10 C (6ND)")
     lo, hi = min(pred.min(), loss.min()), max(pred.max(), loss.max())
     ax.plot([lo, hi], [lo, hi], "k--", lw=1, label="y = x")
@@ -532,6 +986,48 @@ def plot_predicted_vs_measured(law: ScalingLaw, n, d, loss, path: str | Path) ->
     rmse = float(np.sqrt(np.mean((np.log(pred) - np.log(loss)) ** 2)))
     ax.set_title(f"Parametric fit (RMSE of log loss {rmse:.4f})")
     ax.legend()
+    return _save(fig, path)
+
+
+def _law_band(samples: np.ndarray, compute: np.ndarray, level: float = 0.95) -> np.ndarray:
+    """The `level` band of N_opt(C) over bootstrap laws (rows E, A, alpha, B, beta)."""
+    _, a, alpha, b, beta = (samples[:, i:i + 1] for i in range(5))
+    g = (alpha * a / (beta * b)) ** (1.0 / (alpha + beta))
+    n = g * (compute[None, :] / 6.0) ** (beta / (alpha + beta))
+    tail = 100 * (1 - level) / 2
+    return np.percentile(n, [tail, 100 - tail], axis=0)
+
+
+def plot_frontier(path: str | Path, envelope: EnvelopeResult | None = None, isoflop: IsoFlopResult | None = None,
+                  parametric: FitResult | None = None) -> Path:
+    """N_opt(C) from each approach given, with 95% bootstrap bands where there are samples."""
+    fits = [f for f in (envelope, isoflop) if f is not None]
+    c_all = np.concatenate([f.compute for f in fits]) if fits else np.array([1e15, 1e21])
+    cs = np.geomspace(c_all.min() / 3, c_all.max() * 3, 60)
+    fig = _figure(figsize=(6.5, 4.5))
+    ax = fig.add_subplot()
+    for fr, name, color in ((envelope, "Approach 1 (envelope)", "C2"), (isoflop, "Approach 2 (IsoFLOP)", "C0")):
+        if fr is None:
+            continue
+        pts = np.unique(np.column_stack([fr.compute, fr.n_opt]), axis=0)[:: max(1, len(fr.compute) // 40)]
+        ax.scatter(pts[:, 0], pts[:, 1], color=color, s=12)
+        ax.plot(cs, fr.predict_n(cs), color=color, label=f"{name}: a = {fr.a:.3f}")
+        band = fr.n_interval(cs)
+        if band is not None:
+            ax.fill_between(cs, band[0], band[1], color=color, alpha=0.15, lw=0)
+    if parametric is not None:
+        ax.plot(cs, [parametric.law.optimal(c)[0] for c in cs], color="C3",
+                label=f"Approach 3 (parametric): a = {parametric.a:.3f}")
+        if parametric.samples is not None:
+            band = _law_band(parametric.samples, cs)
+            ax.fill_between(cs, band[0], band[1], color="C3", alpha=0.15, lw=0)
+    ax.plot(cs, [chinchilla_optimal(c)[0] for c in cs], "k--", lw=1, label="Chinchilla D = 20N")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("compute C (FLOPs)")
+    ax.set_ylabel("compute-optimal N")
+    ax.set_title("Frontier N_opt(C), 95% bootstrap bands")
+    ax.legend(fontsize=7)
     return _save(fig, path)
 
 
@@ -550,7 +1046,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("results", help="CSV or JSON-lines file with n_params, n_tokens, compute, val_loss "
                                    "(a sweep's results.jsonl works as is; its budget column groups the IsoFLOP profiles)")
     p.add_argument("--out", default=".", help="folder for the plots (default: current folder)")
-    p.add_argument("--bootstrap", type=int, default=0, help="bootstrap resamples for 95%% intervals")
+    p.add_argument("--bootstrap", type=int, default=100,
+                   help="bootstrap resamples of runs for 95%% intervals (default 100; 0: none)")
+    p.add_argument("--curves", action="store_true",
+                   help="Approach 1 from each run's metrics.jsonl evaluations (run_dir column) instead of the "
+                        "end-of-schedule losses of each size")
     args = p.parse_args(argv)
     if args.bootstrap < 0:
         p.error(f"--bootstrap {args.bootstrap} must be 0 (no resampling) or more.")
@@ -558,12 +1058,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         with warnings.catch_warnings(record=True) as dropped:
             warnings.simplefilter("always")
             runs = load_runs(args.results)
+            curves = load_curves(args.results) if args.curves else None
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)  # an unusable --out fails before the fits, not after
         print(f"{len(runs.val_loss)} runs from {args.results}")
         for note in dropped:
             print(f"  note: {note.message}")
-        _report_fits(runs, out, args.bootstrap)
+        _report_fits(runs, out, args.bootstrap, curves)
     except OSError as err:
         if err.filename is None:  # load_runs's own sentence
             print(f"error: {err}", file=sys.stderr)
@@ -577,19 +1078,39 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _report_fits(runs: Runs, out: Path, bootstrap: int) -> None:
+def _report_fits(runs: Runs, out: Path, bootstrap: int, curves: dict | None = None) -> None:
+    par = _report_parametric(runs, out, bootstrap)
+    iso = _report_isoflop(runs, out, bootstrap)
+    env = _report_envelope(runs, bootstrap, curves)
+    _report_side_by_side(env, iso, par)
+    if env is not None or iso is not None or par is not None:
+        print(f"  plot: {plot_frontier(out / 'frontier.png', env, iso, par)}")
+
+
+def _report_parametric(runs: Runs, out: Path, bootstrap: int) -> FitResult | None:
     print("\nApproach 3: L(N, D) = E + A/N^alpha + B/D^beta  (Huber on log loss, L-BFGS)")
     if len(runs.val_loss) < 5:
         print(f"  skipped: {len(runs.val_loss)} runs; fitting 5 parameters needs at least 5.")
-    else:
-        fit = fit_parametric(runs.n_params, runs.n_tokens, runs.val_loss, bootstrap=bootstrap)
-        iv = fit.intervals or {}
-        for k in ("E", "A", "alpha", "B", "beta", "a"):
-            print(f"  {k:6s} = {getattr(fit, k):.4g}{_fmt_interval(iv.get(k))}")
-        path = plot_predicted_vs_measured(fit.law, runs.n_params, runs.n_tokens, runs.val_loss,
-                                          out / "predicted_vs_measured.png")
-        print(f"  plot: {path}")
+        return None
+    fit = fit_parametric(runs.n_params, runs.n_tokens, runs.val_loss, bootstrap=bootstrap)
+    iv = fit.intervals or {}
+    for k in ("E", "A", "alpha", "B", "beta", "a"):
+        print(f"  {k:6s} = {getattr(fit, k):.4g}{_fmt_interval(iv.get(k))}")
+    sc = fit.scatter
+    seed = "no repeats of one (N, D)" if sc.seed_sd is None else f"seed-to-seed {100 * sc.seed_sd:.2f}%"
+    print(f"  scatter of one run about the law: {100 * sc.total_sd:.2f}% (shape-to-shape {100 * sc.shape_sd:.2f}%, "
+          f"{seed}; {sc.runs} runs at {sc.groups} (N, D) points)")
+    pred = fit.predict(runs.n_params, runs.n_tokens)
+    inside = (pred["interval"][:, 0] <= runs.val_loss) & (runs.val_loss <= pred["interval"][:, 1])
+    print(f"  95% prediction intervals ({'law bootstrap + ' if fit.samples is not None else ''}scatter) "
+          f"cover {inside.sum()}/{len(inside)} of the fitted runs")
+    path = plot_predicted_vs_measured(fit.law, runs.n_params, runs.n_tokens, runs.val_loss,
+                                      out / "predicted_vs_measured.png", intervals=pred["interval"])
+    print(f"  plot: {path}")
+    return fit
 
+
+def _report_isoflop(runs: Runs, out: Path, bootstrap: int) -> IsoFlopResult | None:
     by = "the nominal budget column" if runs.grouped_by == "budget" else "equal compute"
     print(f"\nApproach 2: IsoFLOP profiles (runs grouped by {by})")
     try:
@@ -599,7 +1120,7 @@ def _report_fits(runs: Runs, out: Path, bootstrap: int) -> None:
             iso = fit_isoflop(groups, runs.n_params, runs.val_loss, runs.n_tokens, bootstrap=bootstrap)
     except ValueError as err:
         print(f"  skipped: {err}")
-        return
+        return None
     for msg in iso.warnings:
         print(f"  warning: {msg}")
     print(f"  N_opt ~ C^a: a = {iso.a:.4f}{_fmt_interval(iso.a_interval)}")
@@ -607,6 +1128,47 @@ def _report_fits(runs: Runs, out: Path, bootstrap: int) -> None:
     print(f"  intervals: {iso.interval_method}")
     print(f"  plots: {plot_isoflop(iso, out / 'isoflop.png')}, "
           f"{plot_optimal_allocation(iso, out / 'optimal_allocation.png')}")
+    return iso
+
+
+def _report_envelope(runs: Runs, bootstrap: int, curves: dict | None) -> EnvelopeResult | None:
+    source = ("training curves (metrics.jsonl evaluations)" if curves is not None
+              else "end-of-schedule losses, one curve per model size")
+    print(f"\nApproach 1: lower envelope of loss over compute ({source})")
+    rows = curves if curves is not None else {"n_params": runs.n_params, "n_tokens": runs.n_tokens,
+                                             "compute": runs.compute, "losses": runs.val_loss, "run_ids": None}
+    try:
+        env = fit_envelope(rows["n_params"], rows["n_tokens"], rows["compute"], rows["losses"],
+                           rows["run_ids"], bootstrap=bootstrap)
+    except ValueError as err:
+        print(f"  skipped: {err}")
+        return None
+    print(f"  N_opt ~ C^a: a = {env.a:.4f}{_fmt_interval(env.a_interval)}")
+    print(f"  D_opt ~ C^b: b = {env.b:.4f}{_fmt_interval(env.b_interval)}")
+    print(f"  {len(env.compute)} bracketed compute points from {len(env.curves)} curves; intervals: "
+          f"{env.interval_method}")
+    if env.warnings:
+        print(f"  note: {len(env.warnings)} run(s) have one compute value and trace no curve")
+    return env
+
+
+def _report_side_by_side(env, iso, par) -> None:
+    estimates = {}
+    if env is not None:
+        estimates["Approach 1"] = (env.a, env.a_interval)
+    if iso is not None:
+        estimates["Approach 2"] = (iso.a, iso.a_interval)
+    if par is not None:
+        estimates["Approach 3"] = (par.a, (par.intervals or {}).get("a"))
+    print("\nCompute-optimal exponent a (N_opt ~ C^a), side by side (Chinchilla: ~0.5)")
+    for name, (a, iv) in estimates.items():
+        print(f"  {name}: a = {a:.4f}{_fmt_interval(iv)}")
+    agree = exponent_agreement(estimates)
+    for pair, v in agree["pairs"].items():
+        overlap = "" if v["intervals_overlap"] is None else \
+            f", intervals {'overlap' if v['intervals_overlap'] else 'do not overlap'}"
+        print(f"  {pair}: |difference| = {v['difference']:.4f} "
+              f"({'within' if v['within_tolerance'] else 'outside'} {agree['tolerance']}){overlap}")
 
 
 if __name__ == "__main__":

@@ -137,6 +137,84 @@ def inference_optimal(
     return n, _tokens_for_loss(law, n, loss)
 
 
+def lifetime_compute(n_params, n_tokens, inference_tokens=0.0):
+    """Training plus inference FLOPs: 6*N*D to train, 2*N per token served (Sardana et al.)."""
+    return 6.0 * np.asarray(n_params) * np.asarray(n_tokens) + 2.0 * np.asarray(n_params) * np.asarray(inference_tokens)
+
+
+def overtraining_crossover(law: ScalingLaw, compute: float, size_ratio: float) -> dict:
+    """When does a smaller model trained longer beat the Chinchilla-optimal one (Sardana et al.)?
+
+    The reference is law.optimal(compute): (N_c, D_c) with loss L_c and lifetime cost
+    compute + 2*N_c*I for I inference tokens. The alternative has N_s = size_ratio * N_c
+    and spends the SAME lifetime compute, so it trains on
+        D_s(I) = (compute + 2*I*(N_c - N_s)) / (6*N_s)
+    tokens: every token served is cheaper on it, and the saving buys training. At I = 0 the
+    reference wins (it is compute-optimal); the crossover is the I* where L(N_s, D_s) = L_c:
+        D_s* = (B / (L_c - E - A/N_s^alpha))^(1/beta),  I* = (6*N_s*D_s* - compute) / (2*(N_c - N_s)).
+    Beyond I* the smaller model is better at equal total compute. When N_s alone cannot
+    reach L_c (L_c - E - A/N_s^alpha <= 0) the crossover is infinite.
+
+    Returns n_ref, d_ref, loss_ref, n_small, d_small (= D_s*), tokens_per_param_small,
+    inference_tokens (I*), total_compute (compute + 2*N_c*I*), reachable.
+    """
+    if compute <= 0:
+        raise ValueError(f"compute must be positive, got {compute}.")
+    if not 0 < size_ratio < 1:
+        raise ValueError(f"size_ratio must be in (0, 1): the alternative is smaller than the compute-optimal model; "
+                         f"got {size_ratio}.")
+    n_ref, d_ref = law.optimal(compute)
+    return inference_crossover(law, n_ref, d_ref, size_ratio * n_ref)
+
+
+def inference_crossover(law: ScalingLaw, n_ref: float, d_ref: float, n_small: float,
+                        loss_ref: float | None = None) -> dict:
+    """overtraining_crossover for a given reference run (N_ref, D_ref), e.g. one that was
+    trained: the smaller model N_small needs D_small* tokens to match loss_ref (default the
+    law's L(N_ref, D_ref)), and the inference tokens I* at which the two lifetimes cost the
+    same are (6*N_small*D_small* - 6*N_ref*D_ref) / (2*(N_ref - N_small))."""
+    if not 0 < n_small < n_ref:
+        raise ValueError(f"n_small ({n_small:.4g}) must be positive and below n_ref ({n_ref:.4g}).")
+    loss_ref = law.loss(n_ref, d_ref) if loss_ref is None else float(loss_ref)
+    d_small = _tokens_for_loss(law, n_small, loss_ref)
+    return crossover_from_tokens(n_ref, d_ref, loss_ref, n_small, d_small)
+
+
+def crossover_from_tokens(n_ref: float, d_ref: float, loss_ref: float, n_small: float, d_small: float) -> dict:
+    """The crossover's arithmetic once D_small* (the smaller model's tokens to match loss_ref)
+    is known, from a law or measured; d_small = inf means it never matches."""
+    compute = 6.0 * n_ref * d_ref
+    reachable = math.isfinite(d_small)
+    infer = (6.0 * n_small * d_small - compute) / (2.0 * (n_ref - n_small)) if reachable else math.inf
+    return {"n_ref": n_ref, "d_ref": d_ref, "loss_ref": loss_ref, "n_small": n_small, "d_small": d_small,
+            "tokens_per_param_small": d_small / n_small, "inference_tokens": infer,
+            "total_compute": compute + 2.0 * n_ref * infer, "reachable": reachable}
+
+
+def measured_tokens_for_loss(n_tokens, losses, target: float) -> float:
+    """D where a model's measured losses (at several token counts) reach `target`, by linear
+    interpolation of log loss in log D between the two runs around it; inf when even its
+    longest run is above target, nan when its shortest is already below (no bracket)."""
+    d, l = (np.asarray(v, dtype=float) for v in (n_tokens, losses))
+    order = np.argsort(d)
+    d, l = d[order], l[order]
+    if l.min() > target:
+        return math.inf
+    if l[0] <= target:
+        return math.nan
+    k = int(np.argmax(l <= target))  # first run at or below target; the one before is above
+    x0, x1, y0, y1 = math.log(d[k - 1]), math.log(d[k]), math.log(l[k - 1]), math.log(l[k])
+    return math.exp(x0 + (math.log(target) - y0) * (x1 - x0) / (y1 - y0))
+
+
+def loss_at_equal_lifetime_compute(law: ScalingLaw, compute: float, size_ratio: float, inference_tokens) -> np.ndarray:
+    """L(N_s, D_s(I)) of the smaller model (see overtraining_crossover) for each inference budget I."""
+    n_ref, _ = law.optimal(compute)
+    n_small = size_ratio * n_ref
+    d_small = (compute + 2.0 * np.asarray(inference_tokens, dtype=float) * (n_ref - n_small)) / (6.0 * n_small)
+    return law.loss(n_small, d_small)
+
+
 def kaplan_optimal(compute: float) -> tuple[float, float]:
     """Kaplan et al. 2020 compute-efficient allocation, for comparison with Chinchilla.
 

@@ -16,8 +16,14 @@ from picollm.scaling import (
     compare_allocations,
     compute_for_time,
     cost,
+    crossover_from_tokens,
+    inference_crossover,
     inference_optimal,
     kaplan_optimal,
+    lifetime_compute,
+    loss_at_equal_lifetime_compute,
+    measured_tokens_for_loss,
+    overtraining_crossover,
 )
 
 
@@ -162,3 +168,111 @@ def test_compare_allocations():
     assert rows[1]["rule"] == "fitted-optimal"
     assert rows[1]["loss"] == pytest.approx(fitted.optimal_loss(1e21))
     assert compare_allocations(1e21, CHINCHILLA)[1]["rule"] == "chinchilla-optimal"
+
+
+# ---------------------------------------------------------------- over-training (Sardana et al.)
+
+
+def test_overtraining_crossover_hand_arithmetic():
+    # L = 1/sqrt(N) + 1/sqrt(D): at C = 6e12 the optimum is N = D = 1e6 with L = 2e-3.
+    # N_s = 0.64e6 has 1/sqrt(N_s) = 1.25e-3, so it needs 1/sqrt(D) = 0.75e-3: D = 1/5.625e-7
+    # = 1,777,777.8 tokens, which cost 6 * 0.64e6 * 1,777,777.8 = 6.8267e12 FLOPs; the
+    # 0.8267e12 more than C are paid by 2 * (1e6 - 0.64e6) = 7.2e5 FLOPs saved per inference
+    # token, so I* = 0.8267e12 / 7.2e5 = 1,148,148 tokens.
+    law = ScalingLaw(E=0.0, A=1.0, alpha=0.5, B=1.0, beta=0.5)
+    out = overtraining_crossover(law, 6e12, 0.64)
+    assert (out["n_ref"], out["d_ref"], out["loss_ref"]) == pytest.approx((1e6, 1e6, 2e-3))
+    assert out["n_small"] == pytest.approx(6.4e5)
+    assert out["d_small"] == pytest.approx(1_777_777.78, rel=1e-8)
+    assert out["inference_tokens"] == pytest.approx(1_148_148.15, rel=1e-8)
+    assert out["total_compute"] == pytest.approx(6e12 + 2e6 * 1_148_148.15, rel=1e-8)
+    assert out["reachable"]
+    # At I*, both models cost the same over their lifetime and reach the same loss.
+    i_star = out["inference_tokens"]
+    assert lifetime_compute(out["n_small"], out["d_small"], i_star) == pytest.approx(lifetime_compute(1e6, 1e6, i_star))
+    assert loss_at_equal_lifetime_compute(law, 6e12, 0.64, i_star) == pytest.approx(2e-3)
+
+
+@pytest.mark.parametrize("law", [CHINCHILLA, EPOCH], ids=["chinchilla", "epoch"])
+@pytest.mark.parametrize("ratio", [0.3, 0.5, 0.8])
+def test_overtraining_crossover_matches_a_root_search(law, ratio):
+    """The closed form against brentq on L(N_s, D_s(I)) - L_c, and the sign on either side."""
+    c = 1e21
+    out = overtraining_crossover(law, c, ratio)
+    gap = lambda i: loss_at_equal_lifetime_compute(law, c, ratio, i) - out["loss_ref"]
+    assert gap(0.0) > 0  # no inference: the compute-optimal model wins
+    root = brentq(gap, 0.0, 1e6 * out["d_ref"], xtol=1e-6 * out["d_ref"], rtol=1e-12)
+    assert out["inference_tokens"] == pytest.approx(root, rel=1e-6)
+    assert gap(0.5 * root) > 0 > gap(2.0 * root)
+
+
+def test_overtraining_crossover_unreachable_and_bad_input():
+    law = ScalingLaw(E=0.0, A=1.0, alpha=0.5, B=1.0, beta=0.5)
+    # N_s = N_c / 4 has A/N_s^alpha = 2e-3 = L_c already: no amount of data reaches L_c.
+    out = overtraining_crossover(law, 6e12, 0.25)
+    assert not out["reachable"] and out["inference_tokens"] == math.inf
+    with pytest.raises(ValueError, match="size_ratio must be in"):
+        overtraining_crossover(law, 6e12, 1.0)
+    with pytest.raises(ValueError, match="n_small"):
+        inference_crossover(law, 1e6, 1e6, 2e6)
+
+
+def test_inference_crossover_from_a_trained_reference():
+    law = ScalingLaw(E=0.0, A=1.0, alpha=0.5, B=1.0, beta=0.5)
+    # A reference that is not compute-optimal (N = 1e6, D = 4e6: L = 1.5e-3); N_s = 0.64e6
+    # needs 1/sqrt(D) = 0.25e-3: D = 1.6e7; I* = (6*0.64e6*1.6e7 - 6*1e6*4e6) / 7.2e5.
+    out = inference_crossover(law, 1e6, 4e6, 6.4e5)
+    assert out["d_small"] == pytest.approx(1.6e7)
+    assert out["inference_tokens"] == pytest.approx((6.144e13 - 2.4e13) / 7.2e5)
+    same = crossover_from_tokens(1e6, 4e6, 1.5e-3, 6.4e5, 1.6e7)
+    assert same["inference_tokens"] == pytest.approx(out["inference_tokens"])
+
+
+def test_measured_tokens_for_loss_interpolates_in_log_log():
+    # Loss 3e-3 at 1e6 tokens, 2e-3 at 4e6: 2.5e-3 lies log(2.5/3)/log(2/3) = 0.4497 of the way
+    # in log D, at 1e6 * 4**0.4497 = 1.865e6.
+    assert measured_tokens_for_loss([4e6, 1e6, 1.6e7], [2e-3, 3e-3, 1.5e-3], 2.5e-3) == pytest.approx(1.8652e6, rel=1e-4)
+    assert measured_tokens_for_loss([1e6, 4e6], [3e-3, 2e-3], 1e-3) == math.inf  # never reached
+    assert math.isnan(measured_tokens_for_loss([1e6, 4e6], [3e-3, 2e-3], 4e-3))  # below already: no bracket
+
+
+def test_overtraining_script_measured_beside_predicted(tmp_path, capsys):
+    """Runs drawn from a known law: the measured crossover (interpolated between runs) lands
+    near the law's prediction; sizes not trained long enough say 'never'."""
+    import importlib.util
+    import json
+    from pathlib import Path
+
+    law = ScalingLaw(E=1.8, A=400.0, alpha=0.33, B=1500.0, beta=0.37)
+    rows = []
+    for budget in (1e19, 3e19, 1e20, 3e20, 1e21):
+        for size in (2e8, 3e8, 5e8, 8e8):
+            d = budget / (6 * size)
+            rows.append({"budget": budget, "n_params": size, "n_tokens": d, "compute": budget,
+                         "val_loss": law.loss(size, d), "status": "ok"})
+    table = tmp_path / "results.jsonl"
+    table.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    law_file = tmp_path / "law.json"
+    law_file.write_text(json.dumps({"E": law.E, "A": law.A, "alpha": law.alpha, "B": law.B, "beta": law.beta}))
+    path = Path(__file__).resolve().parent.parent / "scripts" / "overtraining.py"
+    spec = importlib.util.spec_from_file_location("overtraining_script", path)
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+
+    assert script.main([str(table), "--budget", "1e19", "--law", str(law_file)]) == 0
+    text = capsys.readouterr().out
+    # At 1e19 the law's best of the four sizes is 5e8 (its optimum is 5.5e8).
+    assert "reference: N=5e+08" in text
+    runs = script.load_runs(table)
+    ref = script.reference_run(runs, 1e19)
+    got = {r["n_small"]: r for r in script.crossover_rows(runs, ref, law)}
+    assert set(got) == {2e8, 3e8}
+    for r in got.values():
+        # Linear interpolation in log-log across a 3.3x step in D of a curve that bends
+        # (convex in log-log): measured 5% off the exact D*, so 10%.
+        assert r["measured_d"] == pytest.approx(r["predicted"]["d_small"], rel=0.1)
+        # I* = (6 N_s D* - C) / (2 dN) magnifies D*'s relative error by 6 N_s D* / (6 N_s D* - C).
+        train_small = 6 * r["n_small"] * r["predicted"]["d_small"]
+        magnified = 0.1 * train_small / (train_small - 6 * runs.n_params[ref] * runs.n_tokens[ref])
+        assert r["measured"]["inference_tokens"] == pytest.approx(r["predicted"]["inference_tokens"], rel=magnified)
+    assert "| 2e+08 | 0.40 |" in text and "| 3e+08 | 0.60 |" in text

@@ -1,0 +1,111 @@
+"""Over-training, measured: when does a smaller model trained longer beat the compute-optimal one?
+
+    python scripts/overtraining.py SWEEP_DIR/results.jsonl [--budget C] [--law summary.json] [--bootstrap K]
+
+The reference is the run with the lowest loss at the budget (default: the largest in the
+table), i.e. the measured compute-optimal model (N_ref, D_ref, L_ref). Every smaller model
+with runs at two or more token counts (a WSD sweep gives one per budget) is compared with
+it at equal lifetime compute, training plus 2N FLOPs per inference token (Sardana et al.
+2024): the crossover is the inference budget I* beyond which the smaller model wins,
+    I* = (6 N_s D_s* - 6 N_ref D_ref) / (2 (N_ref - N_s)),
+where D_s* is the tokens it needs to reach L_ref. Measured D_s*: interpolated between its
+runs (log loss vs log D). Predicted D_s*: from the law fitted to the same table (or
+--law), with a 95% interval over bootstrap refits. Both are printed side by side.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import sys
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from picollm.fit import fit_parametric, load_runs  # noqa: E402
+from picollm.scaling import ScalingLaw, crossover_from_tokens, inference_crossover, load_law, \
+    measured_tokens_for_loss  # noqa: E402
+
+
+def reference_run(runs, budget: float | None) -> int:
+    """Index of the lowest-loss run at `budget` (default the largest nominal budget)."""
+    groups = runs.budget if runs.budget is not None else runs.compute
+    target = groups.max() if budget is None else budget
+    at = np.flatnonzero(np.isclose(groups, target, rtol=1e-6))
+    if len(at) == 0:
+        raise ValueError(f"no runs at budget {target:.3g}; the table's budgets are {sorted(set(groups.tolist()))}.")
+    return int(at[np.argmin(runs.val_loss[at])])
+
+
+def crossover_rows(runs, ref: int, law: ScalingLaw, samples: np.ndarray | None = None) -> list[dict]:
+    """Per smaller model: measured and predicted D_s* and I* (predicted with a 95% band)."""
+    n_ref, d_ref, l_ref = runs.n_params[ref], runs.n_tokens[ref], runs.val_loss[ref]
+    rows = []
+    for n_small in sorted(set(runs.n_params[runs.n_params < n_ref].tolist())):
+        mine = runs.n_params == n_small
+        if mine.sum() < 2:
+            continue
+        d_meas = measured_tokens_for_loss(runs.n_tokens[mine], runs.val_loss[mine], l_ref)
+        measured = crossover_from_tokens(n_ref, d_ref, l_ref, n_small, d_meas) if math.isfinite(d_meas) else None
+        # The law predicts against its own loss at the reference: its bias at N_ref cancels.
+        predicted = inference_crossover(law, n_ref, d_ref, n_small)
+        band = None
+        if samples is not None:
+            draws = [inference_crossover(ScalingLaw(*s), n_ref, d_ref, n_small)["inference_tokens"] for s in samples]
+            # inverted_cdf picks drawn values, so a band that reaches "never" (inf) says so.
+            band = tuple(float(q) for q in np.quantile(draws, [0.025, 0.975], method="inverted_cdf"))
+        rows.append({"n_small": n_small, "tokens": runs.n_tokens[mine].tolist(), "losses": runs.val_loss[mine].tolist(),
+                     "measured_d": d_meas, "measured": measured, "predicted": predicted, "predicted_band": band})
+    return rows
+
+
+def _fmt(x: float) -> str:
+    return "never" if x == math.inf else ("not bracketed" if math.isnan(x) else f"{x:.3g}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("results", help="a sweep's results.jsonl (or CSV with n_params, n_tokens, val_loss)")
+    p.add_argument("--budget", type=float, default=None, help="the reference budget (default: the largest)")
+    p.add_argument("--law", default=None, help="a law JSON (a sweep's summary.json) instead of fitting the table")
+    p.add_argument("--bootstrap", type=int, default=100, help="bootstrap refits for the predicted band")
+    args = p.parse_args(argv)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            runs = load_runs(args.results)
+            samples = None
+            if args.law:
+                law = load_law(args.law)[1]
+            else:
+                fit = fit_parametric(runs.n_params, runs.n_tokens, runs.val_loss, bootstrap=args.bootstrap)
+                law, samples = fit.law, fit.samples
+        ref = reference_run(runs, args.budget)
+        rows = crossover_rows(runs, ref, law, samples)
+    except (OSError, ValueError, RuntimeError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
+    print(f"reference: N={runs.n_params[ref]:.4g}, D={runs.n_tokens[ref]:.4g} (D/N {runs.n_tokens[ref] / runs.n_params[ref]:.1f}), "
+          f"measured loss {runs.val_loss[ref]:.4f}; law: E={law.E:.3g} A={law.A:.3g} alpha={law.alpha:.3g} "
+          f"B={law.B:.3g} beta={law.beta:.3g}")
+    if not rows:
+        print("no smaller model has runs at two or more token counts; a WSD sweep (sweep.schedule=wsd) gives them.")
+        return 0
+    print("\n| N small | N/N_ref | D* measured | D* predicted | I* measured (tokens) | I* predicted [95%] |")
+    print("|---|---|---|---|---|---|")
+    for r in rows:
+        pred, meas = r["predicted"], r["measured"]
+        band = f" [{_fmt(r['predicted_band'][0])}, {_fmt(r['predicted_band'][1])}]" if r["predicted_band"] else ""
+        print(f"| {r['n_small']:.4g} | {r['n_small'] / runs.n_params[ref]:.2f} | {_fmt(r['measured_d'])} | "
+              f"{_fmt(pred['d_small'])} | {_fmt(meas['inference_tokens']) if meas else _fmt(r['measured_d'])} | "
+              f"{_fmt(pred['inference_tokens'])}{band} |")
+    print("\nI*: inference tokens beyond which the smaller model, trained on the compute the cheaper inference "
+          "saves, reaches a lower loss than the reference at equal lifetime compute.")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
