@@ -371,7 +371,8 @@ def holdout_calibration(n_params, n_tokens, losses, holdout_fraction: float, boo
     y = l[held_idx]
     inside = lambda iv: (iv[:, 0] <= y) & (y <= iv[:, 1])
     return {
-        "holdout": "largest compute" if largest else "random", "holdout_fraction": holdout_fraction, "n_fit": len(fit_idx), "n_held": len(held_idx),
+        "holdout": "largest compute" if largest else "random", "holdout_fraction": holdout_fraction,
+        "n_fit": len(fit_idx), "n_held": len(held_idx),
         "fit_compute_max": float((6 * n * d)[fit_idx].max()),
         "held_compute_range": (float((6 * n * d)[held_idx].min()), float((6 * n * d)[held_idx].max())),
         "coverage": float(inside(pred["interval"]).mean()),

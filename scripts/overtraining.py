@@ -88,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    print(f"reference: N={runs.n_params[ref]:.4g}, D={runs.n_tokens[ref]:.4g} (D/N {runs.n_tokens[ref] / runs.n_params[ref]:.1f}), "
+    n_ref, d_ref = runs.n_params[ref], runs.n_tokens[ref]
+    print(f"reference: N={n_ref:.4g}, D={d_ref:.4g} (D/N {d_ref / n_ref:.1f}), "
           f"measured loss {runs.val_loss[ref]:.4f}; law: E={law.E:.3g} A={law.A:.3g} alpha={law.alpha:.3g} "
           f"B={law.B:.3g} beta={law.beta:.3g}")
     if not rows:
