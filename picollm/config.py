@@ -167,7 +167,7 @@ class SweepSchema:
     """An IsoFLOP grid (python -m picollm.sweep); each run gets the other overrides."""
     budgets: List[float] = field(default_factory=list)  # compute budgets C in FLOPs
     sizes: int = 5  # model sizes per budget
-    span: float = 4.0  # sizes run log-spaced from N_opt/span to N_opt*span
+    span: float = 4.0  # mixed families: sizes log-spaced from N_opt/span to N_opt*span (a family: consecutive rungs)
     dir: Optional[str] = None  # where run dirs, results.jsonl, plots and summary go
     bootstrap: int = 100  # resamples for the fits' 95% intervals (0: regression intervals only)
     fit: bool = True

@@ -12,9 +12,10 @@ Design:
   differences between points come from size, not from shape (mixing aspect ratios 4x apart
   adds ~0.1 of shape-to-shape scatter at this scale). ``sweep.mix_families=true`` allows any
   aspect within 2x of model.aspect_ratio and 1-layer models, as an explicit opt-in.
-- For budget C the sizes are the ladder shapes nearest to targets log-spaced from
-  N_opt/span to N_opt*span around the Chinchilla-20 optimum; the same shapes recur across
-  budgets, which the WSD schedule needs.
+- For budget C the sizes are ``sweep.sizes`` consecutive rungs of the ladder centred (in
+  log N) on the Chinchilla-20 optimum N_opt = sqrt(C/(6r)) (mixed families: the shapes
+  nearest to targets from N_opt/span to N_opt*span); the same shapes recur across budgets,
+  which the WSD schedule needs.
 - Per-size hyperparameters: a size trains with ONE peak LR, batch and warmup at every budget,
   those the planner derives for it at the smallest budget it appears at (user-set train.lr /
   batch_tokens / warmup_steps win). Each point then runs train.steps = round(C / (6N-ish
@@ -182,14 +183,23 @@ def family_text(cfg: DictConfig) -> str:
             f"n_layer >= {sw.min_layers}")
 
 
-def pick_sizes(shapes: list[GPTConfig], n_opt: float, sizes: int, span: float) -> list[GPTConfig]:
-    """`sizes` distinct shapes nearest to targets log-spaced in [n_opt/span, n_opt*span],
-    sorted by N. Ties go to the shallower shape."""
+def pick_sizes(shapes: list[GPTConfig], n_opt: float, sizes: int, span: float,
+               ladder: bool = False) -> list[GPTConfig]:
+    """`sizes` shapes sorted by N. On a family's `ladder` (already log-spaced): the run of
+    consecutive rungs centred on n_opt in log N, so the profile has sizes on both sides.
+    Otherwise the distinct shapes nearest to targets log-spaced in [n_opt/span, n_opt*span]
+    (ties to the shallower shape)."""
     if sizes < 1 or span <= 1:
         raise ConfigError(f"sweep.sizes={sizes} must be >= 1 and sweep.span={span} above 1.")
     if sizes > len(shapes):
         raise ConfigError(f"sweep.sizes={sizes} exceeds the {len(shapes)} model shapes available; lower it "
                           "or raise model.max_depth.")
+    if ladder:
+        rungs = sorted(shapes, key=lambda s: s.num_params())
+        logs = [math.log(s.num_params()) for s in rungs]
+        start = min(range(len(rungs) - sizes + 1),
+                    key=lambda i: abs(sum(logs[i:i + sizes]) / sizes - math.log(n_opt)))
+        return rungs[start:start + sizes]
     targets = np.geomspace(n_opt / span, n_opt * span, sizes) if sizes > 1 else np.array([n_opt])
     chosen: list[GPTConfig] = []
     for target in targets:
@@ -231,7 +241,7 @@ def grid(cfg: DictConfig) -> list[Point]:
     points = []
     for c in sorted(float(c) for c in sw.budgets):
         n_opt = chinchilla_optimal(c, r)[0]
-        picked = pick_sizes(shapes, n_opt, sw.sizes, sw.span)
+        picked = pick_sizes(shapes, n_opt, sw.sizes, sw.span, ladder=not sw.mix_families)
         if sw.sizes >= 3 and not picked[0].num_params() < n_opt < picked[-1].num_params():
             warnings.warn(f"budget C={c:.3g}: the sizes ({picked[0].num_params():,}..{picked[-1].num_params():,}) "
                           f"do not bracket N_opt~{n_opt:,.0f}; change the budget or model.head_dim/aspect_ratio.")
@@ -462,12 +472,27 @@ def run_sweep(overrides: list[str], train: Optional[Callable[[list[str]], dict]]
     return summary
 
 
+def _stop_with_parent(parent: int) -> None:
+    """Worker initializer: if the sweep process dies (SIGTERM, kill), SIGTERM this worker,
+    so its trainer saves a checkpoint and stops instead of training on as an orphan."""
+    import signal
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(1)
+        os.kill(os.getpid(), signal.SIGTERM)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _run_parallel(todo: list[list[Point]], sweep_dir: Path, base: list[str], train: Callable, workers: int,
                   record: Callable[[dict], None]) -> bool:
     """Chains in `workers` spawned processes; True when a signal stopped the sweep."""
     stopped = False
     log_file = str((sweep_dir / "workers.log").resolve())
-    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn")) as pool:
+    with ProcessPoolExecutor(max_workers=workers, mp_context=get_context("spawn"), initializer=_stop_with_parent,
+                             initargs=(os.getpid(),)) as pool:
         pending = {pool.submit(_run_chain, chain, sweep_dir, base, train, log_file) for chain in todo}
         try:
             while pending:

@@ -50,6 +50,7 @@ def test_grid_brackets_the_optimum_and_rejects_bad_settings(tmp_path):
         sweep.run_sweep(GRID + [f"sweep.dir={tmp_path}", "model.depth=3"])
 
 
+@pytest.mark.slow  # 12 tiny runs
 def test_sweep_trains_tables_skips_and_survives_a_failure(tmp_path):
     out = tmp_path / "sweep"
     overrides = GRID + [f"sweep.dir={out}"]
@@ -148,6 +149,7 @@ def _train_records(run_dir):
     return [m for m in map(json.loads, lines) if m.get("kind") == "train"]
 
 
+@pytest.mark.slow  # 8 tiny runs, 2 spawned workers
 def test_wsd_branches_cool_down_from_the_trunk_and_workers_do_not_change_numbers(tmp_path):
     from picollm.optim import lr_at
     from picollm.train import SAVED_AT
