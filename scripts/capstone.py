@@ -49,8 +49,11 @@ from picollm.hardware import describe  # noqa: E402
 from picollm.scaling import ScalingLaw  # noqa: E402
 from picollm.train import Interrupted  # noqa: E402
 
+# Only the end-of-schedule evaluation counts for a WSD point (mid-run losses of a constant-LR
+# run are not end-of-schedule losses), so no periodic evaluations: they would cost ~25%.
 COMMON = ["model.head_dim=8", "model.aspect_ratio=8", "train.device=cpu", "train.dtype=fp32",
-          "train.report=false", "train.log_every=1000", "sweep.schedule=wsd", "sweep.workers=2"]
+          "train.report=false", "train.log_every=1000", "train.eval_every=1000000",
+          "sweep.schedule=wsd", "sweep.workers=2"]
 FULL = dict(budgets=[1e11, 3e11, 1e12, 3e12], sizes=4, bootstrap=200,
             overrides=["model.seq_len=64", "tokenizer.vocab_size=512", "train.eval_tokens=65536"] + COMMON)
 QUICK = dict(budgets=[3e8, 1e9, 3e9], sizes=3, bootstrap=30,
@@ -214,6 +217,7 @@ def report(spec: dict, summary: dict, pred: dict, measured: float | None, out: P
         iv = (par.get("intervals") or {}).get("a")
         lines.append(f"- Approach 3 (parametric law): a = beta/(alpha+beta) = {par['a']:.3f}"
                      + (f" (95% [{iv[0]:.3f}, {iv[1]:.3f}])" if iv else ""))
+    lines.append(f"Approach 1 and the three side by side: `python -m picollm.fit {out / 'sweep' / sweep.RESULTS}`.")
     lines += ["", "## Held-out prediction", "",
               f"Budget C = {pred['compute']:.3g} ({HELD_OUT_FACTOR:g}x the largest); N_opt {pred['n_target']:,.0f} from "
               f"{pred['n_source']} -> {pred['name']} (N={pred['n_params']:,}, D={pred['n_tokens']:,}).",
