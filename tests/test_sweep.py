@@ -188,3 +188,22 @@ def test_wsd_branches_cool_down_from_the_trunk_and_workers_do_not_change_numbers
     assert summary["workers"] == 2 and summary["failed"] == []
     assert {n: r["val_loss"] for n, r in sweep.read_table(two / sweep.RESULTS).items()} == \
         {n: r["val_loss"] for n, r in rows.items()}
+
+
+def test_capstone_plan_spans_30x_and_holds_out_10x(capsys):
+    """--estimate plans without training: the grid spans >= 30x, the held-out run is 10x the
+    largest budget, and WSD trains less than the cosine grid."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "scripts" / "capstone.py"
+    spec = importlib.util.spec_from_file_location("capstone", path)
+    capstone = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(capstone)
+    full = capstone.FULL
+    assert max(full["budgets"]) / min(full["budgets"]) >= 30 and capstone.HELD_OUT_FACTOR == 10
+    est = capstone.estimate(full, Path("unused"), gflops=10.0)
+    assert est["held_out_flops"] == pytest.approx(10 * max(full["budgets"]), rel=0.05)
+    assert est["sweep_flops"] < est["cosine_grid_flops"] and "one family" in est["family"]
+    assert capstone.main(["--estimate", "--gflops", "10"]) == 0
+    assert "held-out" in capsys.readouterr().out
