@@ -61,6 +61,7 @@ QUICK = dict(budgets=[3e8, 1e9, 3e9], sizes=3, bootstrap=30,
                         "data.max_docs=150", "data.val_fraction=0.05", "train.eval_tokens=2048",
                         "train.batch_tokens=256"] + COMMON)
 HELD_OUT_FACTOR = 10.0
+TARGET_MINUTES = 40
 PER_POINT_SECONDS = 4.0  # start-up, plan, evaluations and export of one point, measured on the tiny runs
 
 
@@ -129,7 +130,10 @@ def print_estimate(est: dict) -> None:
     print(f"sweep: {est['sweep_flops']:.3g} FLOPs trained (WSD; the cosine grid: {est['cosine_grid_flops']:.3g}), "
           f"~{est['sweep_seconds'] / 60:.1f} min on the workers")
     print(f"held-out: {est['held_out_shape']}, {est['held_out_flops']:.3g} FLOPs, ~{est['held_out_seconds'] / 60:.1f} min")
-    print(f"total: ~{total / 60:.0f} min (measured single-thread GFLOP/s per shape: {est['rates_gflops']})")
+    print(f"total: ~{total / 60:.0f} min (training GFLOP/s per shape, one thread: {est['rates_gflops']})")
+    if total > TARGET_MINUTES * 60:  # the time is about linear in the budgets
+        print(f"over {TARGET_MINUTES} min: --scale {TARGET_MINUTES * 60 / total:.2f} would fit; decide before the "
+              "first run, never after seeing a held-out result")
 
 
 # ---------------------------------------------------------------- prediction
