@@ -94,11 +94,14 @@ def nearest_model(m: DictConfig, vocab_size: int, n_target: float) -> GPTConfig:
 
 
 # budget.minutes on a CPU: Chinchilla's D = 20 N turns a few minutes into a 1-layer, 1-head
-# model (N ~ 184k at vocab 2048), whose loss measured worse than a deeper one trained on
-# fewer tokens in the same wall clock (scripts/bench_time_to_loss.py --shapes; numbers in
-# BENCHMARKS.md). The floor below is that measurement, not a law: it only lifts depths below it.
+# model (N = 184k at vocab 2048). Measured at equal wall clock (one thread, side by side,
+# pystdlib/BPE-2048, same 131k held-out tokens; BENCHMARKS.md): 1x64 with 479 steps 4.905;
+# 2x128 with 106 steps (the compute rule's batch) 5.241, worse; 2x128 with 424 steps of a
+# 4x smaller batch 4.857, better. So the floor comes with a minimum step count: the floor
+# alone would lose. Both are measurements at C ~ 1e12-2e12 FLOPs, not laws.
 MINUTES_MIN_DEPTH = 2
 MINUTES_MIN_HEADS = 2
+MINUTES_MIN_STEPS = 400  # budget.minutes halves the batch while the run has fewer steps
 
 
 def minutes_model(m: DictConfig, vocab_size: int, n_target: float) -> GPTConfig:
@@ -260,7 +263,7 @@ def make_plan(cfg: DictConfig, device_info, world_size: int = 1,
         rate = devices * (device_info.peak_flops or UNMEASURED_PEAK[device_info.device.type]) * ASSUMED_MFU[device_info.device.type]
         gcfg, tried = None, set()
         for _ in range(3):
-            guess = model_config(cfg.model, vocab) if explicit else nearest_model(cfg.model, vocab, chinchilla_optimal(rate * seconds, r)[0])
+            guess = model_config(cfg.model, vocab) if explicit else minutes_model(cfg.model, vocab, chinchilla_optimal(rate * seconds, r)[0])
             if (guess.n_layer, guess.d_model) in tried:
                 break
             tried.add((guess.n_layer, guess.d_model))
@@ -274,7 +277,7 @@ def make_plan(cfg: DictConfig, device_info, world_size: int = 1,
                 break
         time_budget = _time_budget(seconds, startup_seconds, probe_seconds, gcfg, rate, t)
         if not explicit:
-            gcfg = nearest_model(cfg.model, vocab, chinchilla_optimal(rate * time_budget["train_s"], r)[0])
+            gcfg = minutes_model(cfg.model, vocab, chinchilla_optimal(rate * time_budget["train_s"], r)[0])
             time_budget = _time_budget(seconds, startup_seconds, probe_seconds, gcfg, rate, t)
         measured_rate = rate
         compute = rate * time_budget["train_s"]
@@ -301,7 +304,8 @@ def make_plan(cfg: DictConfig, device_info, world_size: int = 1,
 
     fpt = gcfg.flops_per_token()
     seq = gcfg.seq_len
-    batch_seqs = _global_batch(t, fpt * n_tokens, n_tokens, seq, world_size)
+    batch_seqs = _global_batch(t, fpt * n_tokens, n_tokens, seq, world_size,
+                               MINUTES_MIN_STEPS if "minutes" in chosen else MIN_STEPS)
     tokens_per_step = batch_seqs * seq
 
     if t.steps is not None:
@@ -473,9 +477,10 @@ def _micro_batch(t: DictConfig, gcfg: GPTConfig, per_rank: int, device_info, sha
     return b, mem(b)
 
 
-def _global_batch(t: DictConfig, compute: float, n_tokens: float, seq: int, world_size: int) -> int:
+def _global_batch(t: DictConfig, compute: float, n_tokens: float, seq: int, world_size: int,
+                  min_steps: int = MIN_STEPS) -> int:
     """Global batch in sequences: train.batch_tokens, or the compute rule halved while the
-    run would have fewer than MIN_STEPS steps."""
+    run would have fewer than ``min_steps`` steps (MINUTES_MIN_STEPS for budget.minutes)."""
     if t.batch_tokens is not None:
         if t.batch_tokens % seq:
             raise ConfigError(f"train.batch_tokens={t.batch_tokens} is not a multiple of model.seq_len={seq}; "
@@ -484,7 +489,7 @@ def _global_batch(t: DictConfig, compute: float, n_tokens: float, seq: int, worl
     else:
         batch_seqs = _pow2(max(1.0, 0.292 * compute ** 0.3271 / seq))
         if t.steps is None:
-            while batch_seqs > world_size and n_tokens / (batch_seqs * seq) < MIN_STEPS:
+            while batch_seqs > world_size and n_tokens / (batch_seqs * seq) < min_steps:
                 batch_seqs //= 2
         batch_seqs = max(batch_seqs, world_size)
         batch_seqs += (-batch_seqs) % world_size
@@ -497,7 +502,7 @@ def _global_batch(t: DictConfig, compute: float, n_tokens: float, seq: int, worl
 def _probe_micro(t: DictConfig, gcfg: GPTConfig, compute: float, world_size: int, device_info) -> int:
     """The micro-batch training would use at this shape and compute, for the probes."""
     n_tokens = compute / gcfg.flops_per_token()
-    batch = _global_batch(t, compute, n_tokens, gcfg.seq_len, world_size)
+    batch = _global_batch(t, compute, n_tokens, gcfg.seq_len, world_size, MINUTES_MIN_STEPS)
     shards = world_size if t.parallel == "fsdp" else 1
     return _micro_batch(t, gcfg, batch // world_size, device_info, shards)[0]
 
