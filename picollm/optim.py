@@ -8,11 +8,17 @@ muon:  Muon (``torch.optim.Muon``) for the 2-D matrices inside the transformer b
 
 LR rules. The schedule gives one LR, the AdamW LR (``train.lr``, or the derived rule
 ``min(cap, 0.3118 * C**-0.125)``); each parameter group runs at its own multiple of it
-(``lr_ratio``). AdamW groups: 1. Muon groups: ``train.muon_lr_ratio``. Muon scales its
-update with ``adjust_lr_fn="match_rms_adamw"`` (0.2 * sqrt(max(rows, cols)), Liu et al.
-2025), so its update has about AdamW's RMS and the AdamW rule carries over; the ratio is
-what measurement on top of that preferred. Muon's weight decay is AdamW's
-(``train.weight_decay``, decoupled, applied as lr * wd with the unscaled group LR)."""
+(``lr_ratio``): AdamW groups 1, Muon groups ``train.muon_lr_ratio`` (default 10). Muon
+scales its update with ``adjust_lr_fn="match_rms_adamw"`` (0.2 * sqrt(max(rows, cols)),
+Liu et al. 2025), which makes its update's RMS about AdamW's, so the AdamW rule carries
+over up to that constant ratio. Measured on CPU (llama 2 x 128, vocab 2048, 98 steps at the
+derived LR 3e-3): ratio 1, 3, 10, 30 gave validation loss 5.64, 5.42, 5.37, 5.55 (AdamW
+5.50). Muon's weight decay is ``train.weight_decay`` too, decoupled as torch applies it:
+each step shrinks a matrix by lr_muon * wd (so ratio times AdamW's shrink).
+
+adamw is the default: Muon reaches a lower loss for the same tokens, but its update
+(Newton-Schulz in bf16, fixed cost per step) makes small-batch CPU steps ~20% slower, and at
+the smallest budget measured AdamW got the lower loss for the same training time."""
 
 from __future__ import annotations
 
@@ -80,7 +86,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                   device: torch.device, kind: str = "adamw", muon_lr_ratio: float = 1.0) -> torch.optim.Optimizer:
+                   device: torch.device, kind: str = "adamw", muon_lr_ratio: float = 10.0) -> torch.optim.Optimizer:
     """The optimizer ``kind`` names (OPTIMIZERS); ``lr`` is the AdamW LR (see the module's LR rules)."""
     if kind not in OPTIMIZERS:
         raise ValueError(f"train.optimizer={kind!r} is unknown; use one of {', '.join(OPTIMIZERS)}.")

@@ -163,7 +163,8 @@ def test_muon_update_is_orthogonalized_and_scaled_like_adamw():
     0.2 * lr, AdamW's typical RMS, whatever the matrix's shape."""
     model = tiny("llama")
     lr = 1e-2
-    opt = make_optimizer(model, lr=lr, weight_decay=0.0, betas=(0.9, 0.95), device=CPU, kind="muon")
+    opt = make_optimizer(model, lr=lr, weight_decay=0.0, betas=(0.9, 0.95), device=CPU, kind="muon",
+                         muon_lr_ratio=1.0)
     w = model.blocks[0].mlp.up.weight
     before = w.detach().clone()
     train_steps(model, opt, 1)
@@ -172,16 +173,22 @@ def test_muon_update_is_orthogonalized_and_scaled_like_adamw():
     assert singular.max() < 1.5 and 0.7 < singular.median() < 1.3
 
 
-def test_muon_weight_decay_matches_adamw_on_zero_gradients():
+@pytest.mark.parametrize("ratio", [1.0, 1.5])
+def test_muon_weight_decay_is_adamws_at_its_own_lr_on_zero_gradients(ratio):
+    """Zero gradients leave only the decoupled decay: Muon's matrices shrink by
+    (1 - ratio * lr * wd), AdamW's by (1 - lr * wd), the rest stay put."""
     model = tiny("llama")
     lr, wd = 0.1, 0.5
-    opt = make_optimizer(model, lr=lr, weight_decay=wd, betas=(0.9, 0.95), device=CPU, kind="muon")
+    opt = make_optimizer(model, lr=lr, weight_decay=wd, betas=(0.9, 0.95), device=CPU, kind="muon",
+                         muon_lr_ratio=ratio)
     before = {id(p): p.detach().clone() for p in model.parameters()}
     for p in model.parameters():
         p.grad = torch.zeros_like(p)
     opt.step()
     muon_group, decay, no_decay = opt.param_groups
-    for p in muon_group["params"] + decay["params"]:
+    for p in muon_group["params"]:
+        torch.testing.assert_close(p.detach(), before[id(p)] * (1 - ratio * lr * wd))
+    for p in decay["params"]:
         torch.testing.assert_close(p.detach(), before[id(p)] * (1 - lr * wd))
     assert all(torch.equal(p.detach(), before[id(p)]) for p in no_decay["params"])
 
@@ -208,6 +215,7 @@ def test_muon_state_round_trips_through_the_name_keyed_checkpoint_state():
     assert all(torch.equal(a, b) for a, b in zip(fresh.parameters(), model.parameters()))
 
 
+@pytest.mark.slow
 def test_muon_run_resumes_bitwise(tmp_path):
     """CPU fp32: resume a copy of a finished run from its step-3 checkpoint, and steps 4-6
     repeat the uninterrupted run's losses and weights exactly."""
