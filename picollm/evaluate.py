@@ -145,6 +145,8 @@ def find_prepared(run: LoadedRun) -> PreparedData:
 def evaluate_run(run: LoadedRun, max_tokens: Optional[int] = None, dtype: str = "auto") -> dict:
     """Evaluate a loaded run (picollm.runs.load_run) on its held-out split."""
     data = find_prepared(run)
+    if dtype == "auto" and run.device.type == "cpu" and run.plan.get("dtype") in hardware.CPU_DTYPES:
+        dtype = run.plan["dtype"]  # the run measured which dtype is faster for this model on a CPU
     info = hardware.describe(str(run.device), dtype, measure=False)
     seq_len = run.model.cfg.seq_len
     start = time.perf_counter()

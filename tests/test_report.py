@@ -165,6 +165,8 @@ def test_evaluate_cli_uses_the_full_validation_split(run_dir: Path, capsys) -> N
     saved = json.loads((run_dir / "eval.json").read_text())
     assert printed == saved
     assert math.isfinite(saved["val_loss"]) and math.isfinite(saved["val_bpb"]) and saved["step"] == 4
+    # dtype=auto evaluates in the dtype the run measured faster, not in a guess from CPU flags.
+    assert saved["dtype"] == json.loads((run_dir / "plan.json").read_text())["dtype"]
     cache = run_dir.parent / "cache" / "data"
     (data_dir,) = [d for d in cache.iterdir() if d.name.startswith("pystdlib-bpe300-")]
     n_val = load_prepared(data_dir).n_val_tokens
