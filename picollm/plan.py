@@ -408,9 +408,13 @@ def plan_for_run(cfg: DictConfig, device: hardware.DeviceInfo, info: dist.DistIn
             print(f"resuming with changed {', '.join(harmless)} (harmless: the run's data, model and schedule are unchanged)")
         plan = Plan(**resume_state["plan"])
         if extend:
+            if cfg.train.steps is None:  # the budget would re-derive a different run
+                old_steps = resume_state["config"]["train"]["steps"]
+                raise ConfigError(f"run_dir {run_dir} holds a run of train.steps={old_steps}; resume it with "
+                                  f"train.steps={old_steps} (or more, to extend it), or use a new run_dir.")
             if cfg.train.steps < resume_state["step"]:
                 raise ConfigError(f"train.steps={cfg.train.steps} is below the {resume_state['step']} steps already done.")
-            print(f"extending the run from {plan.steps} to {cfg.train.steps} steps; the cosine schedule is "
+            print(f"extending the run from {plan.steps} to {cfg.train.steps} steps; the LR schedule is "
                   "stretched to the new end and the data stream keeps its length (more epochs).")
             plan.steps, plan.n_tokens = int(cfg.train.steps), int(cfg.train.steps) * plan.tokens_per_step
             plan.compute = float(plan.n_tokens * plan.flops_per_token)

@@ -274,6 +274,10 @@ def test_extending_a_finished_run_continues_its_schedule(tmp_path):
     assert final["steps"] == 8 and sorted(losses(run_dir)) == list(range(1, 9))
     plan = json.loads((run_dir / "plan.json").read_text())
     assert plan["steps"] == 8 and records(run_dir)[8][-1]["lr"] == pytest.approx(plan["min_lr"])
+    # Dropping train.steps would let the budget re-derive another run: one sentence, nothing trained.
+    with pytest.raises(ConfigError, match=r"holds a run of train.steps=8; resume it with train.steps=8"):
+        run(load_config(BASE + [f"run_dir={run_dir}"]))
+    assert sorted(losses(run_dir)) == list(range(1, 9))
 
 
 def test_final_weights_load_without_training_state(tmp_path):
