@@ -101,7 +101,8 @@ def nearest_model(m: DictConfig, vocab_size: int, n_target: float) -> GPTConfig:
 # alone would lose. Both are measurements at C ~ 1e12-2e12 FLOPs, not laws.
 MINUTES_MIN_DEPTH = 2
 MINUTES_MIN_HEADS = 2
-MINUTES_MIN_STEPS = 400  # budget.minutes halves the batch while the run has fewer steps
+MINUTES_MIN_STEPS = 400  # budget.minutes halves the batch while the run has fewer steps,
+MINUTES_MIN_BATCH_TOKENS = 1024  # but not below the smallest batch measured (4 x 256)
 
 
 def minutes_model(m: DictConfig, vocab_size: int, n_target: float) -> GPTConfig:
@@ -304,8 +305,7 @@ def make_plan(cfg: DictConfig, device_info, world_size: int = 1,
 
     fpt = gcfg.flops_per_token()
     seq = gcfg.seq_len
-    batch_seqs = _global_batch(t, fpt * n_tokens, n_tokens, seq, world_size,
-                               MINUTES_MIN_STEPS if "minutes" in chosen else MIN_STEPS)
+    batch_seqs = _global_batch(t, fpt * n_tokens, n_tokens, seq, world_size, minutes="minutes" in chosen)
     tokens_per_step = batch_seqs * seq
 
     if t.steps is not None:
@@ -482,9 +482,12 @@ def _micro_batch(t: DictConfig, gcfg: GPTConfig, per_rank: int, device_info, sha
 
 
 def _global_batch(t: DictConfig, compute: float, n_tokens: float, seq: int, world_size: int,
-                  min_steps: int = MIN_STEPS) -> int:
+                  minutes: bool = False) -> int:
     """Global batch in sequences: train.batch_tokens, or the compute rule halved while the
-    run would have fewer than ``min_steps`` steps (MINUTES_MIN_STEPS for budget.minutes)."""
+    run would have fewer than MIN_STEPS steps (budget.minutes: MINUTES_MIN_STEPS, down to
+    MINUTES_MIN_BATCH_TOKENS)."""
+    min_steps = MINUTES_MIN_STEPS if minutes else MIN_STEPS
+    min_seqs = max(world_size, math.ceil(MINUTES_MIN_BATCH_TOKENS / seq) if minutes else 1)
     if t.batch_tokens is not None:
         if t.batch_tokens % seq:
             raise ConfigError(f"train.batch_tokens={t.batch_tokens} is not a multiple of model.seq_len={seq}; "
@@ -493,7 +496,7 @@ def _global_batch(t: DictConfig, compute: float, n_tokens: float, seq: int, worl
     else:
         batch_seqs = _pow2(max(1.0, 0.292 * compute ** 0.3271 / seq))
         if t.steps is None:
-            while batch_seqs > world_size and n_tokens / (batch_seqs * seq) < min_steps:
+            while batch_seqs > min_seqs and n_tokens / (batch_seqs * seq) < min_steps:
                 batch_seqs //= 2
         batch_seqs = max(batch_seqs, world_size)
         batch_seqs += (-batch_seqs) % world_size
@@ -506,7 +509,7 @@ def _global_batch(t: DictConfig, compute: float, n_tokens: float, seq: int, worl
 def _probe_micro(t: DictConfig, gcfg: GPTConfig, compute: float, world_size: int, device_info) -> int:
     """The micro-batch training would use at this shape and compute, for the probes."""
     n_tokens = compute / gcfg.flops_per_token()
-    batch = _global_batch(t, compute, n_tokens, gcfg.seq_len, world_size, MINUTES_MIN_STEPS)
+    batch = _global_batch(t, compute, n_tokens, gcfg.seq_len, world_size, minutes=True)
     shards = world_size if t.parallel == "fsdp" else 1
     return _micro_batch(t, gcfg, batch // world_size, device_info, shards)[0]
 

@@ -6,8 +6,8 @@ import torch
 
 from picollm.config import load_config
 from picollm.hardware import DeviceInfo
-from picollm.plan import (MIN_STEPS, MINUTES_MIN_DEPTH, MINUTES_MIN_HEADS, MINUTES_MIN_STEPS, make_plan,
-                          minutes_model, nearest_model)
+from picollm.plan import (MIN_STEPS, MINUTES_MIN_BATCH_TOKENS, MINUTES_MIN_DEPTH, MINUTES_MIN_HEADS,
+                          MINUTES_MIN_STEPS, make_plan, minutes_model, nearest_model)
 
 VOCAB = 2048
 CPU = DeviceInfo(torch.device("cpu"), "test cpu", "fp32", 1e11, "measured", 16 * 2**30)
@@ -49,8 +49,9 @@ def test_a_two_minute_plan_on_a_slow_cpu_is_not_degenerate(gflops):
     cfg = load_config(["budget.minutes=2", f"tokenizer.vocab_size={VOCAB}"])
     p = make_plan(cfg, CPU, measure_flops=lambda *args, **kw: gflops * 1e9)
     assert p.model["n_layer"] >= MINUTES_MIN_DEPTH and p.model["n_head"] >= MINUTES_MIN_HEADS
-    # The floor comes with enough optimizer steps: the batch is halved down to one sequence.
-    assert p.steps >= MINUTES_MIN_STEPS or p.batch_seqs == 1
+    # The floor comes with enough optimizer steps: the batch is halved, down to the smallest measured.
+    assert p.steps >= MINUTES_MIN_STEPS or p.tokens_per_step == MINUTES_MIN_BATCH_TOKENS
+    assert p.tokens_per_step >= MINUTES_MIN_BATCH_TOKENS
 
 
 def test_an_explicit_shape_is_never_changed():
