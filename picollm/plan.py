@@ -179,6 +179,7 @@ class Plan:
     schedule: str = "cosine"  # how the LR goes from lr to min_lr, for the card
     dtype_reason: str = ""  # why this dtype (auto on CPU: measured); a resume keeps plan.dtype
     time_budget: Optional[dict] = None  # budget.minutes: seconds by part (start-up, probes, evals, training)
+    optimizer: str = "adamw"  # for the card: which optimizer and, for muon, its LR multiple
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -214,6 +215,7 @@ class Plan:
             f"schedule     {self.steps} steps, warmup {self.warmup_steps}, lr {self.lr:.2e} -> {self.min_lr:.2e} ({self.schedule})",
             f"device       {self.device}, {self.dtype}, peak "
             + (f"{self.peak_flops / 1e12:.3g} TFLOP/s" if self.peak_flops else "unknown"),
+            f"optimizer    {self.optimizer}",
             *([f"dtype        {self.dtype_reason}"] if self.dtype_reason else []),
             f"time         ~{_duration(self.est_seconds)} ({self.est_source})",
             *([f"wall clock   {_time_budget_line(self.time_budget)}"] if self.time_budget else []),
@@ -352,6 +354,8 @@ def make_plan(cfg: DictConfig, device_info, world_size: int = 1,
         dtype=device_info.dtype, peak_flops=device_info.peak_flops, memory=memory, dtype_reason=device_info.dtype_reason,
         time_budget=time_budget,
         memory_available=device_info.memory_bytes, stream_tokens=n_tokens + seq + 1,
+        optimizer=("adamw" if t.optimizer == "adamw" else
+                   f"muon (lr x{t.muon_lr_ratio:g}) for the blocks' matrices, adamw for the rest"),
         schedule=("cosine" if t.schedule == "cosine" else
                   f"wsd: constant, then the last {t.decay_frac:.0%} decay {t.decay_shape}"),
     )
@@ -616,7 +620,8 @@ def _duration(s: float) -> str:
 def _probe(cfg: DictConfig) -> Callable:
     from picollm.throughput import measure_train_flops
 
-    return lambda gcfg, micro, device: measure_train_flops(gcfg, micro, device, cfg.budget.probe_seconds)
+    return lambda gcfg, micro, device: measure_train_flops(gcfg, micro, device, cfg.budget.probe_seconds,
+                                                           optimizer=cfg.train.optimizer)
 
 
 def _dtype_probe(gcfg: GPTConfig, micro: int, device) -> dict:

@@ -24,12 +24,12 @@ def autocast(info: DeviceInfo):
 
 
 def _training_step(gcfg: GPTConfig, micro_batch: int, info: DeviceInfo, compile: bool = False,
-                   activation_checkpointing: bool = False):
+                   activation_checkpointing: bool = False, optimizer: str = "adamw"):
     """A closure running one training step as the trainer does, in ``info.dtype``."""
     torch.manual_seed(0)
     model = GPT(gcfg).to(info.device)
     model.activation_checkpointing = activation_checkpointing
-    opt = make_optimizer(model, 1e-4, 0.1, (0.9, 0.95), info.device)
+    opt = make_optimizer(model, 1e-4, 0.1, (0.9, 0.95), info.device, kind=optimizer)  # Muon's step costs more
     params = [p for p in model.parameters() if p.requires_grad]
     run = torch.compile(model) if compile else model
     host = torch.randint(0, gcfg.vocab_size, (micro_batch, gcfg.seq_len + 1))
@@ -50,12 +50,12 @@ def _training_step(gcfg: GPTConfig, micro_batch: int, info: DeviceInfo, compile:
 
 def measure_train_flops(gcfg: GPTConfig, micro_batch: int, info: DeviceInfo, seconds: float = 10.0,
                         compile: bool = False, activation_checkpointing: bool = False,
-                        warmup_steps: int = 2, return_details: bool = False):
+                        warmup_steps: int = 2, return_details: bool = False, optimizer: str = "adamw"):
     """Model FLOP/s (DESIGN's flops_per_token x tokens / time) after ``warmup_steps``
     untimed steps, timing whole steps until ``seconds`` have passed (at least two). The
     rate is total tokens over total time, not a best or median step: a budget is spent
     at the mean rate, slow steps included."""
-    step = _training_step(gcfg, micro_batch, info, compile, activation_checkpointing)
+    step = _training_step(gcfg, micro_batch, info, compile, activation_checkpointing, optimizer)
     for _ in range(warmup_steps):
         step()
     _sync(info)

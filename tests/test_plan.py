@@ -304,3 +304,19 @@ def test_cpu_micro_batch_is_capped_by_tokens_per_micro_step(seq, micro):
     from picollm.plan import CPU_MICRO_TOKENS
     p = plan("model=tiny", f"model.seq_len={seq}", f"train.batch_tokens={64 * seq}")
     assert p.micro_batch == micro == CPU_MICRO_TOKENS // seq and p.accum_steps == 64 // micro
+
+
+def test_muon_is_named_on_the_card_and_timed_by_the_probe(monkeypatch):
+    """Muon's update costs more per step than AdamW's, so a budget.minutes probe must time it."""
+    import picollm.throughput
+    from picollm.plan import _probe
+
+    seen = {}
+    monkeypatch.setattr(picollm.throughput, "measure_train_flops",
+                        lambda gcfg, micro, device, seconds, optimizer: seen.setdefault("optimizer", optimizer) and 1e10)
+    cfg = load_config(["budget.compute=1e13", "tokenizer.vocab_size=2048", "train.optimizer=muon"])
+    _probe(cfg)(model_config(cfg.model, 2048, 2), 4, CPU)
+    assert seen == {"optimizer": "muon"}
+    card = make_plan(cfg, CPU).card()
+    assert "optimizer    muon (lr x10) for the blocks' matrices, adamw for the rest" in card
+    assert "optimizer    adamw" in plan("budget.compute=1e13", "tokenizer.vocab_size=2048").card()
