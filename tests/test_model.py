@@ -494,3 +494,77 @@ def test_checkpoint_from_before_padding_loads_with_the_same_logits(arch):
     x = torch.randint(0, 300, (2, 8))
     with torch.no_grad():
         torch.testing.assert_close(fresh(x), model(x), atol=0, rtol=0)
+
+
+# --- CPU fast paths: same math as the plain modules ----------------------------------------
+
+def plain_loss(model, x, y):
+    """The plain head + cross-entropy (the path GPUs, torch.compile and evaluation take)."""
+    logits = model.lm_head(model.norm_f(model.blocks[0](model.embed(x), model.rope_cos, model.rope_sin)))
+    logits = logits[..., :model.cfg.vocab_size]
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), y.reshape(-1))
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_chunked_head_loss_matches_the_plain_loss_and_gradients(dtype, monkeypatch):
+    import picollm.model as model_module
+
+    monkeypatch.setattr(model_module, "LOSS_CHUNK_ELEMENTS", 128 * 5)  # 5 rows a chunk: a ragged last chunk
+    model = tiny(n_layer=1)  # vocab 61 padded to 128: padding columns must get no probability
+    x, y = torch.randint(0, 61, (3, 16)), torch.randint(0, 61, (3, 16))
+    results = []
+    for chunked in (True, False):
+        model.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bf16"):
+            loss = model(x, y) if chunked else plain_loss(model, x, y)
+        (loss * 0.5).backward()  # a scaled loss (gradient accumulation) scales the gradients
+        results.append((loss.detach(), [p.grad.clone() for p in model.parameters()]))
+    (loss_c, grads_c), (loss_p, grads_p) = results
+    tol = dict(atol=1e-5, rtol=1e-5) if dtype == "fp32" else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(loss_c, loss_p, **tol)
+    for gc, gp in zip(grads_c, grads_p):
+        torch.testing.assert_close(gc, gp, **tol)
+    assert model.lm_head.weight.grad[61:].abs().max() == 0  # padding rows learn nothing
+
+
+def test_evaluation_and_per_token_losses_keep_the_plain_path():
+    model = tiny()
+    x = torch.randint(0, 61, (2, 16))
+    per_token = model(x, x, reduction="none")
+    with torch.no_grad():
+        mean = model(x, x)
+    assert per_token.shape == (32,) and per_token.grad_fn is not None
+    torch.testing.assert_close(per_token.mean(), mean)
+
+
+@pytest.mark.parametrize("shape", [(4, 8, 32), (2, 8, 3, 16)])
+def test_rms_norm_matches_nn_rmsnorm_forward_and_backward(shape):
+    from picollm.model import RMSNorm
+
+    torch.manual_seed(0)
+    ours, ref = RMSNorm(shape[-1], eps=1e-6), nn.RMSNorm(shape[-1], eps=1e-6)
+    with torch.no_grad():
+        ours.weight.uniform_(0.5, 1.5)
+        ref.weight.copy_(ours.weight)
+    # a strided input, like the QK-norm's slice of the fused qkv projection
+    x = torch.randn(*shape[:-1], 2 * shape[-1])[..., :shape[-1]].requires_grad_(True)
+    x_ref = x.detach().clone().requires_grad_(True)
+    grad = torch.randn(shape)
+    ours(x).backward(grad)
+    ref(x_ref).backward(grad)
+    torch.testing.assert_close(ours(x), ref(x_ref))
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    torch.testing.assert_close(ours.weight.grad, ref.weight.grad)
+
+    # bf16 input (QK-norm under autocast): the fused kernel, within bf16 rounding of fp32
+    xb = x.detach().bfloat16().requires_grad_(True)
+    out = ours(xb)
+    out.backward(grad.bfloat16())
+    assert out.dtype == torch.bfloat16 and xb.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(out.float(), ref(x_ref.detach()), atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(xb.grad.float(), x_ref.grad, atol=3e-2, rtol=3e-2)
+
+
+def test_rms_norm_keeps_the_state_dict_keys():
+    keys = set(tiny().state_dict())
+    assert "blocks.0.norm1.weight" in keys and "blocks.0.attn.q_norm.weight" in keys and "norm_f.weight" in keys
