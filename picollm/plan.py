@@ -94,11 +94,12 @@ def nearest_model(m: DictConfig, vocab_size: int, n_target: float) -> GPTConfig:
 
 
 # budget.minutes on a CPU: Chinchilla's D = 20 N turns a few minutes into a 1-layer, 1-head
-# model (N = 184k at vocab 2048). Measured at equal wall clock (one thread, side by side,
-# pystdlib/BPE-2048, same 131k held-out tokens; BENCHMARKS.md): 1x64 with 479 steps 4.905;
-# 2x128 with 106 steps (the compute rule's batch) 5.241, worse; 2x128 with 424 steps of a
-# 4x smaller batch 4.857, better. So the floor comes with a minimum step count: the floor
-# alone would lose. Both are measurements at C ~ 1e12-2e12 FLOPs, not laws.
+# model (N = 184k at vocab 2048). Measured with this rule against that 1x64, budget.minutes
+# side by side, one thread each, the same 438k held-out tokens (bench_time_to_loss.py
+# --shapes auto,1x64h1): 5 min 4.230 vs 4.448 (the floor wins by 0.22 nats); 2 min 4.811 vs
+# 4.782 (loses 0.03); 2 min on a 10x-loaded machine 5.378 vs 5.257 (C ~ 1e12, loses 0.12).
+# The floor needs many small steps: at equal D, 2x128 with 106 steps (the compute rule's
+# batch) scored 5.241, with 424 steps of a 4x smaller batch 4.857. Measurements, not laws.
 MINUTES_MIN_DEPTH = 2
 MINUTES_MIN_HEADS = 2
 MINUTES_MIN_STEPS = 400  # budget.minutes halves the batch while the run has fewer steps,
