@@ -72,7 +72,7 @@ class DataSchema:
 @dataclass
 class BudgetSchema:
     compute: Optional[float] = None  # training FLOPs
-    params: Optional[float] = None  # N, as DESIGN counts it
+    params: Optional[float] = None  # N, as docs/conventions.md counts it
     tokens: Optional[float] = None  # D
     minutes: Optional[float] = None  # wall clock for the training stage on this machine
     tokens_per_param: float = 20.0  # r in D = r * N

@@ -79,11 +79,11 @@ class GPTConfig:
         d_model = head_dim * max(1, math.ceil(depth * aspect_ratio / head_dim))
         return cls(n_layer=depth, d_model=d_model, n_head=d_model // head_dim, **kw)
 
-    # --- counts (DESIGN: N = every matmul weight incl. the LM head; no embeddings, norms, biases)
+    # --- counts (docs/conventions.md: N = every matmul weight incl. the LM head; no embeddings, norms, biases)
     # N, the total and FLOPs per token count the tokenizer's true vocabulary, not padded_vocab:
     # they describe the architecture (GPT-2 small stays 124,439,808 parameters), and scaling
     # fits, budgets and MFU must not change with a kernel-efficiency detail. The padding rows
-    # cost (padded_vocab - vocab_size) * d_model extra head FLOPs per token, counted nowhere.
+    # cost 6 * (padded_vocab - vocab_size) * d_model extra training FLOPs per token, counted nowhere.
     def num_params(self, total: bool = False) -> int:
         d, h, L, V = self.d_model, self.hidden, self.n_layer, self.vocab_size
         attn = 4 * d * d

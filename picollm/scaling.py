@@ -1,6 +1,6 @@
 """Chinchilla arithmetic: how to split a compute budget between parameters and tokens.
 
-Conventions (see DESIGN.md): N counts the parameters that cost FLOPs per token, D counts
+Conventions (docs/conventions.md): N counts the parameters that cost FLOPs per token, D counts
 training tokens, and a training run costs C ~= 6*N*D FLOPs. Everything here is plain
 arithmetic on floats (numpy arrays work where noted); nothing imports torch.
 """

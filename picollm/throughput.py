@@ -51,7 +51,7 @@ def _training_step(gcfg: GPTConfig, micro_batch: int, info: DeviceInfo, compile:
 def measure_train_flops(gcfg: GPTConfig, micro_batch: int, info: DeviceInfo, seconds: float = 10.0,
                         compile: bool = False, activation_checkpointing: bool = False,
                         warmup_steps: int = 2, return_details: bool = False, optimizer: str = "adamw"):
-    """Model FLOP/s (DESIGN's flops_per_token x tokens / time) after ``warmup_steps``
+    """Model FLOP/s (flops_per_token x tokens / time, docs/conventions.md) after ``warmup_steps``
     untimed steps, timing whole steps until ``seconds`` have passed (at least two). The
     rate is total tokens over total time, not a best or median step: a budget is spent
     at the mean rate, slow steps included."""

@@ -4,7 +4,7 @@
     python scripts/bench_train.py --quick               # fewer variants, shorter timing
 
 Each variant runs in a fresh subprocess (so its peak RSS is its own) and reports model
-FLOP/s (DESIGN's flops_per_token x tokens / median step time) as a fraction of the best
+FLOP/s (flops_per_token x tokens / median step time, docs/conventions.md) as a fraction of the best
 of square matmuls in the same dtype (picollm.hardware.measure_matmul_peak, the same
 yardstick the trainer's MFU uses), measured in the same process just before. Prints a markdown table and writes JSON next to it with --out.
 """

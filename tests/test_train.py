@@ -40,7 +40,7 @@ def test_tiny_run_learns_and_writes_its_outputs(tiny):
     assert evals[0]["step"] == 0 and evals[-1]["step"] == plan["steps"]
     assert evals[-1]["val_loss"] < evals[0]["val_loss"] - 1.0, "validation loss did not fall"
     assert math.isfinite(final["val_bpb"]) and final["val_bpb"] > 0
-    # FLOPs bookkeeping follows DESIGN: C = flops_per_token * tokens.
+    # FLOPs bookkeeping follows docs/conventions.md: C = flops_per_token * tokens.
     assert steps[-1]["flops"] == plan["flops_per_token"] * plan["n_tokens"]
     # Warmup starts at peak/warmup and cosine ends at min_lr on the last step.
     assert steps[0]["lr"] == pytest.approx(plan["lr"] / plan["warmup_steps"])
