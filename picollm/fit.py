@@ -177,7 +177,11 @@ def _best_fit(starts: np.ndarray, args: tuple) -> tuple[np.ndarray, float]:
 
 def _theta_to_law(theta: np.ndarray) -> ScalingLaw:
     a, b, e, alpha, beta = (float(v) for v in theta)
-    return ScalingLaw(E=math.exp(e), A=math.exp(a), alpha=alpha, B=math.exp(b), beta=beta)
+    # A resample can leave a coefficient unpinned (log A running off to ~1e3): it becomes inf,
+    # an honest "unbounded" in that sample's interval, instead of an OverflowError.
+    with np.errstate(over="ignore"):
+        E, A, B = (float(np.exp(v)) for v in (e, a, b))
+    return ScalingLaw(E=E, A=A, alpha=alpha, B=B, beta=beta)
 
 
 def fit_parametric(

@@ -548,3 +548,12 @@ def test_cli_reports_three_approaches_side_by_side(tmp_path, capsys):
     assert "seed-to-seed" in text  # the repeats were found
     for name in ("isoflop.png", "frontier.png", "predicted_vs_measured.png"):
         assert _is_png(tmp_path / "out" / name)
+
+
+def test_an_unpinned_bootstrap_coefficient_is_infinite_not_an_overflow():
+    """A resample can send log A past exp's range (seen in the CPU capstone's bootstrap)."""
+    from picollm.fit import _theta_to_law
+
+    law = _theta_to_law(np.array([1000.0, 2.0, 0.5, 0.3, 0.4]))  # log A, log B, log E, alpha, beta
+    assert law.A == float("inf") and law.B == pytest.approx(math.exp(2.0)) and law.E == pytest.approx(math.exp(0.5))
+    assert law.loss(1e6, 1e9) == float("inf")
