@@ -300,7 +300,11 @@ def measure_scatter(law: ScalingLaw, n_params, n_tokens, losses) -> Scatter:
 def _bootstrap_log_losses(samples: np.ndarray, n: np.ndarray, d: np.ndarray) -> np.ndarray:
     """log L(N, D) under each bootstrap law: shape (samples, points)."""
     e, a, alpha, b, beta = (samples[:, i:i + 1] for i in range(5))
-    return np.log(e + a / n[None, :] ** alpha + b / d[None, :] ** beta)
+    with np.errstate(over="ignore", invalid="ignore"):
+        log_loss = np.log(e + a / n[None, :] ** alpha + b / d[None, :] ** beta)
+    # A resample with an unpinned coefficient (inf, or inf * 0) says nothing about the loss:
+    # count it as unbounded above, so it widens the interval instead of turning it into NaN.
+    return np.where(np.isnan(log_loss), np.inf, log_loss)
 
 
 def predict_loss(law: ScalingLaw, n_params, n_tokens, samples: np.ndarray | None = None,
@@ -331,14 +335,14 @@ def predict_loss(law: ScalingLaw, n_params, n_tokens, samples: np.ndarray | None
     rng = np.random.default_rng(seed)
     if samples is not None and len(samples):
         boot = _bootstrap_log_losses(np.asarray(samples, dtype=float), n, d)
-        mean_iv = np.exp(np.percentile(boot, [tail, 100 - tail], axis=0))
+        mean_iv = np.exp(np.percentile(boot, [tail, 100 - tail], axis=0, method="inverted_cdf"))
         centre = boot[np.arange(draws) % len(boot)]
     else:
         mean_iv = np.exp(np.vstack([point, point]))
         centre = np.broadcast_to(point, (draws, len(point)))
     if scatter is not None and scatter.total_sd > 0:
         noise = scatter.total_sd * student_t.rvs(scatter.dof, size=centre.shape, random_state=rng)
-        interval = np.exp(np.percentile(centre + noise, [tail, 100 - tail], axis=0))
+        interval = np.exp(np.percentile(centre + noise, [tail, 100 - tail], axis=0, method="inverted_cdf"))
     else:
         interval = mean_iv
     out = {"loss": np.exp(point), "interval": interval.T, "mean_interval": mean_iv.T}

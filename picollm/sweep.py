@@ -16,9 +16,9 @@ Design:
   log N) on the Chinchilla-20 optimum N_opt = sqrt(C/(6r)) (mixed families: the shapes
   nearest to targets from N_opt/span to N_opt*span); the same shapes recur across budgets,
   which the WSD schedule needs.
-- Per-size hyperparameters: a size trains with ONE peak LR, batch and warmup at every budget,
-  those the planner derives for it at the smallest budget it appears at (user-set train.lr /
-  batch_tokens / warmup_steps win). Each point then runs train.steps = round(C / (6N-ish
+- Hyperparameters: every point trains with ONE peak LR, batch and warmup, those the planner
+  derives for the smallest size at the smallest budget (user-set train.lr / batch_tokens /
+  warmup_steps win), so sizes differ only in size, not in step count per token. Each point then runs train.steps = round(C / (6N-ish
   flops_per_token * batch_tokens)) steps. The WSD branches need this (a branch continues
   its trunk's run), and the cosine grid uses the same rule so the two compare like for like.
 - ``sweep.schedule=wsd``: per size, the largest-budget point is the trunk: a WSD run that
@@ -246,11 +246,13 @@ def grid(cfg: DictConfig) -> list[Point]:
             warnings.warn(f"budget C={c:.3g}: the sizes ({picked[0].num_params():,}..{picked[-1].num_params():,}) "
                           f"do not bracket N_opt~{n_opt:,.0f}; change the budget or model.head_dim/aspect_ratio.")
         points += [Point(c, s, schedule=sw.schedule) for s in picked]
-    settings = {}
-    for p in points:  # points are in budget order: the first sighting is the size's smallest budget
-        if p.size not in settings:
-            settings[p.size] = size_settings(cfg, p.shape, p.budget)
-        p.settings = settings[p.size]
+    # ONE LR, batch and warmup for every point: the planner's for the smallest size at the
+    # smallest budget. Per-size settings (each size's own smallest budget) gave the larger
+    # sizes 2-4x larger batches, so 4-16x fewer steps, and at these scales the step count
+    # moved the loss more than the size did (CPU capstone, 2026-11-24: a came out 0.07).
+    common = size_settings(cfg, points[0].shape, points[0].budget)
+    for p in points:
+        p.settings = common
         p.steps = max(1, round(p.budget / p.flops_per_step))
         if p.steps <= p.settings.warmup_steps:
             raise ConfigError(f"{p.name} gets {p.steps} steps, no more than its {p.settings.warmup_steps} warmup steps; "

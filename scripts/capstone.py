@@ -25,8 +25,12 @@ Grid choice (made from --estimate before any held-out result; do not tune it aft
 - sweep.schedule=wsd (constant LR, last 20% decayed linearly): one trunk per size gives
   every smaller budget's point as a cooldown branch (Hagele et al. 2024), so sizes that
   recur across budgets cost one run.
-- Every size keeps one LR/batch/warmup at every budget (the planner's at its smallest
-  budget); the held-out run gets the planner's at its own budget and the same schedule.
+- Every point, and the held-out run, trains with one LR, batch and warmup (the planner's
+  for the smallest size at the smallest budget) and the same schedule. The first full run
+  (2026-11-24) gave each size the planner's settings at its own smallest budget: larger
+  sizes got 2-4x larger batches and 4-16x fewer steps, the 3e12 profile's minimum fell on
+  its smallest size and a came out 0.07. That was seen in the sweep, before the held-out
+  run trained; the held-out run was stopped, this rule changed, and the capstone rerun.
 """
 
 from __future__ import annotations
@@ -75,12 +79,12 @@ def sweep_overrides(spec: dict, out: Path) -> list[str]:
 
 
 def held_out_point(spec: dict, out: Path, n_target: float) -> sweep.Point:
-    """The family shape nearest n_target at 10x the largest budget, with the planner's
-    settings at that budget and the sweep's schedule."""
+    """The family shape nearest n_target at 10x the largest budget, trained exactly as the
+    sweep's points are: the sweep's one LR, batch and warmup, and its schedule."""
     cfg = load_config(sweep_overrides(spec, out))
     c = HELD_OUT_FACTOR * max(spec["budgets"])
     shape = min(sweep.sweep_shapes(cfg), key=lambda s: abs(math.log(s.num_params() / n_target)))
-    point = sweep.Point(c, shape, schedule=cfg.sweep.schedule, settings=sweep.size_settings(cfg, shape, c))
+    point = sweep.Point(c, shape, schedule=cfg.sweep.schedule, settings=sweep.grid(cfg)[0].settings)
     point.steps = max(1, round(c / point.flops_per_step))
     return point
 

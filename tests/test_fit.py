@@ -557,3 +557,13 @@ def test_an_unpinned_bootstrap_coefficient_is_infinite_not_an_overflow():
     law = _theta_to_law(np.array([1000.0, 2.0, 0.5, 0.3, 0.4]))  # log A, log B, log E, alpha, beta
     assert law.A == float("inf") and law.B == pytest.approx(math.exp(2.0)) and law.E == pytest.approx(math.exp(0.5))
     assert law.loss(1e6, 1e9) == float("inf")
+
+
+def test_prediction_interval_with_an_unpinned_resample_is_never_nan():
+    from picollm.fit import predict_loss
+
+    law = ScalingLaw(E=1.7, A=400.0, alpha=0.34, B=410.0, beta=0.28)
+    samples = np.array([[1.7, 400.0, 0.34, 410.0, 0.28]] * 99 + [[1.7, np.inf, 60.0, 410.0, 0.28]])  # inf / inf
+    out = predict_loss(law, 1e6, 2e7, samples=samples)
+    assert not any(math.isnan(v) for v in (*out["interval"], *out["mean_interval"]))
+    assert out["mean_interval"][0] == pytest.approx(law.loss(1e6, 2e7))
