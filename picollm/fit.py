@@ -395,11 +395,27 @@ def holdout_calibration(n_params, n_tokens, losses, holdout_fraction: float, boo
 # ---------------------------------------------------------------- IsoFLOP fit
 
 
+@dataclass
 class _Frontier:
     """N_opt(C) and D_opt(C) as power laws in log10 space, shared by Approaches 1 and 2.
 
     `samples` (when bootstrapped) holds one row (a, n_coef, b, d_coef) per resample.
     """
+
+    compute: np.ndarray  # the compute values the frontier points sit at
+    n_opt: np.ndarray
+    d_opt: np.ndarray
+    loss_opt: np.ndarray
+    a: float
+    b: float
+    n_coef: float
+    d_coef: float
+    a_interval: tuple[float, float]
+    b_interval: tuple[float, float]
+    interval_method: str
+    curves: list[dict] = field(default_factory=list)  # Approach 2: per budget; Approach 1: per run
+    warnings: list[str] = field(default_factory=list)
+    samples: np.ndarray | None = None  # bootstrap rows (a, n_coef, b, d_coef)
 
     def predict_n(self, compute):
         """Compute-optimal parameter count at `compute` from the fitted power law."""
@@ -427,21 +443,6 @@ class IsoFlopResult(_Frontier):
     log10 D_opt = b log10 C + d_coef. Intervals are 95%; `interval_method` says whether
     they come from the regression's standard errors (Student t) or a bootstrap.
     """
-
-    compute: np.ndarray  # budgets that gave a usable parabola
-    n_opt: np.ndarray
-    d_opt: np.ndarray
-    loss_opt: np.ndarray
-    a: float
-    b: float
-    n_coef: float
-    d_coef: float
-    a_interval: tuple[float, float]
-    b_interval: tuple[float, float]
-    interval_method: str
-    curves: list[dict] = field(default_factory=list)  # per budget: data, parabola, flags
-    warnings: list[str] = field(default_factory=list)
-    samples: np.ndarray | None = None  # bootstrap rows (a, n_coef, b, d_coef)
 
 
 def _group_budgets(compute: np.ndarray, rtol: float = 1e-6) -> list[np.ndarray]:
@@ -598,21 +599,7 @@ class EnvelopeResult(_Frontier):
     over runs (grid points of one staircase are not independent, so no regression error).
     """
 
-    compute: np.ndarray
-    n_opt: np.ndarray
-    d_opt: np.ndarray
-    loss_opt: np.ndarray
-    winners: list  # run id attaining the envelope at each grid point
-    a: float
-    b: float
-    n_coef: float
-    d_coef: float
-    a_interval: tuple[float, float]
-    b_interval: tuple[float, float]
-    interval_method: str
-    curves: list[dict] = field(default_factory=list)  # per run: id, n_params, compute, losses
-    warnings: list[str] = field(default_factory=list)
-    samples: np.ndarray | None = None  # bootstrap rows (a, n_coef, b, d_coef)
+    winners: list = field(default_factory=list)  # run id attaining the envelope at each grid point
 
 
 def _training_curves(n, d, c, l, run_ids) -> tuple[list[dict], list[str]]:
