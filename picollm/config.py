@@ -149,11 +149,19 @@ class WandbSchema:
 
 @dataclass
 class PlanSchema:
+    """The run plan (python -m picollm.plan) and the law the run's report judges its loss by."""
     format: str = "text"  # text | json
-    # Calculator views (pure arithmetic; see picollm/plan.py): card | compute | time | params | inference
-    view: str = "card"
-    law: str = "epoch"  # the fitted law judging losses: epoch | chinchilla
-    gpu: Optional[str] = None  # a name from scaling.GPU_PEAK_FLOPS; unset: this machine, probed
+    law: str = "epoch"  # the fitted law the report predicts the run's loss with: epoch | chinchilla | PATH
+
+
+@dataclass
+class CalcSchema:
+    """The calculator (python -m picollm.calculator): arithmetic on the scaling laws, no run.
+    Its budget comes from the budget group (budget.compute, budget.params, tokens_per_param)."""
+    view: Optional[str] = None  # compute | time | params | inference
+    format: str = "text"  # text | json
+    law: str = "epoch"  # the fitted law judging losses: epoch | chinchilla | PATH to a sweep's summary.json
+    gpu: Optional[str] = None  # a name from hardware.GPU_PEAKS; unset: this machine, probed
     n_gpus: int = 1
     hours: Optional[float] = None  # wall-clock budget of the time view
     mfu: float = 0.4  # model FLOPs utilisation assumed on the named GPU
@@ -193,6 +201,7 @@ class Config:
     sample: SampleSchema = field(default_factory=SampleSchema)
     wandb: WandbSchema = field(default_factory=WandbSchema)
     plan: PlanSchema = field(default_factory=PlanSchema)
+    calc: CalcSchema = field(default_factory=CalcSchema)
     sweep: SweepSchema = field(default_factory=SweepSchema)
     extra: Any = None  # free-form slot for experiment notes
 
@@ -215,9 +224,9 @@ _register()
 Rule = Callable[[str, Any], Optional[str]]
 
 # Kept here so composing a config needs no torch; tests/test_config.py checks they match
-# picollm.model.ARCHS and picollm.plan.VIEWS.
+# picollm.model.ARCHS and picollm.calculator.VIEWS.
 ARCHS = ("llama", "gpt2")
-PLAN_VIEWS = ("card", "compute", "time", "params", "inference")
+CALC_VIEWS = ("compute", "time", "params", "inference")
 
 
 def _or_list(choices) -> str:
@@ -367,15 +376,17 @@ RULES: dict[str, Rule] = {
     "sample.seed": SEED,
     "wandb.mode": one_of("disabled", "offline", "online"),
     "plan.format": one_of("text", "json"),
-    "plan.view": one_of(*PLAN_VIEWS),
     "plan.law": _lazy_one_of("picollm.scaling", "LAWS", path="a path to a fitted law's JSON (a sweep's summary.json)"),
-    "plan.gpu": _lazy_one_of("picollm.scaling", "GPU_PEAK_FLOPS", nullable=True),
-    "plan.n_gpus": at_least(1),
-    "plan.hours": positive(nullable=True),
-    "plan.mfu": number(0, 1, lo_open=True, text="in (0, 1], e.g. 0.4 for 40%"),
-    "plan.price_per_hour": at_least(0, nullable=True),
-    "plan.inference_tokens": at_least(0, nullable=True),
-    "plan.target_loss": positive(nullable=True),
+    "calc.view": one_of(*CALC_VIEWS, nullable=True),
+    "calc.format": one_of("text", "json"),
+    "calc.law": _lazy_one_of("picollm.scaling", "LAWS", path="a path to a fitted law's JSON (a sweep's summary.json)"),
+    "calc.gpu": _lazy_one_of("picollm.hardware", "GPU_PEAKS", nullable=True),
+    "calc.n_gpus": at_least(1),
+    "calc.hours": positive(nullable=True),
+    "calc.mfu": number(0, 1, lo_open=True, text="in (0, 1], e.g. 0.4 for 40%"),
+    "calc.price_per_hour": at_least(0, nullable=True),
+    "calc.inference_tokens": at_least(0, nullable=True),
+    "calc.target_loss": positive(nullable=True),
     "sweep.budgets": each(positive()),
     "sweep.sizes": at_least(1),
     "sweep.span": number(1, lo_open=True),
@@ -417,7 +428,23 @@ def unknown_keys(node: Any, schema: type = None, prefix: str = "") -> list[str]:
     return found
 
 
-def _unknown_key_message(key: str) -> str:
+# The calculator's settings that left the plan group for its own (calc.*), and the command
+# that takes them now: an old command line is pointed there instead of refused as a typo.
+MOVED_TO_CALC = ("view", "gpu", "n_gpus", "hours", "mfu", "price_per_hour", "inference_tokens", "target_loss")
+
+
+def _moved_to_calc_message(key: str, value: Optional[str]) -> Optional[str]:
+    group, _, name = key.partition(".")
+    if group != "plan" or name not in MOVED_TO_CALC:
+        return None
+    return (f"{key} is a setting of the calculator now, not of the run plan; run "
+            f"`python -m picollm.calculator calc.{name}={'...' if value is None else value}` instead.")
+
+
+def _unknown_key_message(key: str, value: Optional[str] = None) -> str:
+    moved = _moved_to_calc_message(key, value)
+    if moved:
+        return moved
     parent, _, name = key.rpartition(".")
     schema = Config
     for part in filter(None, parent.split(".")):
@@ -435,7 +462,8 @@ def _hydra_message(err: Exception) -> str:
     text = str(err).strip()
     unknown = re.match(r"Could not override '([^']+)'", text)
     if unknown:
-        return _unknown_key_message(unknown.group(1))
+        value = re.search(r"use \+" + re.escape(unknown.group(1)) + r"=(\S*)", text)  # Hydra's own hint
+        return _unknown_key_message(unknown.group(1), value.group(1) if value else None)
     text = text.split("\nConfig search path:")[0]
     lines = [line for line in text.splitlines() if not re.fullmatch(r"\s+\w+_schema", line)]
     lead, detail = lines[0], "\n".join(lines[1:]).strip("\n")

@@ -11,27 +11,50 @@ import functools
 import os
 import time
 from dataclasses import dataclass, replace
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import torch
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 
-# Dense (no sparsity) tensor-core peaks in FLOP/s, by a substring of the device name.
-# bf16 where the GPU has it; fp16 for Volta/Turing, which have no bf16 units.
-GPU_PEAKS = [
-    ("H200", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
-    ("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12}),
-    ("H100", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
-    ("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}),
-    ("L40S", {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12}),
-    ("L4", {"bf16": 121e12, "fp16": 121e12, "fp32": 30e12}),
-    ("A10", {"bf16": 125e12, "fp16": 125e12, "fp32": 31e12}),
-    ("RTX 4090", {"bf16": 165e12, "fp16": 165e12, "fp32": 82.6e12}),
-    ("RTX 3090", {"bf16": 71e12, "fp16": 71e12, "fp32": 35.6e12}),
-    ("V100", {"fp16": 125e12, "fp32": 15.7e12}),
-    ("T4", {"fp16": 65e12, "fp32": 8.1e12}),
-]
+class GpuSpec(NamedTuple):
+    device_name: str  # a substring of torch.cuda.get_device_name() that identifies the GPU
+    peaks: dict  # dtype -> dense peak FLOP/s
+
+
+# The one GPU peak table: dense (no 2:4 sparsity) tensor-core FLOP/s from the vendor's
+# datasheets, by the name the calculator takes (calc.gpu=...). bf16 where the GPU has it;
+# fp16 for Volta/Turing, which have no bf16 units; fp32 is the plain (non-tensor) rate.
+# A device takes the first entry whose device_name its name contains, so every name that is
+# a prefix of another comes after it (H100 PCIe before H100, A100 and A10G before A10,
+# L40S and L40 before L4).
+GPU_PEAKS: dict[str, GpuSpec] = {
+    "h200": GpuSpec("H200", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),  # SXM: the H100 SXM's compute
+    "h100-pcie": GpuSpec("H100 PCIe", {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12}),
+    "h100-sxm": GpuSpec("H100", {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12}),
+    "a100": GpuSpec("A100", {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12}),
+    # AWS G5's A10G has no NVIDIA datasheet; AWS and its users quote 70 TFLOP/s of tensor
+    # compute and 35 of fp32, the A10's 125 and 31.2 shifted from tensor to CUDA cores.
+    "a10g": GpuSpec("A10G", {"bf16": 70e12, "fp16": 70e12, "fp32": 35e12}),
+    "a10": GpuSpec("A10", {"bf16": 125e12, "fp16": 125e12, "fp32": 31.2e12}),
+    "l40s": GpuSpec("L40S", {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12}),
+    "l40": GpuSpec("L40", {"bf16": 181e12, "fp16": 181e12, "fp32": 90.5e12}),
+    "l4": GpuSpec("L4", {"bf16": 121e12, "fp16": 121e12, "fp32": 30.3e12}),
+    "rtx4090": GpuSpec("RTX 4090", {"bf16": 165e12, "fp16": 165e12, "fp32": 82.6e12}),  # fp32 accumulate
+    "rtx3090": GpuSpec("RTX 3090", {"bf16": 71e12, "fp16": 71e12, "fp32": 35.6e12}),  # fp32 accumulate
+    "v100": GpuSpec("V100", {"fp16": 125e12, "fp32": 15.7e12}),  # SXM2
+    "t4": GpuSpec("T4", {"fp16": 65e12, "fp32": 8.1e12}),
+}
+
+# Each calc.gpu's peak in the dtype it trains in: bf16 where it has it, else fp16.
+GPU_PEAK_FLOPS: dict[str, float] = {name: spec.peaks.get("bf16", spec.peaks.get("fp16")) for name, spec in GPU_PEAKS.items()}
+
+
+def published_peak(device_name: str, dtype: str) -> Optional[float]:
+    """The datasheet peak of ``dtype`` on the GPU torch calls ``device_name``; None when
+    the table has no such GPU or dtype."""
+    spec = next((s for s in GPU_PEAKS.values() if s.device_name in device_name), None)
+    return spec.peaks.get(dtype) if spec else None
 
 
 @dataclass
@@ -135,7 +158,7 @@ def with_dtype(info: DeviceInfo, dtype: str, reason: str, measure: bool = True) 
         if source == "given":
             pass
         elif info.is_cuda:
-            peak = next((p.get(dtype) for key, p in GPU_PEAKS if key in info.name), None)
+            peak = published_peak(info.name, dtype)
             source = "published" if peak else "unknown"
         elif measure and source in ("measured", "pending"):
             peak, source = measure_matmul_peak(dtype), "measured"
@@ -188,7 +211,7 @@ def describe(device_name: str = "auto", dtype: str = "auto", measure: bool = Tru
         return DeviceInfo(device, name, dt, float(peak_flops), "given", available_memory(device), why, pending)
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
-        peak = next((p.get(dt) for key, p in GPU_PEAKS if key in name), None)
+        peak = published_peak(name, dt)
         source = "published" if peak else "unknown"
     elif pending:
         name, peak, source = _cpu_name(), None, "pending" if measure else "unknown"

@@ -13,6 +13,8 @@ Rules (README "How N and D are derived"):
   optimal hyperparameter fits of DeepSeek LLM, Bi et al. 2024), LR capped at 3e-3; batch
   rounded to a power of two in sequences and halved while the run would have < 50 steps.
 - Warmup: warmup_frac of the steps. Cosine decay to min_lr_ratio * peak at the last step.
+The scaling-law arithmetic for other budgets (compute, time, params, inference views) is the
+calculator's: python -m picollm.calculator.
 """
 
 from __future__ import annotations
@@ -368,7 +370,7 @@ HARMLESS = ("train.eval_every", "train.save_every", "train.save_at", "train.log_
             "run_dir", "budget.probe_seconds", "data.cache_dir", "extra", "train.max_bad_steps", "train.on_bad_steps",
             "train.rollback_lr_scale", "train.max_rollbacks", "train.spike_sigmas", "train.inject_nan_loss",
             "train.inject_inf_grad", "train.peak_flops", "train.report", "train.parallel",
-            "sweep")  # the sweep's own settings never change a run
+            "sweep", "calc")  # the sweep's and the calculator's own settings never change a run
 
 
 def _strip_harmless(container: dict, ignore=HARMLESS) -> dict:
@@ -637,181 +639,6 @@ def _planner_device(cfg: DictConfig, measure: bool = True):
                              decide_dtype_later=True)
 
 
-# ---------------------------------------------------------------- calculator views
-# python -m picollm.plan plan.view=compute|time|params|inference: pure arithmetic on the
-# scaling laws (scaling.py); only plan.view=time without plan.gpu probes this machine.
-
-VIEWS = ("card", "compute", "time", "params", "inference")
-
-
-def _law(cfg: DictConfig):
-    """(label, law) of plan.law: a named law or a sweep's summary.json."""
-    from picollm.scaling import load_law
-
-    try:
-        return load_law(cfg.plan.law)
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-
-
-def _gpu_peak(name: str) -> float:
-    from picollm.scaling import GPU_PEAK_FLOPS
-
-    if name not in GPU_PEAK_FLOPS:
-        raise ConfigError(f"plan.gpu={name!r} is unknown; use one of {', '.join(GPU_PEAK_FLOPS)}.")
-    return GPU_PEAK_FLOPS[name]
-
-
-def _need(value, name: str, example: str):
-    if value is None:
-        raise ConfigError(f"{name} is not set; this view needs it, e.g. {example}.")
-    if not value > 0:
-        raise ConfigError(f"{name}={value} must be positive.")
-    return float(value)
-
-
-def _gpu_time(cfg: DictConfig, compute: float) -> dict:
-    """Seconds and cost of `compute` FLOPs on the named GPU(s), when one is named."""
-    from picollm.scaling import compute_for_time, cost
-
-    p = cfg.plan
-    if p.gpu is None:
-        return {}
-    peak = _gpu_peak(p.gpu)
-    per_second = compute_for_time(1.0, peak, p.mfu, p.n_gpus)  # validates mfu and n_gpus
-    seconds = compute / per_second
-    out = {"gpu": p.gpu, "n_gpus": p.n_gpus, "mfu": p.mfu, "seconds": seconds}
-    if p.price_per_hour is not None:
-        out["cost"] = cost(seconds, p.price_per_hour, p.n_gpus)
-    return out
-
-
-def compute_view(cfg: DictConfig, compute: Optional[float] = None) -> dict:
-    """Chinchilla-20 vs the named law's optimum vs Kaplan at one compute budget."""
-    from picollm.scaling import compare_allocations
-
-    c = compute if compute is not None else _need(cfg.budget.compute, "budget.compute", "budget.compute=1e18")
-    label, law = _law(cfg)
-    return {"view": "compute", "compute": c, "law": label, "rows": compare_allocations(c, law, label)}
-
-
-def time_view(cfg: DictConfig, measure_flops: Optional[Callable] = None) -> dict:
-    """Compute from wall time on a named GPU (or this machine, probed), then the compute view."""
-    from picollm.scaling import compute_for_time, cost
-
-    p = cfg.plan
-    if p.gpu is not None:
-        hours = _need(p.hours, "plan.hours", "plan.hours=24")
-        seconds = hours * 3600
-        c = compute_for_time(seconds, _gpu_peak(p.gpu), p.mfu, p.n_gpus)
-        source = {"gpu": p.gpu, "n_gpus": p.n_gpus, "mfu": p.mfu, "peak_flops": _gpu_peak(p.gpu)}
-    else:  # this machine: the plan's throughput probe, as budget.minutes does
-        minutes = p.hours * 60 if p.hours is not None else cfg.budget.minutes
-        minutes = _need(minutes, "plan.hours (or budget.minutes)", "plan.hours=1, or plan.gpu=h100-sxm plan.hours=24")
-        c2 = OmegaConf.create(OmegaConf.to_container(cfg))  # a writable copy
-        c2.budget.minutes = minutes
-        plan = make_plan(c2, _planner_device(cfg, measure=measure_flops is None), measure_flops=measure_flops or _probe(c2),
-                         measure_dtypes=None if measure_flops else _dtype_probe)
-        rate = plan.compute / plan.est_seconds
-        seconds = minutes * 60
-        hours, c = seconds / 3600, rate * seconds
-        source = {"machine": plan.device, "measured_flops": rate}
-    out = compute_view(cfg, c)
-    out.update(view="time", hours=hours, **source)
-    if p.price_per_hour is not None:
-        out["cost"] = cost(seconds, p.price_per_hour, p.n_gpus)
-    return out
-
-
-def params_view(cfg: DictConfig) -> dict:
-    """D = r N and C = 6 N D for a parameter count, with GPU time and cost when a GPU is named."""
-    n = _need(cfg.budget.params, "budget.params", "budget.params=1e9")
-    r = cfg.budget.tokens_per_param
-    d = r * n
-    return {"view": "params", "n_params": n, "tokens_per_param": r, "n_tokens": d, "compute": 6 * n * d,
-            **_gpu_time(cfg, 6 * n * d)}
-
-
-def inference_view(cfg: DictConfig) -> dict:
-    """Compute-optimal vs inference-optimal sizing for a loss and a lifetime of served tokens."""
-    from picollm.scaling import inference_optimal
-
-    law, p = _law(cfg)[1], cfg.plan
-    tokens = p.inference_tokens
-    if tokens is None or tokens < 0:
-        raise ConfigError("plan.inference_tokens must be set to the tokens served (>= 0), e.g. plan.inference_tokens=1e12.")
-    if p.target_loss is not None and cfg.budget.compute is not None:
-        raise ConfigError("plan.target_loss and budget.compute both set the loss target; set only one.")
-    if p.target_loss is not None:
-        loss = float(p.target_loss)
-    elif cfg.budget.compute is not None:
-        loss = law.optimal_loss(_need(cfg.budget.compute, "budget.compute", "budget.compute=1e21"))
-    else:
-        raise ConfigError("the inference view needs a target: plan.target_loss=L or budget.compute=C "
-                          "(the loss of the compute-optimal model at C).")
-    try:
-        rows = []
-        for rule, served in (("compute-optimal", 0.0), ("inference-optimal", float(tokens))):
-            n, d = inference_optimal(law, loss, served)
-            rows.append({"rule": rule, "n_params": n, "n_tokens": d, "tokens_per_param": d / n,
-                         "train_compute": 6 * n * d, "lifetime_compute": 6 * n * d + 2 * n * tokens})
-    except ValueError as err:
-        raise ConfigError(str(err)) from None
-    saved = 1 - rows[1]["lifetime_compute"] / rows[0]["lifetime_compute"]
-    return {"view": "inference", "law": p.law, "target_loss": loss, "inference_tokens": float(tokens),
-            "rows": rows, "lifetime_savings": saved}
-
-
-def calculator(cfg: DictConfig, measure_flops: Optional[Callable] = None) -> dict:
-    """The result of plan.view (any view but card) as a dict."""
-    view = cfg.plan.view
-    if view == "compute":
-        return compute_view(cfg)
-    if view == "time":
-        return time_view(cfg, measure_flops)
-    if view == "params":
-        return params_view(cfg)
-    if view == "inference":
-        return inference_view(cfg)
-    raise ConfigError(f"plan.view={view!r} is unknown; use one of {', '.join(VIEWS)}.")
-
-
-def _table(rows: list[dict], cols: list[tuple[str, str, Callable]]) -> list[str]:
-    cells = [[head for head, _, _ in cols]] + [[fmt(r[key]) for _, key, fmt in cols] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(cols))]
-    return ["  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells]
-
-
-def format_view(res: dict) -> str:
-    """A readable rendering of a calculator result."""
-    v, lines = res["view"], []
-    money = lambda x: f"{x:,.2f}"
-    if v in ("compute", "time"):
-        if v == "time":
-            where = (f"{res['n_gpus']} x {res['gpu']} at {res['mfu']:.0%} MFU" if "gpu" in res
-                     else f"{res['machine']} at a measured {res['measured_flops'] / 1e9:.3g} GFLOP/s")
-            lines.append(f"{res['hours']:g} h on {where} -> C = {res['compute']:.3e} FLOPs"
-                         + (f", cost {money(res['cost'])}" if "cost" in res else ""))
-        lines.append(f"compute C = {res['compute']:.3e} FLOPs; losses predicted by the {res['law']} law")
-        lines += _table(res["rows"], [("rule", "rule", str), ("N", "n_params", _si), ("D", "n_tokens", _si),
-                                      ("D/N", "tokens_per_param", lambda x: f"{x:.1f}"),
-                                      ("loss", "loss", lambda x: f"{x:.4f}")])
-    elif v == "params":
-        lines.append(f"N = {_si(res['n_params'])}  D = {res['tokens_per_param']:g} N = {_si(res['n_tokens'])}  "
-                     f"C = 6ND = {res['compute']:.3e} FLOPs")
-        if "gpu" in res:
-            lines.append(f"time on {res['n_gpus']} x {res['gpu']} at {res['mfu']:.0%} MFU: {_duration(res['seconds'])}"
-                         + (f", cost {money(res['cost'])}" if "cost" in res else ""))
-    elif v == "inference":
-        lines.append(f"target loss {res['target_loss']:.4f} ({res['law']} law), serving {res['inference_tokens']:.3g} tokens")
-        lines += _table(res["rows"], [("rule", "rule", str), ("N", "n_params", _si), ("D", "n_tokens", _si),
-                                      ("D/N", "tokens_per_param", lambda x: f"{x:.1f}"),
-                                      ("train C", "train_compute", lambda x: f"{x:.3e}"),
-                                      ("lifetime C", "lifetime_compute", lambda x: f"{x:.3e}")])
-        lines.append(f"lifetime compute saved by the inference-optimal model: {res['lifetime_savings']:.1%}")
-    return "\n".join(lines)
-
-
 def plan_from_config(cfg: DictConfig) -> Plan:
     """The plan a single-process command works from: the run's own (reused or recorded
     in run_dir) when run_dir is set, else a fresh one, probing for budget.minutes."""
@@ -829,10 +656,6 @@ def main(argv: Optional[list] = None) -> None:
                           "usage: python -m picollm.plan [overrides...]  (plan.format=json for JSON only)")
     try:
         cfg = load_config(overrides)
-        if cfg.plan.view != "card":  # a calculator view: arithmetic, no run plan
-            res = calculator(cfg)
-            print(json.dumps(res, indent=2) if cfg.plan.format == "json" else format_view(res))
-            return
         plan = plan_from_config(cfg)
     except (ConfigError, ValueError) as err:
         raise SystemExit(f"error: {err}")

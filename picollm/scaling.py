@@ -227,23 +227,6 @@ def kaplan_optimal(compute: float) -> tuple[float, float]:
     return n, compute / (6.0 * n)
 
 
-# Dense (no 2:4 sparsity) peak tensor-core FLOP/s from vendor datasheets, in the training
-# dtype each card supports: bf16 where it exists, else fp16 (T4, V100 have no bf16).
-# MFU must be measured against the peak of the dtype actually used.
-GPU_PEAK_FLOPS: dict[str, float] = {
-    "h100-sxm": 989e12,  # bf16
-    "h100-pcie": 756e12,  # bf16
-    "h200": 989e12,  # bf16 (SXM; same compute as H100 SXM)
-    "a100": 312e12,  # bf16
-    "a10g": 70e12,  # bf16; AWS G5 variant, no public NVIDIA datasheet (A10 is 125e12)
-    "l4": 121e12,  # bf16
-    "t4": 65e12,  # fp16
-    "v100": 125e12,  # fp16 (SXM2)
-    "rtx4090": 165e12,  # bf16 with fp32 accumulate
-    "rtx3090": 71e12,  # bf16 with fp32 accumulate
-}
-
-
 def compute_for_time(seconds: float, peak_flops: float, mfu: float, n_gpus: int = 1) -> float:
     """Model FLOPs a run achieves: wall time * peak * MFU * number of GPUs."""
     if not 0 < mfu <= 1:

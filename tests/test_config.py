@@ -121,9 +121,9 @@ def test_fsdp_refuses_fp16_loss_scaling():
     ("sample.max_tokens=0", "sample.max_tokens=0 must be at least 1."),
     ("wandb.mode=onlin", "wandb.mode='onlin' is unknown; use disabled, offline or online."),
     ("plan.format=yaml", "plan.format='yaml' is unknown; use text or json."),
-    ("plan.view=cards", "plan.view='cards' is unknown; use card, compute, time, params or inference."),
+    ("calc.view=cards", "calc.view='cards' is unknown; use compute, time, params or inference."),
     ("plan.law=kaplan", "plan.law='kaplan' is not chinchilla or epoch and no such path exists;"),
-    ("plan.mfu=1.5", "plan.mfu=1.5 must be in (0, 1], e.g. 0.4 for 40%."),
+    ("calc.mfu=1.5", "calc.mfu=1.5 must be in (0, 1], e.g. 0.4 for 40%."),
     ("sweep.budgets=[1e12,-3]", "sweep.budgets[1]=-3.0 must be positive."),
     ("sweep.span=1", "sweep.span=1.0 must be above 1."),
 ])
@@ -145,7 +145,7 @@ def test_values_inside_the_ranges_pass(tmp_path):
     law.write_text("{}")
     cfg = load_config(["train.device=cuda:3", "train.warmup_frac=0", "train.min_lr_ratio=1", "train.grad_clip=0",
                        "train.seed=0", "sample.temperature=0", "sample.top_k=null", "data.val_fraction=0.5",
-                       f"plan.law={law}", f"train.resume={law}", "train.warmup_steps=0", "plan.gpu=a100"])
+                       f"plan.law={law}", f"train.resume={law}", "train.warmup_steps=0", "calc.gpu=a100"])
     assert cfg.train.device == "cuda:3" and cfg.plan.law == str(law) and cfg.sample.top_k is None
 
 
@@ -172,8 +172,8 @@ def test_every_numeric_field_has_a_rule():
 
 
 def test_enumerations_match_the_modules_that_use_them():
-    from picollm import config, model, plan
-    assert config.ARCHS == model.ARCHS and config.PLAN_VIEWS == plan.VIEWS
+    from picollm import calculator, config, model
+    assert config.ARCHS == model.ARCHS and config.CALC_VIEWS == calculator.VIEWS
 
 
 def test_every_shipped_preset_and_experiment_composes():

@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 from scipy.optimize import brentq
 
+from picollm.hardware import GPU_PEAK_FLOPS
 from picollm.scaling import (
     CHINCHILLA,
     EPOCH,
-    GPU_PEAK_FLOPS,
     LAWS,
     ScalingLaw,
     chinchilla_optimal,
