@@ -13,7 +13,8 @@ Rules (README "How N and D are derived"):
   optimal hyperparameter fits of DeepSeek LLM, Bi et al. 2024), LR capped at 3e-3; batch
   rounded to a power of two in sequences and halved while the run would have < 50 steps.
 - Warmup: warmup_frac of the steps. Cosine decay to min_lr_ratio * peak at the last step.
-The scaling-law arithmetic for other budgets (compute, time, params, inference views) is the
+make_plan runs these as named steps (docs/conventions.md, "The plan's derivations"). The
+scaling-law arithmetic for other budgets (compute, time, params, inference views) is the
 calculator's: python -m picollm.calculator.
 """
 
@@ -40,7 +41,12 @@ from picollm.scaling import chinchilla_optimal
 # n_vocab of tiktoken's named encodings, so planning never needs their files.
 NAMED_VOCABS = {"gpt2": 50257, "r50k_base": 50257, "p50k_base": 50281, "cl100k_base": 100277,
                 "o200k_base": 200019}
-LR_CAP = 3e-3
+# The global batch and the peak LR follow the compute-optimal hyperparameter fits of DeepSeek
+# LLM (Bi et al. 2024, arXiv:2401.02954, §3.1), power laws in the compute budget C in FLOPs:
+#   B_opt = 0.2920 · C^0.3271 tokens        eta_opt = 0.3118 · C^−0.1250
+DEEPSEEK_BATCH_COEF, DEEPSEEK_BATCH_EXP = 0.292, 0.3271
+DEEPSEEK_LR_COEF, DEEPSEEK_LR_EXP = 0.3118, -0.125
+LR_CAP = 3e-3  # small budgets: the LR fit extrapolates far below the compute DeepSeek measured
 MIN_STEPS = 50
 ASSUMED_MFU = {"cuda": 0.35, "cpu": 0.3}  # for the wall-clock estimate when nothing was measured
 UNMEASURED_PEAK = {"cuda": 1e14, "cpu": 1e11}  # the first guess of budget.minutes when no peak is known yet
@@ -62,10 +68,15 @@ def vocab_size_for(tok: DictConfig) -> int:
     return NAMED_VOCABS[tok.name]
 
 
+def shape_kwargs(m: DictConfig, vocab_size: int) -> dict:
+    """The GPTConfig arguments the model group gives every shape; only the size varies."""
+    return dict(seq_len=m.seq_len, vocab_size=vocab_size, arch=m.arch, mlp_hidden=m.mlp_hidden,
+                qk_norm=m.qk_norm, rope_theta=m.rope_theta)
+
+
 def model_config(m: DictConfig, vocab_size: int, depth: Optional[int] = None) -> GPTConfig:
     """GPTConfig from the model group: explicit n_layer/d_model, or one depth knob."""
-    common = dict(seq_len=m.seq_len, vocab_size=vocab_size, arch=m.arch, mlp_hidden=m.mlp_hidden,
-                  qk_norm=m.qk_norm, rope_theta=m.rope_theta)
+    common = shape_kwargs(m, vocab_size)
     try:
         if depth is None and m.n_layer is not None:
             if m.d_model is None:
@@ -234,7 +245,7 @@ class Plan:
 def make_plan(cfg: DictConfig, device_info, world_size: int = 1,
               measure_flops: Optional[Callable] = None, measure_dtypes: Optional[Callable] = None,
               startup_seconds: float = 0.0, clock: Callable[[], float] = time.perf_counter) -> Plan:
-    """Resolve the budget into a full plan.
+    """Resolve the budget into a full plan (docs/conventions.md, "The plan's derivations").
 
     ``measure_flops(gpt_cfg, micro_batch, device_info)`` returns achieved training FLOP/s
     on this machine in ``device_info.dtype``; budget.minutes needs it.
@@ -243,124 +254,41 @@ def make_plan(cfg: DictConfig, device_info, world_size: int = 1,
     (``device_info.dtype_pending``), else the CPU-flag guess stands.
     ``startup_seconds``: what this process spent before planning, taken out of budget.minutes
     with the probes' own time (read from ``clock``)."""
-    b, t = cfg.budget, cfg.train
+    t = cfg.train
     vocab = vocab_size_for(cfg.tokenizer)
-    chosen = [k for k in ("compute", "params", "tokens", "minutes") if b[k] is not None]
-    if len(chosen) > 1:
-        raise ConfigError(f"budget sets {' and '.join('budget.' + k for k in chosen)}; set only one of them.")
-    for k in chosen:
-        if not b[k] > 0:
-            raise ConfigError(f"budget.{k}={b[k]} must be positive.")
-    if b.tokens_per_param <= 0:
-        raise ConfigError(f"budget.tokens_per_param={b.tokens_per_param} must be positive.")
-    r = b.tokens_per_param
-    explicit = model_is_explicit(cfg.model)
-    measured_rate, time_budget = None, None
-    probe_seconds = {"dtype": 0.0, "throughput": 0.0}
-    # The probe measures one process. GPUs add up; CPU processes share one machine's cores.
-    devices = world_size if device_info.is_cuda else 1
-
-    if "minutes" in chosen:
-        if measure_flops is None:
-            raise ConfigError("budget.minutes needs a throughput probe on this machine; run it through picollm.train or picollm.plan.")
-        seconds = 60.0 * b.minutes
-        # First guess from the peak, then re-measure on the chosen shape until it settles.
-        # The probe runs what training will run: the same micro-batch and dtype.
-        rate = devices * (device_info.peak_flops or UNMEASURED_PEAK[device_info.device.type]) * ASSUMED_MFU[device_info.device.type]
-        gcfg, tried = None, set()
-        for _ in range(3):
-            guess = model_config(cfg.model, vocab) if explicit else minutes_model(cfg.model, vocab, chinchilla_optimal(rate * seconds, r)[0])
-            if (guess.n_layer, guess.d_model) in tried:
-                break
-            tried.add((guess.n_layer, guess.d_model))
-            gcfg = guess
-            micro = _probe_micro(t, gcfg, rate * seconds, world_size, device_info)
-            device_info = _settle_dtype(device_info, gcfg, micro, measure_dtypes, probe_seconds, clock)
-            start = clock()
-            rate = devices * measure_flops(gcfg, micro, device_info)
-            probe_seconds["throughput"] += clock() - start
-            if explicit:
-                break
-        time_budget = _time_budget(seconds, startup_seconds, probe_seconds, gcfg, rate, t)
-        if not explicit:
-            gcfg = minutes_model(cfg.model, vocab, chinchilla_optimal(rate * time_budget["train_s"], r)[0])
-            time_budget = _time_budget(seconds, startup_seconds, probe_seconds, gcfg, rate, t)
-        measured_rate = rate
-        compute = rate * time_budget["train_s"]
-        n_tokens = compute / gcfg.flops_per_token()
-        budget = (f"{b.minutes:g} min, {_duration(time_budget['train_s'])} of it training at a measured "
-                  f"{rate / 1e9:.3g} GFLOP/s" + (f" ({devices} GPUs)" if devices > 1 else "") + f" -> C={compute:.3e}")
-    elif "compute" in chosen:
-        gcfg = model_config(cfg.model, vocab) if explicit else nearest_model(cfg.model, vocab, chinchilla_optimal(b.compute, r)[0])
-        n_tokens, budget = b.compute / gcfg.flops_per_token(), f"compute C={b.compute:.3e} FLOPs"
-    elif "params" in chosen:
-        if explicit:
-            raise ConfigError("budget.params picks the model size, but the model is set explicitly; drop one of them.")
-        gcfg = nearest_model(cfg.model, vocab, b.params)
-        n_tokens, budget = r * gcfg.num_params(), f"params N~{_si(b.params)}, D = {r:g} N"
-    elif "tokens" in chosen:
-        gcfg = model_config(cfg.model, vocab) if explicit else nearest_model(cfg.model, vocab, b.tokens / r)
-        n_tokens, budget = b.tokens, f"tokens D={_si(b.tokens)}"
+    kind = budget_kind(cfg.budget)
+    probes = Probes(measure_flops, measure_dtypes, clock)
+    # The model and the tokens D, by budget kind (budget.minutes also settles the dtype).
+    if kind == "minutes":
+        sizing, device_info = size_for_minutes(cfg, vocab, device_info, world_size, probes, startup_seconds)
     else:
-        if not explicit and t.steps is None:
-            raise ConfigError("no budget: set one of budget.compute, budget.params, budget.tokens, budget.minutes, "
-                              "or give an explicit model (model.depth or model.n_layer+model.d_model).")
-        gcfg = model_config(cfg.model, vocab)
-        n_tokens, budget = r * gcfg.num_params(), f"explicit model, D = {r:g} N"
-
-    fpt = gcfg.flops_per_token()
-    seq = gcfg.seq_len
-    batch_seqs = _global_batch(t, fpt * n_tokens, n_tokens, seq, world_size, minutes="minutes" in chosen)
+        sizing = SIZE_BY_BUDGET[kind](cfg, vocab)
+    gcfg = sizing.model
+    fpt, seq = gcfg.flops_per_token(), gcfg.seq_len
+    # The global batch, then D and C in whole steps of it: what the run will actually spend.
+    batch_seqs = global_batch(t, fpt * sizing.n_tokens, sizing.n_tokens, seq, world_size, minutes=kind == "minutes")
     tokens_per_step = batch_seqs * seq
-
-    if t.steps is not None:
-        if t.steps < 1:
-            raise ConfigError(f"train.steps={t.steps} must be at least 1.")
-        steps = int(t.steps)
-    else:
-        if n_tokens < tokens_per_step:
-            raise ConfigError(f"the budget gives {_si(n_tokens)} tokens, less than one step of {_si(tokens_per_step)} tokens; "
-                              "raise the budget or lower train.batch_tokens.")
-        steps = int(round(n_tokens / tokens_per_step))
+    steps = step_count(t, sizing.n_tokens, tokens_per_step)
     n_tokens = steps * tokens_per_step
     compute = fpt * n_tokens
-
     shards = world_size if t.parallel == "fsdp" else 1
-    micro, memory = _micro_batch(t, gcfg, batch_seqs // world_size, device_info, shards)
-    if device_info.dtype_pending:  # not a minutes budget: measure on the final shape and micro-batch
-        device_info = _settle_dtype(device_info, gcfg, micro, measure_dtypes, probe_seconds, clock)
-        micro, memory = _micro_batch(t, gcfg, batch_seqs // world_size, device_info, shards)
-    accum = batch_seqs // (world_size * micro)
-
-    lr = t.lr if t.lr is not None else min(LR_CAP, 0.3118 * compute ** -0.125)
-    warmup = t.warmup_steps if t.warmup_steps is not None else int(round(t.warmup_frac * steps))
-    if warmup >= steps and steps > 1:
-        raise ConfigError(f"warmup of {warmup} steps does not fit in a {steps}-step run; lower train.warmup_steps.")
-
-    if measured_rate is not None:
-        est, source = compute / measured_rate, "measured throughput"
-    elif device_info.peak_flops:
-        mfu = ASSUMED_MFU[device_info.device.type]
-        est, source = compute / (device_info.peak_flops * mfu * devices), f"assuming {mfu:.0%} MFU"
-    else:
-        est, source = float("nan"), "no peak known for this device"
-
-    every = max(1, steps // 10)
+    device_info, micro, memory = settle_micro_batch(t, gcfg, batch_seqs // world_size, device_info, shards, probes)
+    # The LR schedule: the peak from C, the warmup, the decay (schedule_label; optim.lr_at).
+    lr = peak_lr(t, compute)
+    warmup = warmup_steps(t, steps)
+    est, source = estimate_seconds(compute, sizing.measured_rate, device_info, _devices(device_info, world_size))
     return Plan(
         model=asdict(gcfg), n_params=gcfg.num_params(), n_params_total=gcfg.num_params(total=True),
         n_tokens=n_tokens, tokens_per_param=n_tokens / gcfg.num_params(), flops_per_token=fpt,
         compute=float(compute), steps=steps, tokens_per_step=tokens_per_step, batch_seqs=batch_seqs,
-        micro_batch=micro, accum_steps=accum, world_size=world_size, warmup_steps=warmup, lr=float(lr),
-        min_lr=float(lr * t.min_lr_ratio), eval_every=t.eval_every or _eval_every(steps, time_budget),
-        save_every=t.save_every or every,
-        est_seconds=float(est), est_source=source, budget=budget, device=device_info.name,
+        micro_batch=micro, accum_steps=batch_seqs // (world_size * micro), world_size=world_size,
+        warmup_steps=warmup, lr=float(lr), min_lr=float(lr * t.min_lr_ratio),
+        eval_every=t.eval_every or _eval_every(steps, sizing.time_budget), save_every=t.save_every or max(1, steps // 10),
+        est_seconds=float(est), est_source=source, budget=sizing.budget, device=device_info.name,
         dtype=device_info.dtype, peak_flops=device_info.peak_flops, memory=memory, dtype_reason=device_info.dtype_reason,
-        time_budget=time_budget,
+        time_budget=sizing.time_budget,
         memory_available=device_info.memory_bytes, stream_tokens=n_tokens + seq + 1,
-        optimizer=("adamw" if t.optimizer == "adamw" else
-                   f"muon (lr x{t.muon_lr_ratio:g}) for the blocks' matrices, adamw for the rest"),
-        schedule=("cosine" if t.schedule == "cosine" else
-                  f"wsd: constant, then the last {t.decay_frac:.0%} decay {t.decay_shape}"),
+        optimizer=optimizer_label(t), schedule=schedule_label(t),
     )
 
 
@@ -455,6 +383,206 @@ def save_plan(run_dir: Path, cfg: DictConfig, plan: Plan) -> None:
     write_atomic(run_dir / "plan.json", json.dumps(plan.to_dict(), indent=2))
 
 
+# ---------------------------------------------------------------- model and tokens, by budget kind
+
+BUDGET_KINDS = ("compute", "params", "tokens", "minutes")
+
+
+def budget_kind(b: DictConfig) -> Optional[str]:
+    """The one budget that is set (None: none is), refusing two at once and values <= 0."""
+    chosen = [k for k in BUDGET_KINDS if b[k] is not None]
+    if len(chosen) > 1:
+        raise ConfigError(f"budget sets {' and '.join('budget.' + k for k in chosen)}; set only one of them.")
+    for k in chosen:
+        if not b[k] > 0:
+            raise ConfigError(f"budget.{k}={b[k]} must be positive.")
+    if b.tokens_per_param <= 0:
+        raise ConfigError(f"budget.tokens_per_param={b.tokens_per_param} must be positive.")
+    return chosen[0] if chosen else None
+
+
+@dataclass
+class Sizing:
+    """What a budget decides: the model, the training tokens D before rounding to whole
+    steps, and the card's budget line; budget.minutes adds its measured rate and time budget."""
+    model: GPTConfig
+    n_tokens: float
+    budget: str
+    measured_rate: Optional[float] = None
+    time_budget: Optional[dict] = None
+
+
+def size_for_compute(cfg: DictConfig, vocab: int) -> Sizing:
+    """budget.compute=C: the depth nearest N_opt = sqrt(C / (6 r)) (or the explicit model);
+    D = C / flops_per_token."""
+    b = cfg.budget
+    gcfg = (model_config(cfg.model, vocab) if model_is_explicit(cfg.model)
+            else nearest_model(cfg.model, vocab, chinchilla_optimal(b.compute, b.tokens_per_param)[0]))
+    return Sizing(gcfg, b.compute / gcfg.flops_per_token(), f"compute C={b.compute:.3e} FLOPs")
+
+
+def size_for_params(cfg: DictConfig, vocab: int) -> Sizing:
+    """budget.params=N: the depth nearest N; D = r N."""
+    b, r = cfg.budget, cfg.budget.tokens_per_param
+    if model_is_explicit(cfg.model):
+        raise ConfigError("budget.params picks the model size, but the model is set explicitly; drop one of them.")
+    gcfg = nearest_model(cfg.model, vocab, b.params)
+    return Sizing(gcfg, r * gcfg.num_params(), f"params N~{_si(b.params)}, D = {r:g} N")
+
+
+def size_for_tokens(cfg: DictConfig, vocab: int) -> Sizing:
+    """budget.tokens=D: the depth nearest N = D / r (or the explicit model); D as given."""
+    b = cfg.budget
+    gcfg = (model_config(cfg.model, vocab) if model_is_explicit(cfg.model)
+            else nearest_model(cfg.model, vocab, b.tokens / b.tokens_per_param))
+    return Sizing(gcfg, b.tokens, f"tokens D={_si(b.tokens)}")
+
+
+def size_for_explicit_model(cfg: DictConfig, vocab: int) -> Sizing:
+    """No budget: the explicit model, D = r N (train.steps, when set, fixes the length)."""
+    r = cfg.budget.tokens_per_param
+    if not model_is_explicit(cfg.model) and cfg.train.steps is None:
+        raise ConfigError("no budget: set one of budget.compute, budget.params, budget.tokens, budget.minutes, "
+                          "or give an explicit model (model.depth or model.n_layer+model.d_model).")
+    gcfg = model_config(cfg.model, vocab)
+    return Sizing(gcfg, r * gcfg.num_params(), f"explicit model, D = {r:g} N")
+
+
+SIZE_BY_BUDGET: dict[Optional[str], Callable[[DictConfig, int], Sizing]] = {
+    "compute": size_for_compute, "params": size_for_params, "tokens": size_for_tokens, None: size_for_explicit_model}
+
+
+def size_for_minutes(cfg: DictConfig, vocab: int, device_info, world_size: int, probes: "Probes",
+                     startup_seconds: float) -> tuple[Sizing, "hardware.DeviceInfo"]:
+    """budget.minutes=M: C = the measured rate x the training time M minutes leave after
+    start-up, probes, evaluations, checkpoints and the report; then sized as for compute
+    (minutes_model), or the explicit model. Also returns the device with its dtype settled."""
+    b, t, r = cfg.budget, cfg.train, cfg.budget.tokens_per_param
+    if probes.measure_flops is None:
+        raise ConfigError("budget.minutes needs a throughput probe on this machine; run it through picollm.train or picollm.plan.")
+    seconds = 60.0 * b.minutes
+    gcfg, rate, device_info = _probe_until_settled(cfg, vocab, seconds, device_info, world_size, probes)
+    time_budget = _time_budget(seconds, startup_seconds, probes.seconds, gcfg, rate, t)
+    if not model_is_explicit(cfg.model):  # size for the time left to train, not the whole budget
+        gcfg = minutes_model(cfg.model, vocab, chinchilla_optimal(rate * time_budget["train_s"], r)[0])
+        time_budget = _time_budget(seconds, startup_seconds, probes.seconds, gcfg, rate, t)
+    compute = rate * time_budget["train_s"]
+    devices = _devices(device_info, world_size)
+    budget = (f"{b.minutes:g} min, {_duration(time_budget['train_s'])} of it training at a measured "
+              f"{rate / 1e9:.3g} GFLOP/s" + (f" ({devices} GPUs)" if devices > 1 else "") + f" -> C={compute:.3e}")
+    return Sizing(gcfg, compute / gcfg.flops_per_token(), budget, rate, time_budget), device_info
+
+
+def _probe_until_settled(cfg: DictConfig, vocab: int, seconds: float, device_info, world_size: int,
+                         probes: "Probes") -> tuple[GPTConfig, float, "hardware.DeviceInfo"]:
+    """(shape, rate, device) of budget.minutes: a first guess of the rate from the peak, then
+    the shape that rate buys, probed, until the shape stops changing (at most three probes).
+    The probe runs what training will run: the same micro-batch and dtype."""
+    t, r = cfg.train, cfg.budget.tokens_per_param
+    explicit = model_is_explicit(cfg.model)
+    devices, kind = _devices(device_info, world_size), device_info.device.type
+    rate = devices * (device_info.peak_flops or UNMEASURED_PEAK[kind]) * ASSUMED_MFU[kind]
+    gcfg, tried = None, set()
+    for _ in range(3):
+        guess = (model_config(cfg.model, vocab) if explicit
+                 else minutes_model(cfg.model, vocab, chinchilla_optimal(rate * seconds, r)[0]))
+        if (guess.n_layer, guess.d_model) in tried:
+            break
+        tried.add((guess.n_layer, guess.d_model))
+        gcfg = guess
+        micro = _probe_micro(t, gcfg, rate * seconds, world_size, device_info)
+        device_info = probes.settle_dtype(device_info, gcfg, micro)
+        rate = devices * probes.throughput(gcfg, micro, device_info)
+        if explicit:
+            break
+    return gcfg, rate, device_info
+
+
+def _devices(device_info, world_size: int) -> int:
+    """How many times one process's measured rate a run gets: the probe measures one
+    process; GPUs add up, while CPU processes share one machine's cores."""
+    return world_size if device_info.is_cuda else 1
+
+
+@dataclass
+class Probes:
+    """How the planner measures this machine (budget.minutes; train.dtype=auto on CPU) and the
+    seconds its measurements took, which come out of budget.minutes."""
+    measure_flops: Optional[Callable] = None
+    measure_dtypes: Optional[Callable] = None
+    clock: Callable[[], float] = time.perf_counter
+    seconds: dict = field(default_factory=lambda: {"dtype": 0.0, "throughput": 0.0})
+
+    def throughput(self, gcfg: GPTConfig, micro: int, device_info) -> float:
+        """One process's training FLOP/s on this shape and micro-batch, timed."""
+        start = self.clock()
+        rate = self.measure_flops(gcfg, micro, device_info)
+        self.seconds["throughput"] += self.clock() - start
+        return rate
+
+    def settle_dtype(self, device_info, gcfg: GPTConfig, micro: int):
+        """train.dtype=auto on CPU: time a training step in each dtype on this shape and
+        micro-batch and train in the faster (without a probe, the CPU-flag guess stands).
+        Either way the peak of the chosen dtype becomes the MFU yardstick."""
+        if not device_info.dtype_pending:
+            return device_info
+        start = self.clock()
+        if self.measure_dtypes is None:
+            settled = hardware.with_dtype(device_info, device_info.dtype, device_info.dtype_reason)
+        else:
+            timed = self.measure_dtypes(gcfg, micro, device_info)
+            dtype, why = hardware.pick_faster_dtype(timed["step_seconds"], timed["seconds"])
+            settled = hardware.with_dtype(device_info, dtype, why)
+        self.seconds["dtype"] += self.clock() - start
+        return settled
+
+
+def _time_budget(seconds: float, startup: float, probes: dict, gcfg: GPTConfig, rate: float, t: DictConfig) -> dict:
+    """budget.minutes is the whole training process's wall clock: take out what was spent
+    before and during planning (measured) and what evaluations, checkpoints and the end of
+    the run will spend (planned at the measured rate); the rest is training."""
+    one_eval_s = t.eval_tokens * gcfg.flops_per_token() / 3 / rate  # forward only: 1/3 of a step's FLOPs
+    if t.eval_every is None:  # as many as EVAL_SHARE of the budget pays for: at least the first and the last
+        evals = int(min(EVALS_PER_RUN, max(2, EVAL_SHARE * seconds // one_eval_s)))
+    else:  # an explicit interval: as many as the steps allow, estimated from the rate
+        steps_guess = max(1.0, seconds * rate / gcfg.flops_per_token() / (t.batch_tokens or 2**16))
+        evals = int(2 + steps_guess // t.eval_every)
+    eval_s = evals * one_eval_s
+    saves = 11 if t.save_every is None else 1 + seconds / 60  # one a minute at most, as a bound
+    save_s = saves * 16 * gcfg.num_params(total=True) / CHECKPOINT_BYTES_PER_S
+    parts = {"budget_s": seconds, "evals": evals, "startup_s": startup, "dtype_probe_s": probes["dtype"],
+             "throughput_probe_s": probes["throughput"], "evals_s": eval_s + save_s,
+             "finish_s": (REPORT_SECONDS if t.report else 0.0) + save_s / saves}  # + the exported weights
+    spent = sum(v for k, v in parts.items() if k.endswith("_s") and k != "budget_s")
+    if spent >= 0.9 * seconds:
+        raise ConfigError(f"budget.minutes={seconds / 60:g} leaves no time to train: {_overheads(parts)} take "
+                          f"~{spent:.0f} s; raise budget.minutes, or lower budget.probe_seconds or train.eval_tokens.")
+    parts["train_s"] = seconds - spent
+    return parts
+
+
+def _overheads(tb: dict) -> str:
+    return (f"start-up {tb['startup_s']:.0f} s + dtype probe {tb['dtype_probe_s']:.1f} s"
+            f" + throughput probe {tb['throughput_probe_s']:.1f} s + {tb['evals']} evals/checkpoints ~{tb['evals_s']:.0f} s"
+            f" + export/report ~{tb['finish_s']:.0f} s")
+
+
+def _time_budget_line(tb: dict) -> str:
+    return f"{_duration(tb['budget_s'])} = {_overheads(tb)} + training {_duration(tb['train_s'])}"
+
+
+# ---------------------------------------------------------------- batch, steps, LR, schedule
+
+def deepseek_batch_tokens(compute: float) -> float:
+    """DeepSeek LLM's compute-optimal global batch in tokens, B_opt = 0.2920 · C^0.3271."""
+    return DEEPSEEK_BATCH_COEF * compute ** DEEPSEEK_BATCH_EXP
+
+
+def deepseek_lr(compute: float) -> float:
+    """DeepSeek LLM's compute-optimal peak LR, eta_opt = 0.3118 · C^−0.1250."""
+    return DEEPSEEK_LR_COEF * compute ** DEEPSEEK_LR_EXP
+
+
 # CPU micro-steps of more tokens than this gained nothing in tokens/s, measured at 1 thread
 # from the 2x128 speedrun model to the 6x384 reference shape, and 16k-token ones lost 15-50%
 # (a (tokens x vocab) logits block far beyond the caches): /tmp/bench notes in BENCHMARKS.md.
@@ -488,11 +616,24 @@ def _micro_batch(t: DictConfig, gcfg: GPTConfig, per_rank: int, device_info, sha
     return b, mem(b)
 
 
-def _global_batch(t: DictConfig, compute: float, n_tokens: float, seq: int, world_size: int,
-                  minutes: bool = False) -> int:
-    """Global batch in sequences: train.batch_tokens, or the compute rule halved while the
-    run would have fewer than MIN_STEPS steps (budget.minutes: MINUTES_MIN_STEPS, down to
-    MINUTES_MIN_BATCH_TOKENS)."""
+def settle_micro_batch(t: DictConfig, gcfg: GPTConfig, per_rank: int, device_info, shards: int,
+                       probes: Probes) -> tuple["hardware.DeviceInfo", int, dict]:
+    """(device, micro-batch, memory estimate). A CPU dtype still to be measured (every budget
+    but minutes, whose probes settled it) is timed on the final shape and micro-batch, and
+    the micro-batch chosen again for the dtype that won."""
+    micro, memory = _micro_batch(t, gcfg, per_rank, device_info, shards)
+    if device_info.dtype_pending:
+        device_info = probes.settle_dtype(device_info, gcfg, micro)
+        micro, memory = _micro_batch(t, gcfg, per_rank, device_info, shards)
+    return device_info, micro, memory
+
+
+def global_batch(t: DictConfig, compute: float, n_tokens: float, seq: int, world_size: int,
+                 minutes: bool = False) -> int:
+    """Global batch in sequences: train.batch_tokens, or DeepSeek's batch fit at ``compute``
+    rounded to a power of two in sequences and halved while the run would have fewer than
+    MIN_STEPS steps (budget.minutes: MINUTES_MIN_STEPS, down to MINUTES_MIN_BATCH_TOKENS);
+    at least one sequence per process, and a multiple of the processes."""
     min_steps = MINUTES_MIN_STEPS if minutes else MIN_STEPS
     min_seqs = max(world_size, math.ceil(MINUTES_MIN_BATCH_TOKENS / seq) if minutes else 1)
     if t.batch_tokens is not None:
@@ -501,7 +642,7 @@ def _global_batch(t: DictConfig, compute: float, n_tokens: float, seq: int, worl
                               f"use a multiple such as {max(1, round(t.batch_tokens / seq)) * seq}.")
         batch_seqs = t.batch_tokens // seq
     else:
-        batch_seqs = _pow2(max(1.0, 0.292 * compute ** 0.3271 / seq))
+        batch_seqs = _pow2(max(1.0, deepseek_batch_tokens(compute) / seq))
         if t.steps is None:
             while batch_seqs > min_seqs and n_tokens / (batch_seqs * seq) < min_steps:
                 batch_seqs //= 2
@@ -516,51 +657,60 @@ def _global_batch(t: DictConfig, compute: float, n_tokens: float, seq: int, worl
 def _probe_micro(t: DictConfig, gcfg: GPTConfig, compute: float, world_size: int, device_info) -> int:
     """The micro-batch training would use at this shape and compute, for the probes."""
     n_tokens = compute / gcfg.flops_per_token()
-    batch = _global_batch(t, compute, n_tokens, gcfg.seq_len, world_size, minutes=True)
+    batch = global_batch(t, compute, n_tokens, gcfg.seq_len, world_size, minutes=True)
     shards = world_size if t.parallel == "fsdp" else 1
     return _micro_batch(t, gcfg, batch // world_size, device_info, shards)[0]
 
 
-def _settle_dtype(device_info, gcfg: GPTConfig, micro: int, measure_dtypes: Optional[Callable],
-                  probe_seconds: dict, clock: Callable[[], float]):
-    """train.dtype=auto on CPU: time a training step in each dtype on this shape and
-    micro-batch and train in the faster (without a probe, the CPU-flag guess stands).
-    Either way the peak of the chosen dtype becomes the MFU yardstick."""
-    if not device_info.dtype_pending:
-        return device_info
-    start = clock()
-    if measure_dtypes is None:
-        settled = hardware.with_dtype(device_info, device_info.dtype, device_info.dtype_reason)
-    else:
-        timed = measure_dtypes(gcfg, micro, device_info)
-        dtype, why = hardware.pick_faster_dtype(timed["step_seconds"], timed["seconds"])
-        settled = hardware.with_dtype(device_info, dtype, why)
-    probe_seconds["dtype"] += clock() - start
-    return settled
+def step_count(t: DictConfig, n_tokens: float, tokens_per_step: int) -> int:
+    """train.steps, or the budget's tokens in whole steps of the global batch."""
+    if t.steps is not None:
+        if t.steps < 1:
+            raise ConfigError(f"train.steps={t.steps} must be at least 1.")
+        return int(t.steps)
+    if n_tokens < tokens_per_step:
+        raise ConfigError(f"the budget gives {_si(n_tokens)} tokens, less than one step of {_si(tokens_per_step)} tokens; "
+                          "raise the budget or lower train.batch_tokens.")
+    return int(round(n_tokens / tokens_per_step))
 
 
-def _time_budget(seconds: float, startup: float, probes: dict, gcfg: GPTConfig, rate: float, t: DictConfig) -> dict:
-    """budget.minutes is the whole training process's wall clock: take out what was spent
-    before and during planning (measured) and what evaluations, checkpoints and the end of
-    the run will spend (planned at the measured rate); the rest is training."""
-    one_eval_s = t.eval_tokens * gcfg.flops_per_token() / 3 / rate  # forward only: 1/3 of a step's FLOPs
-    if t.eval_every is None:  # as many as EVAL_SHARE of the budget pays for: at least the first and the last
-        evals = int(min(EVALS_PER_RUN, max(2, EVAL_SHARE * seconds // one_eval_s)))
-    else:  # an explicit interval: as many as the steps allow, estimated from the rate
-        steps_guess = max(1.0, seconds * rate / gcfg.flops_per_token() / (t.batch_tokens or 2**16))
-        evals = int(2 + steps_guess // t.eval_every)
-    eval_s = evals * one_eval_s
-    saves = 11 if t.save_every is None else 1 + seconds / 60  # one a minute at most, as a bound
-    save_s = saves * 16 * gcfg.num_params(total=True) / CHECKPOINT_BYTES_PER_S
-    parts = {"budget_s": seconds, "evals": evals, "startup_s": startup, "dtype_probe_s": probes["dtype"],
-             "throughput_probe_s": probes["throughput"], "evals_s": eval_s + save_s,
-             "finish_s": (REPORT_SECONDS if t.report else 0.0) + save_s / saves}  # + the exported weights
-    spent = sum(v for k, v in parts.items() if k.endswith("_s") and k != "budget_s")
-    if spent >= 0.9 * seconds:
-        raise ConfigError(f"budget.minutes={seconds / 60:g} leaves no time to train: {_overheads(parts)} take "
-                          f"~{spent:.0f} s; raise budget.minutes, or lower budget.probe_seconds or train.eval_tokens.")
-    parts["train_s"] = seconds - spent
-    return parts
+def peak_lr(t: DictConfig, compute: float) -> float:
+    """train.lr, or DeepSeek's LR fit at the run's compute, capped at LR_CAP. DeepSeek's C
+    leaves out the vocabulary's FLOPs and ours counts the LM head: a starting point, not a
+    tuned optimum."""
+    return t.lr if t.lr is not None else min(LR_CAP, deepseek_lr(compute))
+
+
+def warmup_steps(t: DictConfig, steps: int) -> int:
+    """train.warmup_steps, or train.warmup_frac of the steps; shorter than the run."""
+    warmup = t.warmup_steps if t.warmup_steps is not None else int(round(t.warmup_frac * steps))
+    if warmup >= steps and steps > 1:
+        raise ConfigError(f"warmup of {warmup} steps does not fit in a {steps}-step run; lower train.warmup_steps.")
+    return warmup
+
+
+def schedule_label(t: DictConfig) -> str:
+    """How the LR goes from the peak to min_lr (optim.lr_at computes it), for the card."""
+    if t.schedule == "cosine":
+        return "cosine"
+    return f"wsd: constant, then the last {t.decay_frac:.0%} decay {t.decay_shape}"
+
+
+def optimizer_label(t: DictConfig) -> str:
+    if t.optimizer == "adamw":
+        return "adamw"
+    return f"muon (lr x{t.muon_lr_ratio:g}) for the blocks' matrices, adamw for the rest"
+
+
+def estimate_seconds(compute: float, measured_rate: Optional[float], device_info, devices: int) -> tuple[float, str]:
+    """(wall-clock seconds, how they were estimated): C over the measured rate, else over
+    ASSUMED_MFU of the peak on every device."""
+    if measured_rate is not None:
+        return compute / measured_rate, "measured throughput"
+    if device_info.peak_flops:
+        mfu = ASSUMED_MFU[device_info.device.type]
+        return compute / (device_info.peak_flops * mfu * devices), f"assuming {mfu:.0%} MFU"
+    return float("nan"), "no peak known for this device"
 
 
 def _eval_every(steps: int, time_budget: Optional[dict]) -> int:
@@ -569,16 +719,6 @@ def _eval_every(steps: int, time_budget: Optional[dict]) -> int:
     if time_budget is None:
         return max(1, steps // 10)
     return max(1, math.ceil(steps / max(1, time_budget["evals"] - 1)))  # never one more than planned
-
-
-def _overheads(tb: dict) -> str:
-    return (f"start-up {tb['startup_s']:.0f} s + dtype probe {tb['dtype_probe_s']:.1f} s"
-            f" + throughput probe {tb['throughput_probe_s']:.1f} s + {tb['evals']} evals/checkpoints ~{tb['evals_s']:.0f} s"
-            f" + export/report ~{tb['finish_s']:.0f} s")
-
-
-def _time_budget_line(tb: dict) -> str:
-    return f"{_duration(tb['budget_s'])} = {_overheads(tb)} + training {_duration(tb['train_s'])}"
 
 
 def process_age() -> float:

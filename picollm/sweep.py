@@ -68,7 +68,7 @@ from picollm.config import ConfigError, load_config, parse_cli
 from picollm.hardware import describe
 from picollm.model import GPTConfig
 from picollm.optim import lr_at
-from picollm.plan import make_plan, vocab_size_for
+from picollm.plan import make_plan, shape_kwargs, vocab_size_for
 from picollm.scaling import chinchilla_optimal
 from picollm.train import SAVED_AT, Interrupted, run
 
@@ -132,15 +132,10 @@ class Point:
 # ---------------------------------------------------------------- the grid
 
 
-def _shape_kwargs(m: DictConfig, vocab_size: int) -> dict:
-    return dict(seq_len=m.seq_len, vocab_size=vocab_size, arch=m.arch, mlp_hidden=m.mlp_hidden,
-                qk_norm=m.qk_norm, rope_theta=m.rope_theta)
-
-
 def family_shapes(m: DictConfig, vocab_size: int, min_layers: int = 2) -> list[GPTConfig]:
     """The ladder of one family: d_model = n_layer * aspect_ratio exactly (a multiple of
     head_dim), for n_layer from min_layers to max_depth."""
-    common = _shape_kwargs(m, vocab_size)
+    common = shape_kwargs(m, vocab_size)
     shapes = [GPTConfig(n_layer=L, d_model=L * m.aspect_ratio, n_head=L * m.aspect_ratio // m.head_dim, **common)
               for L in range(min_layers, m.max_depth + 1) if (L * m.aspect_ratio) % m.head_dim == 0]
     if not shapes:
@@ -153,7 +148,7 @@ def family_shapes(m: DictConfig, vocab_size: int, min_layers: int = 2) -> list[G
 def candidate_shapes(m: DictConfig, vocab_size: int, min_layers: int = 1) -> list[GPTConfig]:
     """Mixed families (opt-in): every (n_layer, d_model) with d_model a multiple of head_dim
     and an aspect ratio d_model/n_layer within 2x of model.aspect_ratio."""
-    common = _shape_kwargs(m, vocab_size)
+    common = shape_kwargs(m, vocab_size)
     shapes = []
     for n_layer in range(min_layers, m.max_depth + 1):
         lo, hi = n_layer * m.aspect_ratio / 2, n_layer * m.aspect_ratio * 2
