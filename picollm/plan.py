@@ -31,7 +31,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from picollm import dist, hardware
 
-from picollm.config import ConfigError, load_config, parse_cli, to_yaml
+from picollm import cli
+from picollm.config import ConfigError, to_yaml
 from picollm.model import GPTConfig
 from picollm.scaling import chinchilla_optimal
 
@@ -824,11 +825,12 @@ def plan_from_config(cfg: DictConfig) -> Plan:
     return plan
 
 
+USAGE = "usage: python -m picollm.plan [overrides...]  (plan.format=json for JSON only)"
+
+
 def main(argv: Optional[list] = None) -> None:
-    overrides = parse_cli(sys.argv[1:] if argv is None else argv,
-                          "usage: python -m picollm.plan [overrides...]  (plan.format=json for JSON only)")
+    cfg = cli.parse(argv, "plan", USAGE)
     try:
-        cfg = load_config(overrides)
         if cfg.plan.view != "card":  # a calculator view: arithmetic, no run plan
             res = calculator(cfg)
             print(json.dumps(res, indent=2) if cfg.plan.format == "json" else format_view(res))
