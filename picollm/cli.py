@@ -1,4 +1,4 @@
-"""One command line for every picollm command: Hydra overrides, composed by Hydra's compose API.
+"""One command line for every picollm command: Hydra overrides, applied by Hydra's own machinery.
 
     python -m picollm.<command> key=value +key=value ...   settings (Hydra's override grammar)
     python -m picollm.<command> --help                     usage, then every setting with its type and default
@@ -11,8 +11,8 @@ that reach Hydra, so the shell needs its own around them: ``prompt='"def f(x):"'
 ``prompt="'def '"``.
 
 Each command calls ``parse`` (``parse_runs`` for train) with its schema: a dataclass of its
-own settings (registered in Hydra's ConfigStore), or None for the configs/config.yaml tree
-that train, plan, sweep and prepare share, whose checks are ``config.load_config``'s.
+own settings (a structured config), or None for the configs/config.yaml tree that train,
+plan, sweep and prepare share, composed and checked by ``config.load_config``.
 """
 
 from __future__ import annotations
@@ -29,8 +29,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
-from hydra import compose, initialize
-from hydra.core.config_store import ConfigStore
+from hydra._internal.config_loader_impl import ConfigLoaderImpl
 from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from hydra.errors import HydraException
@@ -175,11 +174,12 @@ def _compose(cmd: Command, overrides: list[str], parsed: list[Override] = ()) ->
         except ConfigError as err:
             raise _refuse(str(err)) from None
     _check_keys(cmd, parsed)
-    name = "picollm_cli_" + cmd.name.replace(" ", "_")
-    ConfigStore.instance().store(name=name, node=cmd.schema)
+    # Hydra's own override step (what compose runs after the defaults list) on the schema
+    # alone: compose would read a setting named like one of the ConfigStore's groups
+    # (export's tokenizer=false) as a group choice.
+    cfg = OmegaConf.structured(cmd.schema)
     try:
-        with initialize(version_base="1.3", config_path=None):
-            cfg = compose(config_name=name, overrides=overrides)
+        ConfigLoaderImpl._apply_overrides_to_config(list(parsed), cfg)
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as err:
         raise _refuse(hydra_message(err, see=f"`{cmd.prog} --help` for its settings")) from None
@@ -190,6 +190,8 @@ def _check_keys(cmd: Command, parsed: list[Override]) -> None:
     """Keys the schema lacks, with the close match; Hydra's own text would point to +key."""
     names = [f.name for f in dataclasses.fields(cmd.schema)]
     for o in parsed:
+        if o.is_delete():  # every setting must exist: leaving it out gives its default
+            raise _refuse(f"{o.input_line} would delete a setting of {cmd.prog}; leave it out for its default.")
         key = o.key_or_group.split(".")[0]
         if key not in names:
             close = difflib.get_close_matches(key, names, n=1)

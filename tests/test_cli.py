@@ -149,6 +149,14 @@ def test_unknown_flags_are_refused_in_one_sentence():
 def test_required_settings_and_non_overrides_are_named():
     assert refusal("checkpoint", ["src=a"]).startswith("error: out= is required; usage: python -m picollm.checkpoint")
     assert refusal("checkpoint", ["a", "b"]).startswith("error: argument 'a' is not key=value; usage:")
+    assert refusal("sample", ["~device"]) == ("error: ~device would delete a setting of python -m picollm.sample; "
+                                             "leave it out for its default.")
+
+
+def test_a_setting_named_like_a_config_group_is_a_value(capsys):
+    with pytest.raises(SystemExit):
+        main_of("export")(["--cfg", "job", "run_dir=r", "out=o", "tokenizer=false"])  # tokenizer: also a group
+    assert OmegaConf.create(capsys.readouterr().out).tokenizer is False
 
 
 def test_quoted_free_text_reaches_the_command_as_typed():
