@@ -137,10 +137,12 @@ def _parse_overrides(overrides: list[str], cmd: Command, multirun: bool) -> list
     for arg in overrides:
         if "=" not in arg and not arg.startswith("~"):
             raise _refuse(f"argument {arg!r} is not key=value; {cmd.usage.splitlines()[0]}")
-    try:
-        parsed = OverridesParser.create().parse_overrides(overrides)
-    except HydraException as err:
-        raise _refuse(f"could not read an override ({err}); {GRAMMAR}.".replace("\n", " ")) from None
+    parser, parsed = OverridesParser.create(), []
+    for arg in overrides:
+        try:
+            parsed += parser.parse_overrides([arg])
+        except HydraException as err:  # its second line is a link to Hydra's grammar page
+            raise _refuse(f"could not read {arg!r} ({str(err).splitlines()[0]}); {GRAMMAR}.") from None
     for o in parsed:
         if o.key_or_group == "hydra" or o.is_hydra_override():
             raise _refuse(f"{o.input_line} sets Hydra's own runtime config, which picollm does not use "

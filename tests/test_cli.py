@@ -164,6 +164,8 @@ def test_quoted_free_text_reaches_the_command_as_typed():
     for typed, prompt in (("prompt='def f(x): '", "def f(x): "), ('prompt="a, b (c)"', "a, b (c)"),
                           ("prompt=plain words", "plain words")):
         assert cli.parse(["run_dir=r", typed], "sample", USAGE, SampleArgs).prompt == prompt
+    message = refusal("sample", ["run_dir=r", "prompt=def f(x):"])  # unquoted parentheses
+    assert message.startswith("error: could not read 'prompt=def f(x):' (") and "prompt='\"def f(x):\"'" in message
     args = cli.parse(["run_dir=r", "prompt=x", "top_k=null"], "sample", USAGE, SampleArgs)
     assert args.top_k is None and cli.given(args, "top_k") and not cli.given(args, "max_tokens")
 
