@@ -258,7 +258,7 @@ def sweep_points(parsed: list[Override]) -> list[tuple[str, list[str]]]:
         if not o.is_sweep_override():
             axes.append([("", o.input_line)])
             continue
-        if o.key_or_group in ("run_dir", "+run_dir", "++run_dir"):
+        if o.key_or_group == "run_dir":
             raise _refuse(f"{o.input_line}: run_dir cannot be swept; multirun puts each point in "
                           "run_dir/<its swept values>.")
         try:
