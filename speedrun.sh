@@ -46,7 +46,7 @@ timed plan     $PY -m picollm.plan "${args[@]}"
 timed data     $PY -m picollm.data.prepare "${args[@]}"
 timed train    $PY -m picollm.train "${args[@]}"
 timed evaluate $PY -m picollm.evaluate run_dir="$RUN_DIR"
-timed sample   $PY -m picollm.sample run_dir="$RUN_DIR" prompt="def " max_tokens=96 seed=0
+timed sample   $PY -m picollm.sample run_dir="$RUN_DIR" prompt="'def '" max_tokens=96 seed=0
 timed report   $PY -m picollm.report run_dir="$RUN_DIR" samples=true
 
 trap - ERR

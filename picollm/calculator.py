@@ -18,12 +18,12 @@ prints the result as JSON.
 from __future__ import annotations
 
 import json
-import sys
 from typing import Callable, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from picollm.config import ConfigError, load_config, parse_cli
+from picollm import cli
+from picollm.config import ConfigError
 from picollm.hardware import GPU_PEAK_FLOPS
 # The time view on this machine probes it the way budget.minutes does; the number formats
 # are the plan card's, so both tools print alike.
@@ -208,12 +208,13 @@ def format_view(res: dict) -> str:
     return "\n".join(lines)
 
 
+USAGE = ("usage: python -m picollm.calculator calc.view=compute|time|params|inference [overrides...]"
+         "  (calc.format=json for JSON only)")
+
+
 def main(argv: Optional[list] = None) -> None:
-    overrides = parse_cli(sys.argv[1:] if argv is None else argv,
-                          "usage: python -m picollm.calculator calc.view=compute|time|params|inference [overrides...]"
-                          "  (calc.format=json for JSON only)")
+    cfg = cli.parse(argv, "calculator", USAGE)
     try:
-        cfg = load_config(overrides)
         res = calculate(cfg)
     except (ConfigError, ValueError) as err:
         raise SystemExit(f"error: {err}")

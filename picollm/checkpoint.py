@@ -13,7 +13,7 @@ FSDP runs write a sharded checkpoint instead: ``step_0000123/`` is a
 torch.distributed.checkpoint (DCP) folder, one file per rank plus ``train_state.pt``
 (step, data cursor, RNG, config, plan), with the same kind of manifest listing every
 file. DCP reshards on load, so any number of processes can resume it, and
-``python -m picollm.checkpoint SRC OUT.pt`` consolidates it into one ordinary file.
+``python -m picollm.checkpoint src=SRC out=OUT.pt`` consolidates it into one ordinary file.
 
 Model and optimizer state are keyed by parameter name (torch.distributed.checkpoint's
 state_dict form) in both layouts, so either layout resumes under DDP or FSDP.
@@ -34,11 +34,14 @@ import shutil
 import socket
 import sys
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 import torch
+
+from picollm import cli
 
 CKPT_RE = re.compile(r"^step_(\d{7,})(\.pt)?$")
 TRAIN_STATE = "train_state.pt"  # the non-tensor part of a sharded checkpoint
@@ -539,13 +542,20 @@ def consolidate(src: Path, out: Path) -> Path:
     return out
 
 
+USAGE = """usage: python -m picollm.checkpoint src=SRC out=OUT.pt
+Consolidate the sharded (FSDP) checkpoint folder SRC into the single file OUT.pt."""
+
+
+@dataclass
+class CheckpointArgs:
+    src: str = cli.required("a sharded checkpoint folder, run_dir/checkpoints/step_*")
+    out: str = cli.required("the .pt file to write (with its manifest beside it)")
+
+
 def main(argv: Optional[list] = None) -> None:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 2 or args[0].startswith("-"):
-        raise SystemExit("usage: python -m picollm.checkpoint SRC OUT.pt\n"
-                         "Consolidate the sharded (FSDP) checkpoint folder SRC into the single file OUT.pt.")
+    args = cli.parse(argv, "checkpoint", USAGE, CheckpointArgs)
     try:
-        out = consolidate(Path(args[0]), Path(args[1]))
+        out = consolidate(Path(args.src), Path(args.out))
     except CheckpointError as err:
         raise SystemExit(f"error: {err}")
     print(f"wrote {out} ({out.stat().st_size / 2**20:.1f} MiB)")

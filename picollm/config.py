@@ -441,7 +441,7 @@ def _moved_to_calc_message(key: str, value: Optional[str]) -> Optional[str]:
             f"`python -m picollm.calculator calc.{name}={'...' if value is None else value}` instead.")
 
 
-def _unknown_key_message(key: str, value: Optional[str] = None) -> str:
+def _unknown_key_message(key: str, command: str = "python -m picollm.plan", value: Optional[str] = None) -> str:
     moved = _moved_to_calc_message(key, value)
     if moved:
         return moved
@@ -453,38 +453,44 @@ def _unknown_key_message(key: str, value: Optional[str] = None) -> str:
     close = difflib.get_close_matches(name, siblings, n=1)
     hint = f" (did you mean {parent + '.' if parent else ''}{close[0]}?)" if close else ""
     return (f"{key} is not a picollm setting{hint}; remove it or fix its spelling "
-            "(`python -m picollm.plan --help` lists the groups, the files in configs/ every field).")
+            f"(`{command} --help` lists the groups, `{command} --cfg job` every field).")
 
 
-def _hydra_message(err: Exception) -> str:
-    """Hydra's whole message (the options it lists are the fix), minus its search path and
-    the schema entries it offers as options; a cause's first line names the bad value."""
+def hydra_message(err: Exception, see: str = "`python -m picollm.plan --help` for the groups") -> str:
+    """Hydra's whole message (the options it lists are the fix) and its cause's, minus its
+    search path and the schema entries it offers as options; the cause's first line, which
+    names the bad value, joins the lead."""
     text = str(err).strip()
-    unknown = re.match(r"Could not override '([^']+)'", text)
-    if unknown:
-        value = re.search(r"use \+" + re.escape(unknown.group(1)) + r"=(\S*)", text)  # Hydra's own hint
-        return _unknown_key_message(unknown.group(1), value.group(1) if value else None)
     text = text.split("\nConfig search path:")[0]
     lines = [line for line in text.splitlines() if not re.fullmatch(r"\s+\w+_schema", line)]
-    lead, detail = lines[0], "\n".join(lines[1:]).strip("\n")
+    lead, detail = lines[0], lines[1:]
     cause = str(err.__cause__ or "").strip().splitlines()
     if cause:
         lead += f": {cause[0]}"
-    return (f"bad config or override ({lead}); see `python -m picollm.plan --help` for the groups."
-            + (f"\n{detail}" if detail else ""))
+        detail += cause[1:]
+    detail_text = "\n".join(detail).strip("\n")
+    return f"bad config or override ({lead}); see {see}." + (f"\n{detail_text}" if detail_text else "")
 
 
-def load_config(overrides: Optional[List[str]] = None, config_name: str = "config") -> DictConfig:
+def load_config(overrides: Optional[List[str]] = None, config_name: str = "config",
+                command: str = "python -m picollm.plan") -> DictConfig:
     """Compose ``configs/<config_name>.yaml`` with command-line style overrides, refusing
-    unknown keys and out-of-range values (ConfigError, one sentence per problem)."""
+    unknown keys and out-of-range values (ConfigError, one sentence per problem). ``command``
+    is the one whose --help the messages point to."""
     overrides = list(overrides or [])
     try:
         with initialize_config_dir(config_dir=str(CONFIG_DIR), version_base="1.3"):
             cfg = compose(config_name=config_name, overrides=overrides)
         OmegaConf.resolve(cfg)
     except (HydraException, OmegaConfBaseException) as err:
-        raise ConfigError(_hydra_message(err)) from None
-    problems = ([_unknown_key_message(k) for k in unknown_keys(cfg)] or value_problems(cfg)
+        text = str(err).strip()
+        unknown = re.match(r"Could not override '([^']+)'", text)
+        if unknown:
+            value = re.search(r"use \+" + re.escape(unknown.group(1)) + r"=(\S*)", text)  # Hydra's own hint
+            raise ConfigError(_unknown_key_message(unknown.group(1), command,
+                                                   value.group(1) if value else None)) from None
+        raise ConfigError(hydra_message(err, f"`{command} --help` for the groups")) from None
+    problems = ([_unknown_key_message(k, command) for k in unknown_keys(cfg)] or value_problems(cfg)
                 or combination_problems(cfg))
     if problems:
         raise ConfigError(" ".join(problems))
@@ -493,23 +499,6 @@ def load_config(overrides: Optional[List[str]] = None, config_name: str = "confi
 
 def to_yaml(cfg: DictConfig) -> str:
     return OmegaConf.to_yaml(cfg, resolve=True)
-
-
-def parse_cli(argv: List[str], usage: str) -> List[str]:
-    """Overrides from argv; ``--help`` prints usage plus the available groups and exits."""
-    if any(a in ("-h", "--help") for a in argv):
-        groups = sorted(p.name for p in CONFIG_DIR.iterdir() if p.is_dir())
-        lines = [usage, "", "config groups (pick with group=name):"]
-        for g in groups:
-            names = sorted(f.stem for f in (CONFIG_DIR / g).glob("*.yaml"))
-            lines.append(f"  {g}: {', '.join(names)}")
-        lines.append("any field: key=value, e.g. budget.minutes=5 train.dtype=fp32 model.depth=4")
-        print("\n".join(lines))
-        raise SystemExit(0)
-    bad = [a for a in argv if a.startswith("-")]
-    if bad:
-        raise SystemExit(f"unknown option {bad[0]}; pass settings as Hydra overrides like budget.minutes=5.")
-    return argv
 
 
 def env_flag(name: str) -> bool:

@@ -12,18 +12,18 @@ import json
 import math
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Sequence
 
 import tiktoken
 import torch
 
-from picollm import dist, hardware
+from picollm import cli, dist, hardware
 from picollm.data.loader import ValLoader
 from picollm.data.prepare import PreparedData, dataset_key, default_dir, load_prepared
 from picollm.config import device_name, one_of
-from picollm.runs import (NOT_SAVED, LoadedRun, NotSavedError, RunError, load_run, optional_int, parse_args,
-                          write_atomic)
+from picollm.runs import NOT_SAVED, LoadedRun, NotSavedError, RunError, load_run, write_atomic
 from picollm.throughput import autocast
 from picollm.tokenizer import tokenizer_fingerprint
 
@@ -110,6 +110,15 @@ tokens), plus the mean loss per position bucket (loss_by_position: 0-15, 16-31, 
 writes run_dir/eval.json and prints it. Exit status 3: printed, but eval.json could not be written."""
 
 
+@dataclass
+class EvaluateArgs:
+    run_dir: str = cli.required("the run to evaluate")
+    checkpoint: Optional[str] = cli.setting(None, "a step number or a checkpoint path", shown="the newest valid one")
+    max_tokens: Optional[int] = cli.setting(None, "evaluate the split's first N tokens", shown="null (the whole split)")
+    device: str = cli.setting("auto", "auto, cpu, cuda or cuda:N")
+    dtype: str = cli.setting("auto", "auto (what the run measured faster), fp32, bf16 or fp16")
+
+
 class EvalError(RuntimeError):
     pass
 
@@ -158,12 +167,11 @@ def evaluate_run(run: LoadedRun, max_tokens: Optional[int] = None, dtype: str = 
             "seconds": round(time.perf_counter() - start, 3)}
 
 
-def _check_arguments(args: dict) -> None:
+def _check_arguments(args) -> None:
     """The command's arguments, before the model loads."""
-    if args.get("max_tokens") is not None and args["max_tokens"] < 1:
-        raise EvalError(f"max_tokens={args['max_tokens']} must be positive, or left out for the whole split.")
-    for problem in (device_name("device", args.get("device", "auto")),
-                    one_of("auto", "fp32", "bf16", "fp16")("dtype", args.get("dtype", "auto"))):
+    if args.max_tokens is not None and args.max_tokens < 1:
+        raise EvalError(f"max_tokens={args.max_tokens} must be positive, or left out for the whole split.")
+    for problem in (device_name("device", args.device), one_of("auto", "fp32", "bf16", "fp16")("dtype", args.dtype)):
         if problem:
             raise EvalError(problem)
 
@@ -171,13 +179,11 @@ def _check_arguments(args: dict) -> None:
 def main(argv: Optional[list] = None) -> None:
     """Prints the evaluation and writes it to run_dir/eval.json. Exit status 1: nothing was
     evaluated; NOT_SAVED (3): the numbers were printed but eval.json could not be written."""
-    args = parse_args(sys.argv[1:] if argv is None else argv,
-                      {"run_dir": str, "checkpoint": str, "max_tokens": optional_int, "device": str, "dtype": str},
-                      EVAL_USAGE, required=("run_dir",))
+    args = cli.parse(argv, "evaluate", EVAL_USAGE, EvaluateArgs)
     try:
         _check_arguments(args)
-        run = load_run(args["run_dir"], args.get("checkpoint"), hardware.pick_device(args.get("device", "auto")))
-        result = evaluate_run(run, args.get("max_tokens"), args.get("dtype", "auto"))
+        run = load_run(args.run_dir, args.checkpoint, hardware.pick_device(args.device))
+        result = evaluate_run(run, args.max_tokens, args.dtype)
     except (RunError, EvalError, ValueError) as err:
         raise SystemExit(f"error: {err}")
     text = json.dumps(result, indent=2)

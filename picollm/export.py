@@ -12,15 +12,16 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
 import tiktoken
 import torch
 
+from picollm import cli
 from picollm.model import GPT, GPTConfig
-from picollm.runs import RunError, boolean, load_run, parse_args
+from picollm.runs import RunError, load_run
 from picollm.tokenizer import _parts
 
 
@@ -300,19 +301,25 @@ Writes a Hugging Face model folder (model.safetensors, config.json, generation_c
 that transformers.AutoModelForCausalLM / AutoTokenizer load with no custom code."""
 
 
+@dataclass
+class ExportArgs:
+    run_dir: str = cli.required("the run to export")
+    out: str = cli.required("the folder to write (created if needed)")
+    checkpoint: Optional[str] = cli.setting(None, "a step number or a checkpoint path", shown="the newest valid one")
+    tokenizer: bool = cli.setting(True, "also write tokenizer.json and its configs")
+
+
 def main(argv: Optional[list] = None) -> None:
-    args = parse_args(sys.argv[1:] if argv is None else argv,
-                      {"run_dir": str, "out": str, "checkpoint": str, "tokenizer": boolean}, USAGE,
-                      required=("run_dir", "out"))
+    args = cli.parse(argv, "export", USAGE, ExportArgs)
     try:
-        out = export_run(args["run_dir"], args["out"], args.get("checkpoint"), args.get("tokenizer", True))
+        out = export_run(args.run_dir, args.out, args.checkpoint, args.tokenizer)
     except ImportError as err:
         raise SystemExit(f"error: export needs safetensors and tokenizers ({err}); pip install 'transformers'.")
     except (RunError, ExportError, ValueError) as err:
         raise SystemExit(f"error: {err}")
     config = json.loads((out / "config.json").read_text())
     print(f"wrote {out} ({config['architectures'][0]})")
-    if not args.get("tokenizer", True):
+    if not args.tokenizer:
         print("tokenizer not exported (tokenizer=false): AutoTokenizer will not load this folder.")
 
 

@@ -15,12 +15,11 @@ about the law (`measure_scatter`: shape-to-shape and seed-to-seed) to the law's 
 uncertainty; `holdout_calibration` checks how often those intervals cover runs larger
 than any the fit saw; `exponent_agreement` compares the approaches' exponents.
 
-CLI: python -m picollm.fit RESULTS_FILE [--out DIR] [--bootstrap K] [--curves]
+CLI: python -m picollm.fit results=RESULTS_FILE [out=DIR] [bootstrap=K] [curves=true]
 """
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import csv
 import functools
@@ -36,6 +35,7 @@ from typing import Mapping, Sequence
 import numpy as np
 from scipy.optimize import minimize
 
+from picollm import cli
 from picollm.scaling import ScalingLaw, chinchilla_optimal
 
 # Hoffmann et al.'s grid of starting points (their Appendix D.2).
@@ -1034,29 +1034,33 @@ def _fmt_interval(iv: tuple[float, float] | None) -> str:
     return "" if iv is None else f"  [{iv[0]:.4g}, {iv[1]:.4g}]"
 
 
+USAGE = """usage: python -m picollm.fit results=FILE [out=DIR] [bootstrap=K] [curves=true]
+Fit scaling laws (Approaches 1, 2 and 3) to a sweep's results table; plots go to out."""
+
+
+@dataclass
+class FitArgs:
+    results: str = cli.required("CSV or JSON-lines file with n_params, n_tokens, compute, val_loss (a sweep's "
+                                "results.jsonl works as is; its budget column groups the IsoFLOP profiles)")
+    out: str = cli.setting(".", "folder for the plots", shown=". (the current folder)")
+    bootstrap: int = cli.setting(100, "bootstrap resamples of runs for 95% intervals (0: none)")
+    curves: bool = cli.setting(False, "Approach 1 from each run's metrics.jsonl evaluations (run_dir column) "
+                                      "instead of the end-of-schedule losses of each size")
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Exit status 0: fitted (a fit that needs more runs is reported as skipped); 1: the table
     or the plot folder is unusable, with one sentence on stderr."""
-    p = argparse.ArgumentParser(prog="python -m picollm.fit",
-                                description="Fit scaling laws to a sweep's results table.")
-    p.add_argument("results", help="CSV or JSON-lines file with n_params, n_tokens, compute, val_loss "
-                                   "(a sweep's results.jsonl works as is; its budget column groups the IsoFLOP profiles)")
-    p.add_argument("--out", default=".", help="folder for the plots (default: current folder)")
-    p.add_argument("--bootstrap", type=int, default=100,
-                   help="bootstrap resamples of runs for 95%% intervals (default 100; 0: none)")
-    p.add_argument("--curves", action="store_true",
-                   help="Approach 1 from each run's metrics.jsonl evaluations (run_dir column) instead of the "
-                        "end-of-schedule losses of each size")
-    args = p.parse_args(argv)
+    args = cli.parse(None if argv is None else list(argv), "fit", USAGE, FitArgs)
     if args.bootstrap < 0:
-        p.error(f"--bootstrap {args.bootstrap} must be 0 (no resampling) or more.")
+        raise SystemExit(f"error: bootstrap={args.bootstrap} must be 0 (no resampling) or more.")
     try:
         with warnings.catch_warnings(record=True) as dropped:
             warnings.simplefilter("always")
             runs = load_runs(args.results)
             curves = load_curves(args.results) if args.curves else None
         out = Path(args.out)
-        out.mkdir(parents=True, exist_ok=True)  # an unusable --out fails before the fits, not after
+        out.mkdir(parents=True, exist_ok=True)  # an unusable out fails before the fits, not after
         print(f"{len(runs.val_loss)} runs from {args.results}")
         for note in dropped:
             print(f"  note: {note.message}")

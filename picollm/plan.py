@@ -32,9 +32,9 @@ from typing import Callable, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
-from picollm import dist, hardware
+from picollm import cli, dist, hardware
 
-from picollm.config import ConfigError, load_config, parse_cli, to_yaml
+from picollm.config import ConfigError, to_yaml
 from picollm.model import GPTConfig
 from picollm.scaling import chinchilla_optimal
 
@@ -791,11 +791,12 @@ def plan_from_config(cfg: DictConfig) -> Plan:
     return plan
 
 
+USAGE = "usage: python -m picollm.plan [overrides...]  (plan.format=json for JSON only)"
+
+
 def main(argv: Optional[list] = None) -> None:
-    overrides = parse_cli(sys.argv[1:] if argv is None else argv,
-                          "usage: python -m picollm.plan [overrides...]  (plan.format=json for JSON only)")
+    cfg = cli.parse(argv, "plan", USAGE)
     try:
-        cfg = load_config(overrides)
         plan = plan_from_config(cfg)
     except (ConfigError, ValueError) as err:
         raise SystemExit(f"error: {err}")

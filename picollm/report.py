@@ -1,6 +1,7 @@
 """A run's report: what was planned, what happened, how well it did, with plots.
 
     python -m picollm.report run_dir=runs/cpu [samples=true] [checkpoint=STEP]
+    python -m picollm.report compare runs=[runs/a,runs/b] [out=DIR]
 
 Writes run_dir/report.md plus loss.png, throughput.png and lr.png beside it. Everything
 comes from files in run_dir (plan.json, metrics.jsonl, eval.json, config.yaml), so a
@@ -15,16 +16,18 @@ import platform
 import statistics
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional, Union
+from typing import Callable, List, Optional, Union
 
 import torch
 from matplotlib.figure import Figure  # the object API: no pyplot state, no display backend needed
 from matplotlib.ticker import PercentFormatter
 from omegaconf import OmegaConf
 
-from picollm.runs import (NOT_SAVED, NotSavedError, RunError, boolean, check_run_dir, load_run, parse_args, read_events,
-                          read_metrics, saving, write_atomic)
+from picollm import cli
+from picollm.runs import (NOT_SAVED, NotSavedError, RunError, check_run_dir, load_run, read_events, read_metrics, saving,
+                          write_atomic)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -286,17 +289,26 @@ def run_samples(run_dir: Union[str, Path], checkpoint: Optional[str] = None) -> 
 
 # ----------------------------------------------------------------------------- command line
 
-RUN_USAGE = """usage: python -m picollm.report run_dir=DIR [samples=true] [checkpoint=STEP|PATH]
+RUN_USAGE = """usage: python -m picollm.report [run] run_dir=DIR [samples=true] [checkpoint=STEP|PATH]
+       python -m picollm.report compare runs=[DIR,DIR,...] [out=DIR]   (--help after compare for its settings)
 Writes DIR/report.md with loss.png, throughput.png and lr.png; samples=true adds samples for
 the run's sample.prompts from the latest (or the given) checkpoint. Exit status 3: a file of
 the report could not be written (e.g. a read-only DIR); the message names it."""
 
 
+@dataclass
+class ReportArgs:
+    run_dir: str = cli.required("the run to report on")
+    samples: bool = cli.setting(False, "add samples for the run's sample.prompts (loads the model)")
+    checkpoint: Optional[str] = cli.setting(None, "the checkpoint the samples come from (step or path)",
+                                            shown="the newest valid one")
+
+
 def _report_run(argv: list[str]) -> None:
-    args = parse_args(argv, {"run_dir": str, "samples": boolean, "checkpoint": str}, RUN_USAGE, required=("run_dir",))
+    args = cli.parse(argv, "report run", RUN_USAGE, ReportArgs)
     try:
-        samples = run_samples(args["run_dir"], args.get("checkpoint")) if args.get("samples") else None
-        path = write_report(args["run_dir"], samples)
+        samples = run_samples(args.run_dir, args.checkpoint) if args.samples else None
+        path = write_report(args.run_dir, samples)
     except NotSavedError as err:
         _not_saved(err)
     except (RunError, ValueError) as err:
@@ -369,7 +381,8 @@ def plot_compare(summaries: list[dict], labels: list[str], key: str, xlabel: str
 def write_compare(run_dirs: list[Union[str, Path]], out: Union[str, Path] = "compare") -> Path:
     """out/compare.md (one table, one row per run) with val_loss_vs_tokens.png and val_loss_vs_flops.png."""
     if not run_dirs:
-        raise RunError("no runs to compare; pass run directories, e.g. python -m picollm.report compare runs/a runs/b.")
+        raise RunError("no runs to compare; pass run directories, e.g. python -m picollm.report compare "
+                       "runs=[runs/a,runs/b].")
     summaries = [run_summary(Path(d)) for d in run_dirs]
     labels = run_labels([s["run_dir"] for s in summaries])
     out = Path(out).expanduser()
@@ -388,19 +401,21 @@ def write_compare(run_dirs: list[Union[str, Path]], out: Union[str, Path] = "com
     return path
 
 
-COMPARE_USAGE = """usage: python -m picollm.report compare RUN_DIR RUN_DIR ... [out=DIR]
+COMPARE_USAGE = """usage: python -m picollm.report compare runs=[RUN_DIR,RUN_DIR,...] [out=DIR]
 Writes DIR/compare.md (default DIR: compare/) with one table of every run (N, D, D/N, C, steps,
 val_loss, val_bpb, wall clock, tok/s, MFU) and val loss vs tokens / FLOPs plots overlaying all runs."""
 
 
+@dataclass
+class CompareArgs:
+    runs: List[str] = cli.setting([], "the run directories, one row each")
+    out: str = cli.setting("compare", "the folder for compare.md and the plots")
+
+
 def _compare(argv: list[str]) -> None:
-    if any(a in ("-h", "--help") for a in argv):
-        print(COMPARE_USAGE)
-        raise SystemExit(0)
-    settings = parse_args([a for a in argv if a.startswith("out=")], {"out": str}, COMPARE_USAGE)
-    run_dirs = [a for a in argv if not a.startswith("out=")]
+    args = cli.parse(argv, "report compare", COMPARE_USAGE, CompareArgs)
     try:
-        path = write_compare(run_dirs, settings.get("out", "compare"))
+        path = write_compare(list(args.runs), args.out)
     except NotSavedError as err:
         _not_saved(err)
     except (RunError, ValueError, KeyError) as err:
@@ -408,7 +423,8 @@ def _compare(argv: list[str]) -> None:
     print(f"wrote {path}")
 
 
-# Subcommands: `python -m picollm.report [NAME] key=value ...`; without a name, "run".
+# Subcommands: `python -m picollm.report [NAME] key=value ...`; without a name, "run". Each parses
+# its own settings through picollm.cli.
 COMMANDS: dict[str, Callable[[list[str]], None]] = {"run": _report_run, "compare": _compare}
 
 

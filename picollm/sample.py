@@ -1,6 +1,6 @@
 """Sample text from a trained run, streaming it as it is generated.
 
-    python -m picollm.sample run_dir=runs/cpu prompt="def fib(n):" max_tokens=100 temperature=0.8 top_k=50 seed=0
+    python -m picollm.sample run_dir=runs/cpu prompt='"def fib(n):"' max_tokens=100 temperature=0.8 top_k=50 seed=0
 
 The prompt is prefixed with BOS (every training document starts with it), and the same
 seed gives the same text. Settings left out come from the run's ``sample`` config.
@@ -11,18 +11,35 @@ from __future__ import annotations
 import codecs
 import math
 import sys
+from dataclasses import dataclass
 from typing import Iterator, Optional
 
 import torch
 
-from picollm import hardware
+from picollm import cli, hardware
 from picollm.config import device_name
-from picollm.runs import LoadedRun, RunError, load_run, optional_int, parse_args
+from picollm.runs import LoadedRun, RunError, load_run
 
-USAGE = """usage: python -m picollm.sample run_dir=DIR prompt="TEXT" [max_tokens=N] [temperature=T] [top_k=K|none]
+USAGE = """usage: python -m picollm.sample run_dir=DIR prompt='"TEXT"' [max_tokens=N] [temperature=T] [top_k=K|null]
                               [seed=S] [checkpoint=STEP|PATH] [device=auto|cpu|cuda]
 Streams the model's continuation of TEXT; unset settings come from the run's config (sample.*).
-temperature=0 is greedy decoding; top_k=none samples from the full distribution."""
+temperature=0 is greedy decoding; top_k=null samples from the full distribution."""
+
+
+@dataclass
+class SampleArgs:
+    run_dir: str = cli.required("the run to sample from")
+    prompt: str = cli.required("the text to continue; quote it for spaces or punctuation: prompt='\"def f(x):\"'")
+    max_tokens: int = cli.from_run("sample.max_tokens", "tokens to generate at most")
+    temperature: float = cli.from_run("sample.temperature", "0 is greedy decoding")
+    top_k: Optional[int] = cli.from_run("sample.top_k", "sample among the k likeliest tokens; null: all")
+    seed: int = cli.from_run("sample.seed", "the same seed gives the same text")
+    checkpoint: Optional[str] = cli.setting(None, "a step number or a checkpoint path", shown="the newest valid one")
+    device: str = cli.setting("auto", "auto, cpu, cuda or cuda:N")
+
+
+# The settings a run's config supplies when the command line leaves them out (run.config.sample).
+RUN_DEFAULTS = {"max_tokens": 64, "temperature": 0.8, "top_k": 50, "seed": 0}
 
 
 class SampleError(ValueError):
@@ -42,12 +59,12 @@ def _check(prompt: str, max_tokens: int, temperature: float, top_k: Optional[int
         raise SampleError(f"seed={seed} must be from 0 to 2**63 - 1.")
 
 
-def _check_arguments(args: dict) -> None:
+def _check_arguments(args) -> None:
     """The command's own arguments, before the model loads; unset ones come from the run's
     config, which load_config already checked."""
-    _check(args["prompt"], args.get("max_tokens", 1), args.get("temperature", 0.0), args.get("top_k"),
-           args.get("seed", 0))
-    if problem := device_name("device", args.get("device", "auto")):
+    value = lambda key, fallback: args[key] if cli.given(args, key) else fallback
+    _check(args.prompt, value("max_tokens", 1), value("temperature", 0.0), value("top_k", None), value("seed", 0))
+    if problem := device_name("device", args.device):
         raise SampleError(problem)
 
 
@@ -83,18 +100,14 @@ def generate_text(run: LoadedRun, prompt: str, max_tokens: int = 64, temperature
 
 
 def main(argv: Optional[list] = None) -> None:
-    args = parse_args(sys.argv[1:] if argv is None else argv,
-                      {"run_dir": str, "prompt": str, "max_tokens": int, "temperature": float, "top_k": optional_int,
-                       "seed": int, "checkpoint": str, "device": str},
-                      USAGE, required=("run_dir", "prompt"))
+    args = cli.parse(argv, "sample", USAGE, SampleArgs)
     try:
         _check_arguments(args)  # fail before loading the model
-        run = load_run(args["run_dir"], args.get("checkpoint"), hardware.pick_device(args.get("device", "auto")))
+        run = load_run(args.run_dir, args.checkpoint, hardware.pick_device(args.device))
         defaults = run.config.get("sample") or {}
-        settings = {k: args.get(k, defaults.get(k, fallback))
-                    for k, fallback in (("max_tokens", 64), ("temperature", 0.8), ("top_k", 50), ("seed", 0))}
-        sys.stdout.write(args["prompt"])
-        for piece in stream_text(run, args["prompt"], **settings):
+        settings = {k: args[k] if cli.given(args, k) else defaults.get(k, fallback) for k, fallback in RUN_DEFAULTS.items()}
+        sys.stdout.write(args.prompt)
+        for piece in stream_text(run, args.prompt, **settings):
             sys.stdout.write(piece)
             sys.stdout.flush()
         sys.stdout.write("\n")

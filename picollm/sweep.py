@@ -64,7 +64,8 @@ import numpy as np
 from omegaconf import DictConfig
 
 from picollm import checkpoint as ckpt
-from picollm.config import ConfigError, load_config, parse_cli
+from picollm import cli
+from picollm.config import ConfigError, load_config
 from picollm.hardware import describe
 from picollm.model import GPTConfig
 from picollm.optim import lr_at
@@ -588,10 +589,13 @@ def summary_markdown(summary: dict, rows: list[dict]) -> str:
     return "\n".join(lines) + "\n"
 
 
+USAGE = ("usage: python -m picollm.sweep sweep.budgets=[1e12,3e12] sweep.sizes=5 sweep.dir=DIR "
+         "[overrides for every run...]")
+
+
 def main(argv: Optional[list] = None) -> None:
-    overrides = parse_cli(sys.argv[1:] if argv is None else argv,
-                          "usage: python -m picollm.sweep sweep.budgets=[1e12,3e12] sweep.sizes=5 sweep.dir=DIR "
-                          "[overrides for every run...]")
+    overrides = list(sys.argv[1:] if argv is None else argv)
+    cfg = cli.parse(overrides, "sweep", USAGE)  # exits on --help, --cfg job or bad input; else argv is overrides
     try:
         summary = run_sweep(overrides)
     except (ConfigError, ValueError) as err:
@@ -599,7 +603,7 @@ def main(argv: Optional[list] = None) -> None:
     except Interrupted as stop:
         print("sweep stopped; rerun the same command to continue (the interrupted point resumes from its checkpoint).")
         raise SystemExit(128 + stop.signum)
-    print((Path(load_config(overrides).sweep.dir) / "summary.md").read_text())
+    print((Path(cfg.sweep.dir) / "summary.md").read_text())
     if summary["failed"]:
         print(f"{len(summary['failed'])} point(s) failed: {', '.join(summary['failed'])}; rerun to retry them.")
 

@@ -30,7 +30,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from picollm import checkpoint as ckpt
 from picollm import dist, hardware, parallel
-from picollm.config import ConfigError, load_config, parse_cli
+from picollm import cli
+from picollm.config import ConfigError
 from picollm.data.loader import PackedLoader, TokenStream
 from picollm.data.prepare import (PreparationInterrupted, PreparedData, check_fits, load_prepared, prepare_data,
                                   validate_tokenizer_config)
@@ -739,17 +740,20 @@ def _copy_tokenizer(data: PreparedData, run_dir: Path) -> None:
         (run_dir / "tokenizer.json").write_text(json.dumps({"tiktoken": data.tokenizer_ref}))
 
 
+USAGE = ("usage: python -m picollm.train [overrides...]   e.g. budget.minutes=10 run_dir=runs/x\n"
+         "       python -m picollm.train -m run_dir=runs/grid model.depth=2,3   (one run per value, in turn)")
+
+
 def main(argv: Optional[list] = None) -> None:
-    overrides = parse_cli(sys.argv[1:] if argv is None else argv,
-                          "usage: python -m picollm.train [overrides...]   e.g. budget.minutes=10 run_dir=runs/x")
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        _exit_now(lambda: _main(overrides))
-    _main(overrides)
+        _exit_now(lambda: _main(argv))
+    _main(argv)
 
 
-def _main(overrides: list) -> None:
+def _main(argv: Optional[list]) -> None:
     try:
-        run(load_config(overrides))
+        for cfg in cli.parse_runs(argv, "train", USAGE):  # one config, or one per -m point
+            run(cfg)
     except (ConfigError, TrainError, ckpt.CheckpointError) as err:
         raise SystemExit(f"error: {err}")
     except Interrupted as stop:

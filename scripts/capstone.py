@@ -225,7 +225,7 @@ def report(spec: dict, summary: dict, pred: dict, measured: float | None, out: P
         iv = (par.get("intervals") or {}).get("a")
         lines.append(f"- Approach 3 (parametric law): a = beta/(alpha+beta) = {par['a']:.3f}"
                      + (f" (95% [{iv[0]:.3f}, {iv[1]:.3f}])" if iv else ""))
-    lines.append(f"Approach 1 and the three side by side: `python -m picollm.fit {out / 'sweep' / sweep.RESULTS}`.")
+    lines.append(f"Approach 1 and the three side by side: `python -m picollm.fit results={out / 'sweep' / sweep.RESULTS}`.")
     lines += ["", "## Held-out prediction", "",
               f"Budget C = {pred['compute']:.3g} ({HELD_OUT_FACTOR:g}x the largest); N_opt {pred['n_target']:,.0f} from "
               f"{pred['n_source']} -> {pred['name']} (N={pred['n_params']:,}, D={pred['n_tokens']:,}).",

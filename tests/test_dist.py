@@ -239,7 +239,7 @@ def test_fsdp_bf16_from_the_console_script_and_consolidation_into_one_file(tmp_p
     assert json.loads((run_dir / "plan.json").read_text())["dtype"] == "bf16"
 
     out_file = tmp_path / "whole.pt"
-    cli = subprocess.run([sys.executable, "-m", "picollm.checkpoint", str(ckpt.step_path(run_dir, 6)), str(out_file)],
+    cli = subprocess.run([sys.executable, "-m", "picollm.checkpoint", f"src={ckpt.step_path(run_dir, 6)}", f"out={out_file}"],
                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert cli.returncode == 0, cli.stderr
     assert ckpt.verify(out_file) is None
@@ -250,7 +250,7 @@ def test_fsdp_bf16_from_the_console_script_and_consolidation_into_one_file(tmp_p
     # It is an ordinary checkpoint: evaluation loads it like any step_*.pt.
     loaded = load_run(run_dir, checkpoint=out_file)
     assert loaded.plan["steps"] == 6
-    bad = subprocess.run([sys.executable, "-m", "picollm.checkpoint", str(out_file), str(tmp_path / "x.pt")],
+    bad = subprocess.run([sys.executable, "-m", "picollm.checkpoint", f"src={out_file}", f"out={tmp_path / 'x.pt'}"],
                          cwd=REPO, capture_output=True, text=True, env={**os.environ, "PYTHONPATH": str(REPO)})
     assert bad.returncode != 0 and "is not a sharded checkpoint folder" in bad.stderr
 

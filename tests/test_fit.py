@@ -252,7 +252,7 @@ def test_cli_end_to_end(tmp_path, capsys):
     rows = [{"n_params": a, "n_tokens": b, "compute": x, "val_loss": y}
             for a, b, x, y in zip(n, d, c, loss)]
     table = _write_table(tmp_path, "csv", rows)
-    assert main([str(table), "--out", str(tmp_path / "out")]) == 0
+    assert main([f"results={table}", f"out={tmp_path / 'out'}"]) == 0
     text = capsys.readouterr().out
     assert "alpha" in text and "N_opt ~ C^a" in text
     for name in ("isoflop.png", "optimal_allocation.png", "predicted_vs_measured.png"):
@@ -275,21 +275,21 @@ def test_cli_bad_results_file_gets_one_sentence(tmp_path, capsys, content, messa
     path = tmp_path / "results.csv"
     if content is not None:
         path.write_text(content)
-    assert main([str(path), "--out", str(tmp_path / "out")]) == 1
+    assert main([f"results={path}", f"out={tmp_path / 'out'}"]) == 1
     out, err = capsys.readouterr()
     assert err.startswith("error: " + message.format(path=path)) and len(err.strip().splitlines()) == 1
     assert out == "" and not (tmp_path / "out").exists()
 
 
 def test_cli_folder_and_unwritable_out(tmp_path, capsys):
-    assert main([str(tmp_path)]) == 1
+    assert main([f"results={tmp_path}"]) == 1
     assert capsys.readouterr().err == (f"error: results file {tmp_path} is a folder; give the table inside it, "
                                        f"e.g. {tmp_path / 'results.jsonl'}.\n")
     c, n, d, loss = _isoflop_sweep(TRUE, np.geomspace(1e17, 1e20, 3), noise=0.001)
     table = _write_table(tmp_path, "csv", [{"n_params": a, "n_tokens": b, "val_loss": y} for a, b, y in zip(n, d, loss)])
     blocker = tmp_path / "file"
     blocker.write_text("")
-    assert main([str(table), "--out", str(blocker / "plots")]) == 1
+    assert main([f"results={table}", f"out={blocker / 'plots'}"]) == 1
     assert capsys.readouterr().err.startswith(f"error: could not write {blocker / 'plots'} (Not a directory); "
                                               "give --out a writable folder.")
 
@@ -336,7 +336,7 @@ def test_sweep_results_group_by_the_nominal_budget(tmp_path):
 @pytest.mark.slow
 def test_cli_fits_a_sweeps_results_jsonl(tmp_path, capsys):
     path, _ = _sweep_results(tmp_path)
-    assert main([str(path), "--out", str(tmp_path / "out")]) == 0
+    assert main([f"results={path}", f"out={tmp_path / 'out'}"]) == 0
     text = capsys.readouterr().out
     assert "15 runs from" in text and "note: " in text and "dropped 1 run(s) whose status is not ok" in text
     assert "IsoFLOP profiles (runs grouped by the nominal budget column)" in text
@@ -538,7 +538,7 @@ def _wsd_table(tmp_path: Path, seeds: int = 1) -> Path:
 @pytest.mark.slow  # three fits with 30 bootstrap resamples each, and four plots
 def test_cli_reports_three_approaches_side_by_side(tmp_path, capsys):
     table = _wsd_table(tmp_path, seeds=2)
-    assert main([str(table), "--out", str(tmp_path / "out"), "--bootstrap", "30"]) == 0
+    assert main([f"results={table}", f"out={tmp_path / 'out'}", "bootstrap=30"]) == 0
     text = capsys.readouterr().out
     for approach in ("Approach 1", "Approach 2", "Approach 3"):
         line = next(x for x in text.split("side by side")[1].splitlines() if x.strip().startswith(approach + ":"))

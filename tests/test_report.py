@@ -116,7 +116,7 @@ def test_streamed_text_equals_decoding_the_tokens(loaded) -> None:
 
 
 def test_sample_cli_streams_prompt_and_continuation(run_dir: Path, loaded, capsys) -> None:
-    sample.main([f"run_dir={run_dir}", "prompt=def ", "max_tokens=12", "seed=5", "temperature=1.0", "top_k=none"])
+    sample.main([f"run_dir={run_dir}", "prompt='def '", "max_tokens=12", "seed=5", "temperature=1.0", "top_k=null"])
     out = capsys.readouterr().out
     assert out == "def " + sample.generate_text(loaded, "def ", 12, 1.0, None, 5) + "\n"
 
@@ -311,7 +311,7 @@ def test_compare_two_runs(run_dir: Path, tmp_path: Path, capsys) -> None:
             "data.max_docs=100", "data.val_tokens=4096", "train.steps=2", "train.batch_tokens=256",
             "train.eval_every=1", "train.eval_tokens=512", "train.num_threads=1", f"run_dir={other}"]))
     out = tmp_path / "cmp"
-    report.main(["compare", str(run_dir), str(other), f"out={out}"])
+    report.main(["compare", f"runs=[{run_dir},{other}]", f"out={out}"])
     assert "wrote" in capsys.readouterr().out
     text = (out / "compare.md").read_text()
     assert len([line for line in text.splitlines() if line.startswith("|")]) == 4  # header, rule, 2 runs
@@ -329,9 +329,9 @@ def test_compare_errors(tmp_path: Path, monkeypatch) -> None:
     with pytest.raises(SystemExit, match="no runs to compare"):
         report.main(["compare"])
     with pytest.raises(SystemExit, match="has no plan.json"):
-        report.main(["compare", str(tmp_path)])
+        report.main(["compare", f"runs=[{tmp_path}]"])
     with pytest.raises(SystemExit, match="does not exist"):
-        report.main(["compare", str(tmp_path / "nope")])
+        report.main(["compare", f"runs=[{tmp_path / 'nope'}]"])
     assert not (tmp_path / "compare").exists()  # nothing written when a run is unusable
 
 
@@ -354,7 +354,7 @@ def test_compare_names_the_folder_it_could_not_create(run_dir: Path, tmp_path: P
     blocker = tmp_path / "file"
     blocker.write_text("not a folder")
     with pytest.raises(SystemExit) as err:
-        report.main(["compare", str(run_dir), f"out={blocker / 'cmp'}"])
+        report.main(["compare", f"runs=[{run_dir}]", f"out={blocker / 'cmp'}"])
     assert err.value.code == 3
     assert capsys.readouterr().err.startswith(f"error: could not write {blocker / 'cmp'} (Not a directory), "
                                               "so the comparison is not saved")

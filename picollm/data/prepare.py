@@ -1006,13 +1006,12 @@ def main(argv: list[str] | None = None) -> None:
     """`python -m picollm.data.prepare [overrides]`: train the tokenizer and write the shards
     a run's plan needs (the speedrun's tokenizer and data stages). Reuses what exists, and
     continues what an interrupted run of it left."""
-    from picollm.config import ConfigError, load_config, parse_cli
+    from picollm import cli
+    from picollm.config import ConfigError
     from picollm.plan import plan_from_config
 
-    overrides = parse_cli(sys.argv[1:] if argv is None else argv,
-                          "usage: python -m picollm.data.prepare [overrides...]  (the same overrides as train)")
+    cfg = cli.parse(argv, "prepare", "usage: python -m picollm.data.prepare [overrides...]  (the same overrides as train)")
     try:
-        cfg = load_config(overrides)
         validate_tokenizer_config(cfg.tokenizer)
         plan = plan_from_config(cfg)
         data = prepare_data(cfg.data, cfg.tokenizer, plan.stream_tokens)
