@@ -285,6 +285,24 @@ def save_sharded(run_dir: Path, step: int, tensors: dict, train_state: dict, is_
     return final
 
 
+def save_training_state(run_dir: Path, step: int, state: dict, sharded: bool, is_main: bool, keep: int = 2,
+                        extra_keep: Optional[int] = None) -> None:
+    """Collective: the checkpoint after ``step`` in the layout the run's parallelism needs.
+    Sharded (FSDP): a DCP folder every rank writes its shards into (``model`` and
+    ``optimizer`` are taken out of ``state``). Otherwise one file that rank 0 writes. A
+    failed write raises CheckpointError on every rank and leaves the earlier checkpoints."""
+    if sharded:
+        tensors = {"model": state.pop("model"), "optimizer": state.pop("optimizer")}
+        save_sharded(run_dir, step, tensors, state, is_main, keep=keep, extra_keep=extra_keep)
+        return
+    from picollm import dist
+
+    def write() -> None:  # on rank 0; every rank learns whether it worked
+        save_checkpoint(run_dir, step, state, keep=keep, extra_keep=extra_keep)
+
+    dist.from_main(write, catch=(CheckpointError,), raise_as=CheckpointError)
+
+
 def _to_bytes(obj) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)

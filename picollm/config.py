@@ -123,9 +123,14 @@ class TrainSchema:
     rollback_lr_scale: float = 0.5
     max_rollbacks: int = 3
     spike_sigmas: float = 6.0  # a loss this many running std devs above its running mean is a spike
-    # Fault injection for tests and drills: make these steps' loss NaN / gradients inf once.
-    inject_nan_loss: List[int] = field(default_factory=list)
-    inject_inf_grad: List[int] = field(default_factory=list)
+
+
+@dataclass
+class DebugSchema:
+    """Fault injection for tests and drills, not for training: the loss of each listed step
+    becomes NaN, or one gradient element inf, once (a rollback replays the step cleanly)."""
+    nan_loss_at_steps: List[int] = field(default_factory=list)
+    inf_grad_at_steps: List[int] = field(default_factory=list)
 
 
 @dataclass
@@ -203,6 +208,7 @@ class Config:
     plan: PlanSchema = field(default_factory=PlanSchema)
     calc: CalcSchema = field(default_factory=CalcSchema)
     sweep: SweepSchema = field(default_factory=SweepSchema)
+    debug: DebugSchema = field(default_factory=DebugSchema)
     extra: Any = None  # free-form slot for experiment notes
 
 
@@ -368,12 +374,12 @@ RULES: dict[str, Rule] = {
     "train.rollback_lr_scale": number(0, 1, lo_open=True),
     "train.max_rollbacks": at_least(0),
     "train.spike_sigmas": positive(),
-    "train.inject_nan_loss": each(at_least(0)),
-    "train.inject_inf_grad": each(at_least(0)),
     "sample.max_tokens": at_least(1),
     "sample.temperature": number(0, text="at least 0 (0 is greedy decoding)"),
     "sample.top_k": at_least(1, nullable=True),
     "sample.seed": SEED,
+    "debug.nan_loss_at_steps": each(at_least(0)),
+    "debug.inf_grad_at_steps": each(at_least(0)),
     "wandb.mode": one_of("disabled", "offline", "online"),
     "plan.format": one_of("text", "json"),
     "plan.law": _lazy_one_of("picollm.scaling", "LAWS", path="a path to a fitted law's JSON (a sweep's summary.json)"),

@@ -145,6 +145,22 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+def from_main(work: Callable[[], Any], catch: tuple = (), raise_as: type = RuntimeError) -> Any:
+    """Rank 0 does ``work`` and every rank gets its result (a plan, a path, a flag). If it
+    raises one of ``catch``, every rank raises ``raise_as`` with that sentence, so all ranks
+    stop together with the same message. A world of one simply does the work."""
+    result, error = None, None
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        try:
+            result = work()
+        except catch as err:
+            error = str(err)
+    result, error = broadcast_object((result, error))
+    if error is not None:
+        raise raise_as(error)
+    return result
+
+
 # ----------------------------------------------------------------------------- slow waits
 
 WAIT_LIMIT = datetime.timedelta(hours=12)  # data preparation at GPU scale takes tens of minutes, not hours
@@ -154,6 +170,23 @@ def publish(key: str, value: Any) -> None:
     """Make ``value`` readable by every rank's ``wait_for(key)``; no-op in a world of one."""
     if _store is not None:
         _store.set(key, pickle.dumps(value))
+
+
+def from_each_node(info: DistInfo, key: str, work: Callable[[], dict], what: str, catch: tuple = ()) -> list[dict]:
+    """Node-local work, such as data in a cache each node keeps: the first process of every
+    node runs ``work`` and publishes its outcome (a small picklable dict); every rank then
+    waits for all nodes through the store, without a collective timeout, and gets their
+    outcomes in node order. A failure in ``catch`` is published as ``{"error": sentence}``
+    (so the other nodes stop too) and re-raised on the node that hit it."""
+    if info.local_rank == 0:
+        try:
+            outcome = work()
+        except catch as err:
+            sentence = str(err) or f"node {info.node} was interrupted before it could {what}"
+            publish(f"{key}/node{info.node}", {"error": sentence})
+            raise
+        publish(f"{key}/node{info.node}", outcome)
+    return [wait_for(f"{key}/node{n}", f"node {n}'s first process to {what}") for n in range(info.n_nodes)]
 
 
 def wait_for(key: str, what: str, limit: datetime.timedelta = WAIT_LIMIT, poll_s: float = 1.0,

@@ -124,8 +124,33 @@ class EvalError(RuntimeError):
 
 
 def find_prepared(run: LoadedRun) -> PreparedData:
-    """The prepared data a run trained on: the directory its tokenizer came from, else
-    where prepare_data puts data for the run's config (a tiktoken tokenizer has no file)."""
+    """The prepared data a run trained on: the directory its plan recorded. Runs from before
+    the plan recorded it: the directory its tokenizer came from, else where prepare_data
+    puts data for the run's config (a tiktoken tokenizer has no file)."""
+    if run.plan.get("data_dir"):
+        candidates = [Path(run.plan["data_dir"])]
+    else:
+        candidates = _derived_data_dirs(run)
+    for directory in candidates:
+        if not (directory / "meta.json").is_file():
+            continue
+        try:
+            data = load_prepared(directory)
+        except (ValueError, RuntimeError, OSError) as err:
+            raise EvalError(f"the prepared data in {directory} is damaged ({err})") from None
+        if run.plan.get("data_key") and data.meta.get("key") != run.plan["data_key"]:
+            raise EvalError(f"the prepared data in {directory} was rebuilt with other settings than run_dir "
+                            f"{run.run_dir} trained on; rerun the run's training command to rebuild it.")
+        if data.meta["tokenizer"]["fingerprint"] != tokenizer_fingerprint(run.tokenizer):
+            raise EvalError(f"the prepared data in {directory} was tokenized with a different tokenizer than "
+                            f"run_dir {run.run_dir}; rerun the run's training command to rebuild it.")
+        return data
+    where = " or ".join(str(d) for d in candidates) or "the data cache"
+    raise EvalError(f"the prepared data of run_dir {run.run_dir} is missing (looked in {where}); rerun the run's "
+                    "training command (same settings) to rebuild it: a finished run only re-prepares its data.")
+
+
+def _derived_data_dirs(run: LoadedRun) -> list[Path]:
     candidates = []
     ref = Path(run.tokenizer_ref)
     if ref.name == "tokenizer.json":
@@ -135,20 +160,7 @@ def find_prepared(run: LoadedRun) -> PreparedData:
         candidates.append(default_dir(cfg.data, cfg.tokenizer, dataset_key(cfg.data, cfg.tokenizer)))
     except (ValueError, OSError):  # e.g. a files source whose files are gone: the first candidate may still do
         pass
-    for directory in candidates:
-        if not (directory / "meta.json").is_file():
-            continue
-        try:
-            data = load_prepared(directory)
-        except (ValueError, RuntimeError, OSError) as err:
-            raise EvalError(f"the prepared data in {directory} is damaged ({err})") from None
-        if data.meta["tokenizer"]["fingerprint"] != tokenizer_fingerprint(run.tokenizer):
-            raise EvalError(f"the prepared data in {directory} was tokenized with a different tokenizer than "
-                            f"run_dir {run.run_dir}; rerun the run's training command to rebuild it.")
-        return data
-    where = " or ".join(str(d) for d in candidates) or "the data cache"
-    raise EvalError(f"the prepared data of run_dir {run.run_dir} is missing (looked in {where}); rerun the run's "
-                    "training command (same settings) to rebuild it: a finished run only re-prepares its data.")
+    return candidates
 
 
 def evaluate_run(run: LoadedRun, max_tokens: Optional[int] = None, dtype: str = "auto") -> dict:

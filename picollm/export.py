@@ -1,4 +1,6 @@
-"""Export a run as a Hugging Face model folder that loads with no custom code.
+"""A run's weights outside its checkpoints: the run's own ``model.safetensors``, written at
+the end of training (``export_weights`` / ``load_weights``), and a Hugging Face model
+folder that loads with no custom code:
 
     python -m picollm.export run_dir=runs/cpu out=hf/cpu [checkpoint=STEP|PATH]
 
@@ -27,6 +29,29 @@ from picollm.tokenizer import _parts
 
 class ExportError(RuntimeError):
     """A run that cannot be exported as asked; the message says why and what to do."""
+
+
+# ----------------------------------------------------------------------------- run_dir/model.safetensors
+
+def export_weights(model: GPT, run_dir: Path) -> None:
+    """The final model as safetensors plus its JSON config: loadable with ``load_weights``
+    and no optimizer state."""
+    from safetensors.torch import save_model
+
+    tmp = run_dir / f".model.safetensors.{os.getpid()}.tmp"
+    save_model(model, str(tmp))  # handles gpt2's tied embedding/head
+    os.replace(tmp, run_dir / "model.safetensors")
+    (run_dir / "model_config.json").write_text(json.dumps(model.config_dict(), indent=2))
+
+
+def load_weights(run_dir: Union[str, Path], device="cpu") -> GPT:
+    """The model ``export_weights`` wrote into ``run_dir``, on ``device``."""
+    from safetensors.torch import load_model
+
+    cfg = GPTConfig(**json.loads((Path(run_dir) / "model_config.json").read_text()))
+    model = GPT(cfg)
+    load_model(model, str(Path(run_dir) / "model.safetensors"), device=str(device))
+    return model.to(device)
 
 
 # ----------------------------------------------------------------------------- config.json

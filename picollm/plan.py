@@ -26,7 +26,7 @@ import os
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -158,8 +158,11 @@ def estimate_memory(gcfg: GPTConfig, micro_batch: int, dtype: str, activation_ch
     return parts
 
 
-@dataclass
+@dataclass(frozen=True)
 class Plan:
+    """Everything a run trains by. Made once and never changed: ``plan_for_run`` drafts it
+    before any data work (a fresh ``make_plan``, or the plan a rerun or resume recorded),
+    ``final_plan`` completes it from the data and the process group."""
     model: dict
     n_params: int
     n_params_total: int
@@ -194,24 +197,14 @@ class Plan:
     dtype_reason: str = ""  # why this dtype (auto on CPU: measured); a resume keeps plan.dtype
     time_budget: Optional[dict] = None  # budget.minutes: seconds by part (start-up, probes, evals, training)
     optimizer: str = "adamw"  # for the card: which optimizer and, for muon, its LR multiple
+    data_dir: Optional[str] = None  # the prepared data the run trains on (evaluation reads it from here)
+    data_key: Optional[str] = None  # what identifies that data: its meta.json key (settings + tokenizer)
 
     def to_dict(self) -> dict:
         return asdict(self)
 
     def gpt_config(self) -> GPTConfig:
         return GPTConfig(**self.model)
-
-    def with_data(self, train_tokens: int, corpus_exhausted: bool) -> "Plan":
-        """Fill in epochs once the data is prepared (only known then)."""
-        self.data_tokens = int(min(train_tokens, self.stream_tokens))
-        train_tokens = self.data_tokens
-        self.epochs = self.n_tokens / train_tokens if corpus_exhausted else min(1.0, self.n_tokens / train_tokens)
-        if self.epochs > 4:
-            msg = (f"the run repeats its data {self.epochs:.1f} times (more than ~4 epochs stops helping, "
-                   "Muennighoff et al. 2023); use a larger corpus or a smaller budget.")
-            self.warnings.append(msg)
-            warnings.warn(msg)
-        return self
 
     def card(self) -> str:
         g = self.model
@@ -292,29 +285,36 @@ def make_plan(cfg: DictConfig, device_info, world_size: int = 1,
     )
 
 
-# Settings that may change between the plan and a resume without changing the run.
-HARMLESS = ("train.eval_every", "train.save_every", "train.save_at", "train.log_every", "train.keep_checkpoints", "train.resume",
-            "train.eval_tokens", "train.num_threads", "train.compile", "train.device", "wandb", "sample", "plan",
-            "run_dir", "budget.probe_seconds", "data.cache_dir", "extra", "train.max_bad_steps", "train.on_bad_steps",
-            "train.rollback_lr_scale", "train.max_rollbacks", "train.spike_sigmas", "train.inject_nan_loss",
-            "train.inject_inf_grad", "train.peak_flops", "train.report", "train.parallel",
-            "sweep", "calc")  # the sweep's and the calculator's own settings never change a run
+# The settings that define a run: a resume refuses a change to any of them (train.steps
+# alone extends the run), and the default run_dir is a hash of them. A group named with
+# None defines the run with every field; everything else (intervals, logging, retention,
+# devices, wandb, debug, sweep, extra, ...) may change between sessions of one run, so a
+# new setting is harmless unless it is added here. (data.workers and data.streaming do not
+# change the tokens; they stay so that existing default run_dir hashes keep their value.)
+DEFINING = {
+    "model": None,
+    "tokenizer": None,
+    "data": ("source", "paths", "format", "text_field", "hf_name", "hf_config", "hf_split", "streaming",
+             "val_fraction", "val_tokens", "max_docs", "workers"),
+    "budget": ("compute", "params", "tokens", "minutes", "tokens_per_param"),
+    "train": ("steps", "batch_tokens", "micro_batch", "lr", "min_lr_ratio", "schedule", "decay_frac", "decay_shape",
+              "warmup_steps", "warmup_frac", "weight_decay", "beta1", "beta2", "grad_clip", "dtype",
+              "activation_checkpointing", "optimizer", "muon_lr_ratio", "seed"),
+}
 
 
-def _strip_harmless(container: dict, ignore=HARMLESS) -> dict:
-    out = json.loads(json.dumps(container))
-    for key in ignore:
-        node, *rest = key.split(".")
-        if not rest:
-            out.pop(node, None)
-        elif isinstance(out.get(node), dict):
-            out[node].pop(rest[0], None)
-    return out
+def defining_settings(config: dict) -> dict:
+    """The part of a resolved config (a plain dict) that defines the run (a copy)."""
+    out = {}
+    for group, names in DEFINING.items():
+        node = config.get(group)
+        if isinstance(node, dict):
+            out[group] = {k: v for k, v in node.items() if names is None or k in names}
+    return json.loads(json.dumps(out))
 
 
-def config_changes(old: dict, new: dict, ignore=HARMLESS) -> list[str]:
-    """Dotted names of the fields that differ, ignoring the harmless ones by default."""
-    a, b = _strip_harmless(old, ignore), _strip_harmless(new, ignore)
+def _differences(a: dict, b: dict) -> list[str]:
+    """Dotted names (group.field, or a top-level key) of what differs between two config dicts."""
     changed = []
     for group in sorted(set(a) | set(b)):
         x, y = a.get(group), b.get(group)
@@ -325,52 +325,111 @@ def config_changes(old: dict, new: dict, ignore=HARMLESS) -> list[str]:
     return changed
 
 
-def plan_for_run(cfg: DictConfig, device: hardware.DeviceInfo, info: dist.DistInfo, run_dir: Path,
+def config_changes(old: dict, new: dict) -> list[str]:
+    """Dotted names of the run-defining fields that differ between two resolved configs."""
+    return _differences(defining_settings(old), defining_settings(new))
+
+
+def plan_for_run(cfg: DictConfig, device: hardware.DeviceInfo, ranks: dist.DistInfo, run_dir: Path,
                  resume_state: Optional[dict]) -> Plan:
-    """Reuse the plan saved in run_dir when the config is the same (a rerun, a resume,
-    a budget.minutes run that must not re-probe); otherwise plan afresh on rank 0."""
-    current = OmegaConf.to_container(cfg, resolve=True)
-    saved_cfg = run_dir / "config.yaml"
-    saved_plan = run_dir / "plan.json"
+    """The draft plan, made before any data work so that every refusal comes first: the
+    plan the resumed checkpoint recorded (if this config may continue it), the plan a rerun
+    of the same config saved in run_dir (a budget.minutes run must not re-probe), or a
+    fresh one made on rank 0. ``final_plan`` completes it."""
     if resume_state is not None:
-        changed = config_changes(resume_state["config"], current)
-        extend = changed == ["train.steps"]
-        if changed and not extend:
-            raise ConfigError(f"run_dir {run_dir} holds a run with a different {', '.join(changed)}; resuming would "
-                              "mix two runs. Restore those settings, or use a new run_dir.")
-        harmless = [c for c in config_changes(resume_state["config"], current, ignore=("run_dir",)) if c not in changed]
-        if harmless and info.is_main:
-            print(f"resuming with changed {', '.join(harmless)} (harmless: the run's data, model and schedule are unchanged)")
-        plan = Plan(**resume_state["plan"])
-        if extend:
-            if cfg.train.steps is None:  # the budget would re-derive a different run
-                old_steps = resume_state["config"]["train"]["steps"]
-                raise ConfigError(f"run_dir {run_dir} holds a run of train.steps={old_steps}; resume it with "
-                                  f"train.steps={old_steps} (or more, to extend it), or use a new run_dir.")
-            if cfg.train.steps < resume_state["step"]:
-                raise ConfigError(f"train.steps={cfg.train.steps} is below the {resume_state['step']} steps already done.")
-            print(f"extending the run from {plan.steps} to {cfg.train.steps} steps; the LR schedule is "
-                  "stretched to the new end and the data stream keeps its length (more epochs).")
-            plan.steps, plan.n_tokens = int(cfg.train.steps), int(cfg.train.steps) * plan.tokens_per_step
-            plan.compute = float(plan.n_tokens * plan.flops_per_token)
-        return plan
-    plan = None
-    if info.is_main and saved_plan.exists() and saved_cfg.exists():
-        old = OmegaConf.to_container(OmegaConf.load(saved_cfg), resolve=True)
-        if not config_changes(old, current):
-            plan = Plan(**json.loads(saved_plan.read_text()))
-            plan.warnings = []
-    error = None
-    if info.is_main and plan is None:
-        try:
-            plan = make_plan(cfg, device, world_size=info.world_size, measure_flops=_probe(cfg),
-                             measure_dtypes=_dtype_probe, startup_seconds=process_age())
-        except ConfigError as err:
-            error = str(err)
-    error = dist.broadcast_object(error)
-    if error:
-        raise ConfigError(error)
-    return dist.broadcast_object(plan)
+        draft = _resumed_plan(cfg, run_dir, resume_state, ranks.is_main)
+    else:
+        draft = dist.from_main(lambda: _saved_plan(cfg, run_dir) or make_plan(
+            cfg, device, world_size=ranks.world_size, measure_flops=_probe(cfg), measure_dtypes=_dtype_probe,
+            startup_seconds=process_age()), catch=(ConfigError,), raise_as=ConfigError)
+    accumulation(draft, ranks.world_size)  # refuses a world size that cannot split the batch, before data work
+    return draft
+
+
+def _saved_plan(cfg: DictConfig, run_dir: Path) -> Optional[Plan]:
+    """The plan saved in run_dir by a run of the same (defining) config, else None."""
+    saved_cfg, saved_plan = run_dir / "config.yaml", run_dir / "plan.json"
+    if not (saved_plan.exists() and saved_cfg.exists()):
+        return None
+    old = OmegaConf.to_container(OmegaConf.load(saved_cfg), resolve=True)
+    if config_changes(old, OmegaConf.to_container(cfg, resolve=True)):
+        return None
+    return replace(Plan(**json.loads(saved_plan.read_text())), warnings=[])  # final_plan finds them again
+
+
+def _resumed_plan(cfg: DictConfig, run_dir: Path, state: dict, say: bool) -> Plan:
+    """The plan the checkpoint recorded, when this config may continue it: no defining
+    field changed, or train.steps alone (an extension, applied by final_plan)."""
+    current = OmegaConf.to_container(cfg, resolve=True)
+    changed = config_changes(state["config"], current)
+    if changed and changed != ["train.steps"]:
+        raise ConfigError(f"run_dir {run_dir} holds a run with a different {', '.join(changed)}; resuming would "
+                          "mix two runs. Restore those settings, or use a new run_dir.")
+    if changed:
+        old_steps = state["config"]["train"]["steps"]
+        if cfg.train.steps is None:  # the budget would re-derive a different run
+            raise ConfigError(f"run_dir {run_dir} holds a run of train.steps={old_steps}; resume it with "
+                              f"train.steps={old_steps} (or more, to extend it), or use a new run_dir.")
+        if cfg.train.steps < state["step"]:
+            raise ConfigError(f"train.steps={cfg.train.steps} is below the {state['step']} steps already done.")
+    harmless = [c for c in _differences(state["config"], current) if c not in changed and c != "run_dir"]
+    if harmless and say:
+        print(f"resuming with changed {', '.join(harmless)} (harmless: the run's data, model and schedule are unchanged)")
+    return replace(Plan(**state["plan"]), warnings=[])  # final_plan finds them again
+
+
+@dataclass(frozen=True)
+class DataFacts:
+    """What the plan takes from the prepared data, known only once it is prepared."""
+    dir: str
+    key: str  # meta.json's key: the settings and tokenizer that determine the tokens
+    train_tokens: int
+    corpus_exhausted: bool
+
+    @classmethod
+    def of(cls, data) -> "DataFacts":
+        """From a picollm.data.prepare.PreparedData."""
+        return cls(str(data.dir), str(data.meta.get("key", "")), int(data.n_train_tokens), bool(data.corpus_exhausted))
+
+
+def final_plan(draft: Plan, data: DataFacts, world_size: int, steps: Optional[int]) -> Plan:
+    """The plan the run trains by, made once from the draft and what only this session
+    knows: ``steps`` (train.steps; a resumed run given a new number is extended: the LR
+    schedule stretches to the new end, the data stream keeps its length, so more epochs),
+    the accumulation split over ``world_size`` processes, and the prepared data."""
+    changes = {**_extension(draft, steps), **accumulation(draft, world_size)}
+    n_tokens = changes.get("n_tokens", draft.n_tokens)
+    data_tokens = int(min(data.train_tokens, draft.stream_tokens))
+    epochs = n_tokens / data_tokens if data.corpus_exhausted else min(1.0, n_tokens / data_tokens)
+    return replace(draft, **changes, data_tokens=data_tokens, epochs=epochs, data_dir=data.dir, data_key=data.key,
+                   warnings=list(draft.warnings) + _epoch_warnings(epochs))
+
+
+def _extension(plan: Plan, steps: Optional[int]) -> dict:
+    if steps is None or steps == plan.steps:
+        return {}
+    n_tokens = int(steps) * plan.tokens_per_step
+    return {"steps": int(steps), "n_tokens": n_tokens, "compute": float(n_tokens * plan.flops_per_token)}
+
+
+def accumulation(plan: Plan, world_size: int) -> dict:
+    """``world_size`` and ``accum_steps`` for a run on ``world_size`` processes: the global
+    batch and the sample order belong to the run, so only the accumulation split changes."""
+    per_step = world_size * plan.micro_batch
+    if plan.batch_seqs % per_step:
+        raise ConfigError(f"this run's global batch of {plan.batch_seqs} sequences cannot be split over "
+                          f"{world_size} processes x micro-batch {plan.micro_batch}; use a world size that divides "
+                          f"{plan.batch_seqs // plan.micro_batch}.")
+    return {"world_size": world_size, "accum_steps": plan.batch_seqs // per_step}
+
+
+def _epoch_warnings(epochs: float) -> list[str]:
+    if epochs <= 4:
+        return []
+    msg = (f"the run repeats its data {epochs:.1f} times (more than ~4 epochs stops helping, "
+           "Muennighoff et al. 2023); use a larger corpus or a smaller budget.")
+    warnings.warn(msg)
+    return [msg]
 
 
 def save_plan(run_dir: Path, cfg: DictConfig, plan: Plan) -> None:

@@ -278,11 +278,14 @@ def write_report(run_dir: Union[str, Path], samples: Optional[list[str]] = None)
     return out
 
 
-def run_samples(run_dir: Union[str, Path], checkpoint: Optional[str] = None) -> list[str]:
-    """Prompt + continuation for each of the run's configured sample.prompts."""
+def run_samples(run_dir: Union[str, Path], checkpoint: Optional[str] = None,
+                loaded: Optional["LoadedRun"] = None) -> list[str]:
+    """Prompt + continuation for each of the run's configured sample.prompts, from
+    ``loaded`` (e.g. the model training just finished, in memory), else from the
+    checkpoint (latest by default) loaded from disk."""
     from picollm.sample import generate_text  # sampling pulls in the model; only needed here
 
-    run = load_run(run_dir, checkpoint)
+    run = loaded if loaded is not None else load_run(run_dir, checkpoint)
     s = run.config.sample
     return [p + generate_text(run, p, s.max_tokens, s.temperature, s.top_k, s.seed) for p in s.prompts]
 

@@ -71,7 +71,8 @@ from picollm.model import GPTConfig
 from picollm.optim import lr_at
 from picollm.plan import make_plan, shape_kwargs, vocab_size_for
 from picollm.scaling import chinchilla_optimal
-from picollm.train import SAVED_AT, Interrupted, run
+from picollm.train import Interrupted, run
+from picollm.trainer import SAVED_AT
 
 RESULTS = "results.jsonl"
 # Keys the sweep sets per point; the same keys in the user's overrides would clash.

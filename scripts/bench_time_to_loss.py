@@ -224,7 +224,7 @@ def mean_loss(logits_fn, tokens: np.ndarray, ctx: int, rows: int = 32) -> float:
 
 def score_picollm(run_dir: Path, tokens: np.ndarray) -> tuple[float, int]:
     sys.path.insert(0, str(ROOT))
-    from picollm.train import load_weights
+    from picollm.export import load_weights
 
     model = load_weights(run_dir).float().eval()
     return mean_loss(lambda x, y: model(x), tokens, model.cfg.seq_len), model.cfg.seq_len

@@ -105,7 +105,7 @@ def test_fsdp_refuses_fp16_loss_scaling():
     ("train.on_bad_steps=retry", "train.on_bad_steps='retry' is unknown; use rollback or stop."),
     ("train.resume=/no/such/step.pt", "train.resume='/no/such/step.pt' is not auto or never and no such path "
                                       "exists; use auto, never or a path to a step_*.pt checkpoint."),
-    ("train.inject_nan_loss=[3,-1]", "train.inject_nan_loss[1]=-1 must be at least 0."),
+    ("debug.nan_loss_at_steps=[3,-1]", "debug.nan_loss_at_steps[1]=-1 must be at least 0."),
     ("data.val_fraction=0", "data.val_fraction=0.0 must be in (0, 1)."),
     ("data.val_fraction=1", "data.val_fraction=1.0 must be in (0, 1)."),
     ("data.workers=0", "data.workers=0 must be at least 1 (or null)."),

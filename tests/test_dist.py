@@ -17,7 +17,8 @@ import torch
 from picollm import checkpoint as ckpt
 from picollm.config import load_config
 from picollm.runs import load_run
-from picollm.train import load_weights, run
+from picollm.export import load_weights
+from picollm.train import run
 from tests.conftest import TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -197,7 +198,7 @@ def test_fsdp_matches_ddp_and_its_sharded_checkpoints_move_between_world_sizes(t
 def test_fsdp_bad_steps_skip_on_every_rank_and_roll_back_to_a_sharded_checkpoint(tmp_path):
     run_dir = tmp_path / "fsdp"
     torchrun(2, BASE + ["train.steps=8", "train.save_every=2", "train.keep_checkpoints=5", "train.parallel=fsdp",
-                        "train.inject_inf_grad=[3,4,5]", f"run_dir={run_dir}"])
+                        "debug.inf_grad_at_steps=[3,4,5]", f"run_dir={run_dir}"])
     final = json.loads((run_dir / "final.json").read_text())
     assert final["rollbacks"] == 1 and final["skipped_steps"] == 3 and final["steps"] == 8
     events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]

@@ -299,6 +299,25 @@ def test_a_rerun_keeps_the_recorded_dtype_without_probing(monkeypatch, tmp_path)
     assert again.dtype == "fp32" and again.dtype_reason == first.dtype_reason and len(calls) == 1
 
 
+def test_the_plan_is_made_once_and_never_changed():
+    """The draft is frozen; final_plan makes a new plan from it, the data and the world size."""
+    import dataclasses
+
+    from picollm.plan import DataFacts, final_plan
+    draft = plan("model=tiny", "budget.tokens=1e6", "train.batch_tokens=2048", world_size=2)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        draft.steps = 1
+    facts = DataFacts("/data/x", "key", train_tokens=draft.stream_tokens // 8, corpus_exhausted=True)
+    with pytest.warns(UserWarning, match="repeats its data"):
+        done = final_plan(draft, facts, world_size=1, steps=draft.steps * 2)
+    assert (draft.epochs, draft.data_dir, draft.world_size, draft.warnings) == (None, None, 2, [])
+    assert done.steps == 2 * draft.steps and done.n_tokens == 2 * draft.n_tokens  # a resumed run, extended
+    assert done.compute == done.n_tokens * done.flops_per_token
+    assert done.world_size == 1 and done.accum_steps == 2 * draft.accum_steps  # same global batch
+    assert done.data_dir == "/data/x" and done.data_key == "key" and done.data_tokens == draft.stream_tokens // 8
+    assert done.epochs == pytest.approx(done.n_tokens / done.data_tokens) and len(done.warnings) == 1
+
+
 @pytest.mark.parametrize("seq, micro", [(128, 32), (256, 16), (1024, 4)])
 def test_cpu_micro_batch_is_capped_by_tokens_per_micro_step(seq, micro):
     from picollm.plan import CPU_MICRO_TOKENS

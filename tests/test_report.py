@@ -185,6 +185,16 @@ def test_evaluate_cli_uses_the_full_validation_split(run_dir: Path, capsys) -> N
     capsys.readouterr()
 
 
+def test_the_run_records_its_prepared_data_and_evaluation_reads_it(run_dir: Path) -> None:
+    (data_dir,) = [d for d in (run_dir.parent / "cache" / "data").iterdir() if d.name.startswith("pystdlib-bpe300-")]
+    plan = json.loads((run_dir / "plan.json").read_text())
+    assert plan["data_dir"] == str(data_dir) and plan["data_key"] == load_prepared(data_dir).meta["key"]
+    run = load_run(run_dir)
+    # Re-deriving the folder (from the tokenizer's path or the data config) would look elsewhere.
+    run.tokenizer_ref, run.config.data.cache_dir = str(run_dir / "elsewhere" / "tokenizer.json"), str(run_dir / "x")
+    assert evaluate.find_prepared(run).dir == data_dir
+
+
 def test_evaluate_cli_errors(tmp_path: Path) -> None:
     with pytest.raises(SystemExit, match="does not exist"):
         evaluate.main([f"run_dir={tmp_path / 'nope'}"])

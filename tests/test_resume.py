@@ -17,7 +17,9 @@ import torch
 
 from picollm import checkpoint as ckpt
 from picollm.config import ConfigError, load_config
-from picollm.train import SpikeDetector, TrainError, load_weights, run
+from picollm.export import load_weights
+from picollm.train import TrainError, run
+from picollm.trainer import SpikeDetector
 from tests.conftest import TINY
 
 REPO = Path(__file__).resolve().parents[1]
@@ -202,7 +204,7 @@ def test_corrupt_latest_checkpoint_falls_back_to_the_previous(tmp_path, referenc
 def test_nan_loss_skips_the_update_and_leaves_state_untouched(tmp_path):
     run_dir = tmp_path / "run"
     final = run(load_config(BASE + ["train.steps=4", "train.save_every=1", "train.keep_checkpoints=10",
-                                    "train.inject_nan_loss=[2]", f"run_dir={run_dir}"]))
+                                    "debug.nan_loss_at_steps=[2]", f"run_dir={run_dir}"]))
     assert final["skipped_steps"] == 1
     steps = records(run_dir)
     assert steps[3][-1]["skipped"] and not steps[2][-1]["skipped"] and not steps[4][-1]["skipped"]
@@ -217,7 +219,7 @@ def test_nan_loss_skips_the_update_and_leaves_state_untouched(tmp_path):
 def test_inf_gradient_skips_the_update(tmp_path):
     run_dir = tmp_path / "run"
     final = run(load_config(BASE + ["train.steps=4", "train.save_every=1", "train.keep_checkpoints=10",
-                                    "train.inject_inf_grad=[1]", f"run_dir={run_dir}"]))
+                                    "debug.inf_grad_at_steps=[1]", f"run_dir={run_dir}"]))
     assert final["skipped_steps"] == 1
     assert records(run_dir)[2][-1]["skipped"]
     assert same_weights(checkpoint_state(run_dir, 1)["model"], checkpoint_state(run_dir, 2)["model"])
@@ -226,7 +228,7 @@ def test_inf_gradient_skips_the_update(tmp_path):
 def test_consecutive_bad_steps_roll_back_with_a_lower_lr(tmp_path):
     run_dir = tmp_path / "run"
     final = run(load_config(BASE + ["train.steps=10", "train.save_every=2", "train.keep_checkpoints=5",
-                                    "train.inject_nan_loss=[4,5,6]", "train.max_bad_steps=3",
+                                    "debug.nan_loss_at_steps=[4,5,6]", "train.max_bad_steps=3",
                                     f"run_dir={run_dir}"]))
     assert final["rollbacks"] == 1 and final["skipped_steps"] == 3 and final["steps"] == 10
     events = [r for rs in records(run_dir, "event").values() for r in rs]
@@ -241,7 +243,7 @@ def test_consecutive_bad_steps_roll_back_with_a_lower_lr(tmp_path):
 
 def test_bad_steps_stop_with_a_clear_message(tmp_path):
     with pytest.raises(TrainError, match="3 non-finite steps in a row.*train.on_bad_steps=stop"):
-        run(load_config(BASE + ["train.steps=8", "train.inject_nan_loss=[1,2,3]", "train.on_bad_steps=stop",
+        run(load_config(BASE + ["train.steps=8", "debug.nan_loss_at_steps=[1,2,3]", "train.on_bad_steps=stop",
                                 f"run_dir={tmp_path / 'run'}"]))
 
 
@@ -265,6 +267,22 @@ def test_changed_model_is_refused_and_harmless_changes_are_logged(tmp_path, caps
     capsys.readouterr()
     run(load_config(overrides + ["train.eval_every=3"]))
     assert "resuming with changed train.eval_every" in capsys.readouterr().out
+
+
+def test_a_setting_that_does_not_define_the_run_never_blocks_a_resume(tmp_path):
+    """Resume compatibility lists the settings that define a run, so a setting added later
+    (or anything under extra) continues the run without joining any list."""
+    from picollm.plan import config_changes
+    run_dir = tmp_path / "run"
+    run(load_config(BASE + ["train.steps=4", f"run_dir={run_dir}"]))
+    saved = checkpoint_state(run_dir, 4)["config"]
+    newer = json.loads(json.dumps(saved))
+    newer["train"]["a_future_setting"], newer["wandb"]["another"], newer["a_future_group"] = 1, 2, {"x": 3}
+    assert config_changes(saved, newer) == []
+    newer["train"]["seed"] += 1
+    assert config_changes(saved, newer) == ["train.seed"]
+    final = run(load_config(BASE + ["train.steps=6", "extra={note: continued}", f"run_dir={run_dir}"]))
+    assert final["steps"] == 6 and sorted(losses(run_dir)) == list(range(1, 7))
 
 
 def test_extending_a_finished_run_continues_its_schedule(tmp_path):
@@ -354,7 +372,7 @@ def test_retention_keeps_the_newest_and_the_best(tmp_path):
 def test_report_lists_skipped_steps_and_rollbacks(tmp_path):
     from picollm.report import write_report
     run_dir = tmp_path / "run"
-    run(load_config(BASE + ["train.steps=8", "train.save_every=2", "train.inject_nan_loss=[3,4,5]",
+    run(load_config(BASE + ["train.steps=8", "train.save_every=2", "debug.nan_loss_at_steps=[3,4,5]",
                             f"run_dir={run_dir}"]))
     text = write_report(run_dir).read_text()
     assert "## Events" in text and "3 skipped steps, 1 rollback" in text

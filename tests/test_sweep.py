@@ -152,7 +152,7 @@ def _train_records(run_dir):
 @pytest.mark.slow  # 8 tiny runs, 2 spawned workers
 def test_wsd_branches_cool_down_from_the_trunk_and_workers_do_not_change_numbers(tmp_path):
     from picollm.optim import lr_at
-    from picollm.train import SAVED_AT
+    from picollm.trainer import SAVED_AT
 
     one, two = tmp_path / "one", tmp_path / "two"
     summary = sweep.run_sweep(WSD + [f"sweep.dir={one}", "sweep.workers=1"], log=lambda s: None)

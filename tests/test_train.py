@@ -30,7 +30,12 @@ def final_weights(run_dir):
     return load_checkpoint(ckpt_dir(run_dir) / f"step_{step:07d}.pt")["model"]
 
 
-def test_tiny_run_learns_and_writes_its_outputs(tiny):
+def test_tiny_run_learns_and_writes_its_outputs(tiny, monkeypatch):
+    from picollm import report
+
+    def from_disk(*args, **kwargs):
+        raise AssertionError("the end-of-run report samples the model in memory, not a checkpoint from disk")
+    monkeypatch.setattr(report, "load_run", from_disk)
     final, run_dir, steps, evals = train(tiny + ["budget.tokens=60000", "train.dtype=fp32", "train.report=true"])
     for name in ("config.yaml", "plan.json", "metrics.jsonl", "tokenizer.json", "final.json", "report.md", "loss.png",
                  "model.safetensors"):
@@ -119,12 +124,18 @@ def test_resume_is_bitwise_exact_in_fp32(tmp_path):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
 
 
-def test_finished_run_is_not_trained_again(tiny):
+def test_finished_run_is_not_trained_again(tiny, monkeypatch):
     overrides = tiny + ["train.steps=2", "train.batch_tokens=128"]
     train(overrides)
     run_dir = Path(load_config(overrides).run_dir)
     before = (run_dir / "metrics.jsonl").read_text()
+    (run_dir / "model.safetensors").unlink()  # as if stopped after the last save, before the export
+
+    def never(*args, **kwargs):
+        raise AssertionError("a finished run must not build a model, optimizer and loader")
+    monkeypatch.setattr("picollm.train.Trainer", never)
     final, _, _, _ = train(overrides)
+    assert (run_dir / "model.safetensors").exists()
     assert final["steps"] == 2
     assert (run_dir / "metrics.jsonl").read_text() == before
 
@@ -167,7 +178,7 @@ def test_fp16_loss_scaler_skips_are_not_bad_steps(tiny):
     four in a row (more than max_bad_steps) must not roll back or stop the run. torch runs
     fp16 autocast and GradScaler on CPU, so this is the GPU code path."""
     final, run_dir, steps, _ = train(tiny + ["train.steps=8", "train.batch_tokens=128", "train.dtype=fp16",
-                                             "train.inject_inf_grad=[2,3,4,5]", "train.save_every=100"])
+                                             "debug.inf_grad_at_steps=[2,3,4,5]", "train.save_every=100"])
     assert final["rollbacks"] == 0 and final["skipped_steps"] == 0
     assert final["scaler_skips"] >= 4
     scales = {r["step"]: r["loss_scale"] for r in steps}
@@ -182,7 +193,7 @@ def test_fp16_non_finite_losses_still_count_toward_a_rollback(tiny):
 
     with pytest.raises(TrainError, match="3 non-finite steps in a row"):
         train(tiny + ["train.steps=8", "train.batch_tokens=128", "train.dtype=fp16", "train.on_bad_steps=stop",
-                      "train.inject_nan_loss=[2,3,4]"])
+                      "debug.nan_loss_at_steps=[2,3,4]"])
 
 
 def test_a_second_run_in_the_same_run_dir_is_refused(tiny, tmp_path):
