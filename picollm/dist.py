@@ -56,7 +56,7 @@ class DistInfo:
         return max(1, self.world_size // self.local_world_size)
 
 
-def info_from_env() -> DistInfo:
+def rank_info_from_env() -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return DistInfo(rank=int(os.environ.get("RANK", "0")), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
                     world_size=world, local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
@@ -69,18 +69,18 @@ def backend_for(use_cuda: bool) -> str:
 
 def setup(device_name: str = "auto") -> DistInfo:
     global _store
-    info = info_from_env()
-    if info.enabled and not dist.is_initialized():
+    rank_info = rank_info_from_env()
+    if rank_info.enabled and not dist.is_initialized():
         use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
         if use_cuda:
-            torch.cuda.set_device(info.local_rank)
-        _store = _attempt_store(info)
+            torch.cuda.set_device(rank_info.local_rank)
+        _store = _attempt_store(rank_info)
         dist.init_process_group(backend=backend_for(use_cuda), timeout=COLLECTIVE_TIMEOUT, store=_store,
-                                rank=info.rank, world_size=info.world_size)
-    return info
+                                rank=rank_info.rank, world_size=rank_info.world_size)
+    return rank_info
 
 
-def _attempt_store(info: DistInfo) -> dist.Store:
+def _attempt_store(rank_info: DistInfo) -> dist.Store:
     """The rendezvous TCPStore, prefixed with torchrun's restart count.
 
     Under torchrun's c10d rendezvous every restart of the worker group talks to the same
@@ -89,8 +89,8 @@ def _attempt_store(info: DistInfo) -> dist.Store:
     (or hang). The prefix keeps each attempt to itself. Without an agent store (a manual
     launch with MASTER_ADDR/MASTER_PORT), rank 0 hosts the store, as env:// would."""
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info.world_size,
-                          is_master=info.is_main and not agent, timeout=COLLECTIVE_TIMEOUT)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), rank_info.world_size,
+                          is_master=rank_info.is_main and not agent, timeout=COLLECTIVE_TIMEOUT)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return dist.PrefixStore(f"picollm/attempt_{attempt}", store)
 

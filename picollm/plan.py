@@ -447,7 +447,7 @@ def save_plan(run_dir: Path, cfg: DictConfig, plan: Plan) -> None:
     """Write plan.json and the resolved config.yaml that produced it into run_dir."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    from picollm.runs import write_atomic  # a kill mid-write never leaves a torn plan for the rerun
+    from picollm.files import write_atomic  # a kill mid-write never leaves a torn plan for the rerun
 
     write_atomic(run_dir / "config.yaml", to_yaml(cfg))
     write_atomic(run_dir / "plan.json", json.dumps(plan.to_dict(), indent=2))

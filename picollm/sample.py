@@ -17,7 +17,8 @@ import torch
 
 from picollm import hardware
 from picollm.config import device_name
-from picollm.runs import LoadedRun, RunError, load_run, optional_int, parse_args
+from picollm.runs import optional_int, parse_args
+from picollm.saved_run import LoadedRun, RunError, load_run
 
 USAGE = """usage: python -m picollm.sample run_dir=DIR prompt="TEXT" [max_tokens=N] [temperature=T] [top_k=K|none]
                               [seed=S] [checkpoint=STEP|PATH] [device=auto|cpu|cuda]
