@@ -27,7 +27,8 @@ from picollm.config import ConfigError
 from picollm.hardware import GPU_PEAK_FLOPS
 # The time view on this machine probes it the way budget.minutes does; the number formats
 # are the plan card's, so both tools print alike.
-from picollm.plan import _dtype_probe, _duration, _planner_device, _probe, _si, make_plan
+from picollm.plan import _dtype_probe, _planner_device, _probe, make_plan
+from picollm.units import rough_duration, si
 from picollm.scaling import compare_allocations, compute_for_time, cost, inference_optimal, load_law
 
 VIEWS = ("compute", "time", "params", "inference")  # calc.view; config.CALC_VIEWS repeats it, torch-free
@@ -189,18 +190,18 @@ def format_view(res: dict) -> str:
             lines.append(f"{res['hours']:g} h on {where} -> C = {res['compute']:.3e} FLOPs"
                          + (f", cost {money(res['cost'])}" if "cost" in res else ""))
         lines.append(f"compute C = {res['compute']:.3e} FLOPs; losses predicted by the {res['law']} law")
-        lines += _table(res["rows"], [("rule", "rule", str), ("N", "n_params", _si), ("D", "n_tokens", _si),
+        lines += _table(res["rows"], [("rule", "rule", str), ("N", "n_params", si), ("D", "n_tokens", si),
                                       ("D/N", "tokens_per_param", lambda x: f"{x:.1f}"),
                                       ("loss", "loss", lambda x: f"{x:.4f}")])
     elif v == "params":
-        lines.append(f"N = {_si(res['n_params'])}  D = {res['tokens_per_param']:g} N = {_si(res['n_tokens'])}  "
+        lines.append(f"N = {si(res['n_params'])}  D = {res['tokens_per_param']:g} N = {si(res['n_tokens'])}  "
                      f"C = 6ND = {res['compute']:.3e} FLOPs")
         if "gpu" in res:
-            lines.append(f"time on {res['n_gpus']} x {res['gpu']} at {res['mfu']:.0%} MFU: {_duration(res['seconds'])}"
+            lines.append(f"time on {res['n_gpus']} x {res['gpu']} at {res['mfu']:.0%} MFU: {rough_duration(res['seconds'])}"
                          + (f", cost {money(res['cost'])}" if "cost" in res else ""))
     elif v == "inference":
         lines.append(f"target loss {res['target_loss']:.4f} ({res['law']} law), serving {res['inference_tokens']:.3g} tokens")
-        lines += _table(res["rows"], [("rule", "rule", str), ("N", "n_params", _si), ("D", "n_tokens", _si),
+        lines += _table(res["rows"], [("rule", "rule", str), ("N", "n_params", si), ("D", "n_tokens", si),
                                       ("D/N", "tokens_per_param", lambda x: f"{x:.1f}"),
                                       ("train C", "train_compute", lambda x: f"{x:.3e}"),
                                       ("lifetime C", "lifetime_compute", lambda x: f"{x:.3e}")])

@@ -22,16 +22,13 @@ state_dict form) in both layouts, so either layout resumes under DDP or FSDP.
 from __future__ import annotations
 
 import contextlib
-import errno
 import hashlib
 import io
 import json
 import os
 import random
 import re
-import secrets
 import shutil
-import socket
 import sys
 import warnings
 from dataclasses import dataclass
@@ -42,6 +39,8 @@ import numpy as np
 import torch
 
 from picollm import cli
+from picollm.errors import root_cause
+from picollm.files import HOST, TMP_RE, fsync_dir, pid_alive, temp_path, write_atomic
 
 CKPT_RE = re.compile(r"^step_(\d{7,})(\.pt)?$")
 TRAIN_STATE = "train_state.pt"  # the non-tensor part of a sharded checkpoint
@@ -124,47 +123,7 @@ def _saved_device_state(state: dict, index: int) -> Optional[dict]:
     return None
 
 
-_HOST = re.sub(r"[^A-Za-z0-9-]", "-", socket.gethostname()) or "host"
-# .NAME.HOST.PID.RANDOM.tmp: one writer's temporary file or folder.
-TMP_RE = re.compile(r"^\.(?P<name>.+)\.(?P<host>[A-Za-z0-9-]+)\.(?P<pid>\d+)\.[0-9a-f]{8}\.tmp$")
 LEGACY_TMP_RE = re.compile(r"^\.step_\d{7,}(\.pt|\.json)?\.tmp$")  # older versions' shared names
-# fsync of a directory that the filesystem does not support (some network filesystems)
-_FSYNC_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP}
-
-
-def _temp_path(path: Path) -> Path:
-    """A temporary name next to ``path`` that no other writer (process or host) uses."""
-    return path.with_name(f".{path.name}.{_HOST}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-
-
-def _write_atomic(path: Path, data: bytes) -> None:
-    tmp = _temp_path(path)
-    try:
-        with open(tmp, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(OSError):
-            tmp.unlink(missing_ok=True)  # ours alone: another writer's temp file is not touched
-        raise
-
-
-def _fsync_dir(path: Path) -> None:
-    """Make the renames in ``path`` durable. They have already happened, so a filesystem
-    that cannot fsync a directory (EINVAL on some network filesystems) gets best effort."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError as err:
-        if err.errno not in _FSYNC_UNSUPPORTED:
-            raise
-    finally:
-        os.close(fd)
 
 
 def _sweep_dead_writers(d: Path) -> None:
@@ -173,7 +132,7 @@ def _sweep_dead_writers(d: Path) -> None:
     for p in d.iterdir():
         m = TMP_RE.match(p.name)
         if m:
-            if m["host"] != _HOST or _alive(int(m["pid"])):
+            if m["host"] != HOST or pid_alive(int(m["pid"])):
                 continue
         elif not LEGACY_TMP_RE.match(p.name):
             continue
@@ -181,34 +140,9 @@ def _sweep_dead_writers(d: Path) -> None:
             shutil.rmtree(p) if p.is_dir() else p.unlink()
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
-
-
 def _write_failed(path: Path, err: BaseException) -> CheckpointError:
-    return CheckpointError(f"could not write checkpoint {path} ({_root_cause(err)}); free disk space or fix the "
+    return CheckpointError(f"could not write checkpoint {path} ({root_cause(err)}); free disk space or fix the "
                            "permissions of the run directory. Earlier checkpoints are untouched.")
-
-
-def _root_cause(err: BaseException) -> str:
-    """The OS's words for the failure, also when a library wrapped it: DCP collects each
-    rank's exception, and torch.save's zip writer reports a full disk only as a bad position."""
-    failures = getattr(err, "failures", None)  # torch.distributed.checkpoint's CheckpointException
-    if failures:
-        err = next(iter(failures.values()))[0]
-    while err.__cause__ is not None:
-        err = err.__cause__
-    if getattr(err, "strerror", None):
-        return err.strerror
-    if "unexpected pos" in str(err):
-        return "a short write: the disk is probably full"
-    return str(err).splitlines()[0][:200]
 
 
 def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int = 2, extra_keep: Optional[int] = None) -> Path:
@@ -228,10 +162,10 @@ def save_checkpoint(run_dir: Path, step: int, state: dict, keep: int = 2, extra_
 def write_file(path: Path, state: dict) -> None:
     """One-file checkpoint ``path`` and its manifest, both atomically."""
     data = _to_bytes(state)
-    _write_atomic(path, data)
+    write_atomic(path, data)
     manifest = {"step": state.get("step"), "bytes": len(data), "sha256": hashlib.sha256(data).hexdigest()}
-    _write_atomic(path.with_suffix(".json"), json.dumps(manifest).encode())
-    _fsync_dir(path.parent)
+    write_atomic(path.with_suffix(".json"), json.dumps(manifest).encode())
+    fsync_dir(path.parent)
     _remember(path, None)  # hashed as written: pruning need not read it back
 
 
@@ -248,7 +182,7 @@ def save_sharded(run_dir: Path, step: int, tensors: dict, train_state: dict, is_
     final = d / f"step_{step:07d}"
     error, tmp_name = None, None
     if is_main:  # rank 0 names the temporary folder every rank writes into
-        tmp_name = _temp_path(final).name
+        tmp_name = temp_path(final).name
         try:
             d.mkdir(parents=True, exist_ok=True)
         except OSError as err:
@@ -263,14 +197,14 @@ def save_sharded(run_dir: Path, step: int, tensors: dict, train_state: dict, is_
             error = str(_write_failed(final, err))
         if is_main and error is None:
             try:
-                _write_atomic(tmp / TRAIN_STATE, _to_bytes(train_state))
+                write_atomic(tmp / TRAIN_STATE, _to_bytes(train_state))
                 files = {p.name: _file_digest(p) for p in sorted(tmp.iterdir()) if p.is_file()}
                 if final.exists():  # an earlier attempt that never got its manifest: not a checkpoint
                     shutil.rmtree(final)
                 os.replace(tmp, final)
                 manifest = {"step": step, "format": "dcp", "files": files}
-                _write_atomic(final.with_suffix(".json"), json.dumps(manifest).encode())
-                _fsync_dir(d)
+                write_atomic(final.with_suffix(".json"), json.dumps(manifest).encode())
+                fsync_dir(d)
                 _remember(final, None)
             except OSError as err:
                 error = str(_write_failed(final, err))

@@ -56,7 +56,7 @@ class DistInfo:
         return max(1, self.world_size // self.local_world_size)
 
 
-def info_from_env() -> DistInfo:
+def rank_info_from_env() -> DistInfo:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     return DistInfo(rank=int(os.environ.get("RANK", "0")), local_rank=int(os.environ.get("LOCAL_RANK", "0")),
                     world_size=world, local_world_size=int(os.environ.get("LOCAL_WORLD_SIZE", str(world))))
@@ -69,18 +69,18 @@ def backend_for(use_cuda: bool) -> str:
 
 def setup(device_name: str = "auto") -> DistInfo:
     global _store
-    info = info_from_env()
-    if info.enabled and not dist.is_initialized():
+    rank_info = rank_info_from_env()
+    if rank_info.enabled and not dist.is_initialized():
         use_cuda = device_name.startswith("cuda") or (device_name == "auto" and torch.cuda.is_available())
         if use_cuda:
-            torch.cuda.set_device(info.local_rank)
-        _store = _attempt_store(info)
+            torch.cuda.set_device(rank_info.local_rank)
+        _store = _attempt_store(rank_info)
         dist.init_process_group(backend=backend_for(use_cuda), timeout=COLLECTIVE_TIMEOUT, store=_store,
-                                rank=info.rank, world_size=info.world_size)
-    return info
+                                rank=rank_info.rank, world_size=rank_info.world_size)
+    return rank_info
 
 
-def _attempt_store(info: DistInfo) -> dist.Store:
+def _attempt_store(rank_info: DistInfo) -> dist.Store:
     """The rendezvous TCPStore, prefixed with torchrun's restart count.
 
     Under torchrun's c10d rendezvous every restart of the worker group talks to the same
@@ -89,8 +89,8 @@ def _attempt_store(info: DistInfo) -> dist.Store:
     (or hang). The prefix keeps each attempt to itself. Without an agent store (a manual
     launch with MASTER_ADDR/MASTER_PORT), rank 0 hosts the store, as env:// would."""
     agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
-    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), info.world_size,
-                          is_master=info.is_main and not agent, timeout=COLLECTIVE_TIMEOUT)
+    store = dist.TCPStore(os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), rank_info.world_size,
+                          is_master=rank_info.is_main and not agent, timeout=COLLECTIVE_TIMEOUT)
     attempt = os.environ.get("TORCHELASTIC_RESTART_COUNT", "0")
     return dist.PrefixStore(f"picollm/attempt_{attempt}", store)
 
@@ -172,21 +172,21 @@ def publish(key: str, value: Any) -> None:
         _store.set(key, pickle.dumps(value))
 
 
-def from_each_node(info: DistInfo, key: str, work: Callable[[], dict], what: str, catch: tuple = ()) -> list[dict]:
+def from_each_node(rank_info: DistInfo, key: str, work: Callable[[], dict], what: str, catch: tuple = ()) -> list[dict]:
     """Node-local work, such as data in a cache each node keeps: the first process of every
     node runs ``work`` and publishes its outcome (a small picklable dict); every rank then
     waits for all nodes through the store, without a collective timeout, and gets their
     outcomes in node order. A failure in ``catch`` is published as ``{"error": sentence}``
     (so the other nodes stop too) and re-raised on the node that hit it."""
-    if info.local_rank == 0:
+    if rank_info.local_rank == 0:
         try:
             outcome = work()
         except catch as err:
-            sentence = str(err) or f"node {info.node} was interrupted before it could {what}"
-            publish(f"{key}/node{info.node}", {"error": sentence})
+            sentence = str(err) or f"node {rank_info.node} was interrupted before it could {what}"
+            publish(f"{key}/node{rank_info.node}", {"error": sentence})
             raise
-        publish(f"{key}/node{info.node}", outcome)
-    return [wait_for(f"{key}/node{n}", f"node {n}'s first process to {what}") for n in range(info.n_nodes)]
+        publish(f"{key}/node{rank_info.node}", outcome)
+    return [wait_for(f"{key}/node{n}", f"node {n}'s first process to {what}") for n in range(rank_info.n_nodes)]
 
 
 def wait_for(key: str, what: str, limit: datetime.timedelta = WAIT_LIMIT, poll_s: float = 1.0,

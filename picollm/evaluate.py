@@ -23,7 +23,8 @@ from picollm import cli, dist, hardware
 from picollm.data.loader import ValLoader
 from picollm.data.prepare import PreparedData, dataset_key, default_dir, load_prepared
 from picollm.config import device_name, one_of
-from picollm.runs import NOT_SAVED, LoadedRun, NotSavedError, RunError, load_run, write_atomic
+from picollm.files import write_atomic
+from picollm.saved_run import NOT_SAVED, LoadedRun, NotSavedError, RunError, load_run
 from picollm.throughput import autocast
 from picollm.tokenizer import tokenizer_fingerprint
 
@@ -164,18 +165,18 @@ def _derived_data_dirs(run: LoadedRun) -> list[Path]:
 
 
 def evaluate_run(run: LoadedRun, max_tokens: Optional[int] = None, dtype: str = "auto") -> dict:
-    """Evaluate a loaded run (picollm.runs.load_run) on its held-out split."""
+    """Evaluate a loaded run (picollm.saved_run.load_run) on its held-out split."""
     data = find_prepared(run)
     if dtype == "auto" and run.device.type == "cpu" and run.plan.get("dtype") in hardware.CPU_DTYPES:
         dtype = run.plan["dtype"]  # the run measured which dtype is faster for this model on a CPU
-    info = hardware.describe(str(run.device), dtype, measure=False)
+    hw = hardware.describe(str(run.device), dtype, measure=False)
     seq_len = run.model.cfg.seq_len
     start = time.perf_counter()
     result = evaluate(run.model, data.val_shards, seq_len, int(run.plan.get("micro_batch") or 8),
-                      token_byte_lengths(run.tokenizer, run.model.cfg.vocab_size), lambda: autocast(info),
+                      token_byte_lengths(run.tokenizer, run.model.cfg.vocab_size), lambda: autocast(hw),
                       max_tokens, run.device, by_position=True)
     return {"step": run.step, "checkpoint": str(run.path), **result, "val_split_tokens": data.n_val_tokens,
-            "max_tokens": max_tokens, "data_dir": str(data.dir), "device": str(run.device), "dtype": info.dtype,
+            "max_tokens": max_tokens, "data_dir": str(data.dir), "device": str(run.device), "dtype": hw.dtype,
             "seconds": round(time.perf_counter() - start, 3)}
 
 

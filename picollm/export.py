@@ -23,7 +23,8 @@ import torch
 
 from picollm import cli
 from picollm.model import GPT, GPTConfig
-from picollm.runs import RunError, load_run
+from picollm.files import atomic_path, pid_alive, write_atomic
+from picollm.saved_run import RunError, load_run
 from picollm.tokenizer import _parts
 
 
@@ -38,10 +39,9 @@ def export_weights(model: GPT, run_dir: Path) -> None:
     and no optimizer state."""
     from safetensors.torch import save_model
 
-    tmp = run_dir / f".model.safetensors.{os.getpid()}.tmp"
-    save_model(model, str(tmp))  # handles gpt2's tied embedding/head
-    os.replace(tmp, run_dir / "model.safetensors")
-    (run_dir / "model_config.json").write_text(json.dumps(model.config_dict(), indent=2))
+    with atomic_path(run_dir / "model.safetensors") as tmp:
+        save_model(model, str(tmp))  # handles gpt2's tied embedding/head
+    write_atomic(run_dir / "model_config.json", json.dumps(model.config_dict(), indent=2))
 
 
 def load_weights(run_dir: Union[str, Path], device="cpu") -> GPT:
@@ -226,10 +226,10 @@ def owned_files(out: Path) -> Optional[set[str]]:
     """Names of the files an earlier export wrote in ``out``, or None if picollm did not mark it.
     Markers from before the file list existed own the fixed set those versions wrote."""
     try:
-        info = json.loads((out / MARKER).read_text(encoding="utf-8"))
+        marker = json.loads((out / MARKER).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    files = info.get("files", planned_files(True)) if isinstance(info, dict) else None
+    files = marker.get("files", planned_files(True)) if isinstance(marker, dict) else None
     plain = lambda name: isinstance(name, str) and name not in ("", ".", "..") and Path(name).name == name
     if not isinstance(files, list) or not all(map(plain, files)):
         return None  # a marker that names paths outside the folder is not one picollm wrote
@@ -254,21 +254,11 @@ def check_out(out: Path, tokenizer: bool) -> set[str]:
     return owned
 
 
-def _pid_alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:  # alive, but another user's
-        return True
-    return True
-
-
 def remove_stale_staging(out: Path) -> None:
     """Staging folders of exports that were killed before they could clean up."""
     for path in out.glob(STAGING_PREFIX + "*"):
         pid = path.name[len(STAGING_PREFIX):]
-        if pid.isdigit() and not _pid_alive(int(pid)):
+        if pid.isdigit() and not pid_alive(int(pid)):
             shutil.rmtree(path, ignore_errors=True)
 
 
@@ -277,8 +267,7 @@ def install(staging: Path, out: Path, source: dict, written: list[str], owned: s
     export wrote and this one did not. The marker is replaced first by one owning old and new
     files, so an interrupted install still leaves every picollm file listed for the next export."""
     def put_marker(files: list[str]) -> None:
-        (staging / MARKER).write_text(json.dumps({**source, "files": files}, indent=2) + "\n")
-        os.replace(staging / MARKER, out / MARKER)
+        write_atomic(out / MARKER, json.dumps({**source, "files": files}, indent=2) + "\n")
 
     put_marker(sorted(owned | set(written) | {MARKER}))
     for name in written:

@@ -740,7 +740,7 @@ def exponent_agreement(estimates: Mapping[str, tuple[float, tuple[float, float] 
 
 
 @dataclass
-class Runs:
+class ResultsTable:
     """Columns of a results table as float arrays."""
 
     n_params: np.ndarray
@@ -782,7 +782,7 @@ def _drop_unfinished(path: Path, rows: list[dict]) -> list[dict]:
     return kept
 
 
-def load_runs(path: str | Path) -> Runs:
+def load_results(path: str | Path) -> ResultsTable:
     """Read a sweep's results (CSV or JSON lines, e.g. the sweep's own results.jsonl) with columns
     n_params, n_tokens, compute, val_loss and optionally budget and status.
 
@@ -838,8 +838,8 @@ def load_runs(path: str | Path) -> Runs:
     has_budget = ok & np.isfinite(budget) & (budget > 0)
     grouped_by = "budget" if has_budget.any() else "compute"
     budget = np.where(has_budget, budget, c)
-    return Runs(n_params=n[ok], n_tokens=d[ok], compute=c[ok], val_loss=l[ok], budget=budget[ok],
-                grouped_by=grouped_by)
+    return ResultsTable(n_params=n[ok], n_tokens=d[ok], compute=c[ok], val_loss=l[ok], budget=budget[ok],
+                        grouped_by=grouped_by)
 
 
 def load_curves(path: str | Path) -> dict[str, np.ndarray]:
@@ -851,7 +851,7 @@ def load_curves(path: str | Path) -> dict[str, np.ndarray]:
     evaluation at step 0 (an untrained model) is left out. A cosine run's mid-run losses
     are not end-of-schedule losses (see fit_envelope).
     """
-    from picollm.runs import read_metrics  # imports torch: only this path needs it
+    from picollm.saved_run import read_metrics  # imports torch: only this path needs it
 
     path = Path(path)
     rows = _drop_unfinished(path, _read_rows(path))
@@ -898,29 +898,12 @@ def read_chinchilla_epoch(path: str | Path, drop_highest: int = 5) -> tuple[np.n
 
 # ---------------------------------------------------------------- plots
 
-
-def _figure(**kw):
-    # An explicit Agg canvas: no display needed and pyplot's global state left alone.
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(**kw)
-    FigureCanvasAgg(fig)
-    return fig
-
-
-def _save(fig, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=120, bbox_inches="tight")
-    return path
-
-
 def plot_isoflop(result: IsoFlopResult, path: str | Path) -> Path:
     """Loss vs N for each budget, with its parabola and minimum."""
     from matplotlib import colormaps
+    from picollm.figures import new_figure, save_figure  # matplotlib: imported only to plot
 
-    fig = _figure(figsize=(6.5, 4.5))
+    fig = new_figure(figsize=(6.5, 4.5))
     ax = fig.add_subplot()
     cmap = colormaps["viridis"]
     curves = sorted(result.curves, key=lambda cv: cv["compute"])
@@ -938,12 +921,14 @@ def plot_isoflop(result: IsoFlopResult, path: str | Path) -> Path:
     ax.set_ylabel("validation loss")
     ax.set_title("IsoFLOP profiles (stars: fitted minima)")
     ax.legend(fontsize=7, ncol=2)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_optimal_allocation(result: IsoFlopResult, path: str | Path) -> Path:
     """N_opt(C) and D_opt(C) on log-log axes, fitted lines and the Chinchilla-20 rule."""
-    fig = _figure(figsize=(6.5, 4.5))
+    from picollm.figures import new_figure, save_figure  # matplotlib: imported only to plot
+
+    fig = new_figure(figsize=(6.5, 4.5))
     ax = fig.add_subplot()
     cs = np.geomspace(result.compute.min() / 3, result.compute.max() * 3, 50)
     ax.scatter(result.compute, result.n_opt, color="C0", label="N_opt (IsoFLOP minima)")
@@ -959,7 +944,7 @@ def plot_optimal_allocation(result: IsoFlopResult, path: str | Path) -> Path:
     ax.set_ylabel("parameters / tokens")
     ax.set_title("Compute-optimal allocation")
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def plot_predicted_vs_measured(law: ScalingLaw, n, d, loss, path: str | Path, intervals=None) -> Path:
@@ -967,7 +952,9 @@ def plot_predicted_vs_measured(law: ScalingLaw, n, d, loss, path: str | Path, in
     `intervals` (rows lo, hi, e.g. predict_loss(...)["interval"]) as horizontal bars."""
     n, d, loss = (np.asarray(v, dtype=float) for v in (n, d, loss))
     pred = law.loss(n, d)
-    fig = _figure(figsize=(5, 5))
+    from picollm.figures import new_figure, save_figure  # matplotlib: imported only to plot
+
+    fig = new_figure(figsize=(5, 5))
     ax = fig.add_subplot()
     if intervals is not None:
         iv = np.asarray(intervals, dtype=float)
@@ -982,7 +969,7 @@ def plot_predicted_vs_measured(law: ScalingLaw, n, d, loss, path: str | Path, in
     rmse = float(np.sqrt(np.mean((np.log(pred) - np.log(loss)) ** 2)))
     ax.set_title(f"Parametric fit (RMSE of log loss {rmse:.4f})")
     ax.legend()
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 def _law_band(samples: np.ndarray, compute: np.ndarray, level: float = 0.95) -> np.ndarray:
@@ -1000,7 +987,9 @@ def plot_frontier(path: str | Path, envelope: EnvelopeResult | None = None, isof
     fits = [f for f in (envelope, isoflop) if f is not None]
     c_all = np.concatenate([f.compute for f in fits]) if fits else np.array([1e15, 1e21])
     cs = np.geomspace(c_all.min() / 3, c_all.max() * 3, 60)
-    fig = _figure(figsize=(6.5, 4.5))
+    from picollm.figures import new_figure, save_figure  # matplotlib: imported only to plot
+
+    fig = new_figure(figsize=(6.5, 4.5))
     ax = fig.add_subplot()
     for fr, name, color in ((envelope, "Approach 1 (envelope)", "C2"), (isoflop, "Approach 2 (IsoFLOP)", "C0")):
         if fr is None:
@@ -1024,7 +1013,7 @@ def plot_frontier(path: str | Path, envelope: EnvelopeResult | None = None, isof
     ax.set_ylabel("compute-optimal N")
     ax.set_title("Frontier N_opt(C), 95% bootstrap bands")
     ax.legend(fontsize=7)
-    return _save(fig, path)
+    return save_figure(fig, path)
 
 
 # ---------------------------------------------------------------- CLI
@@ -1057,19 +1046,19 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with warnings.catch_warnings(record=True) as dropped:
             warnings.simplefilter("always")
-            runs = load_runs(args.results)
+            table = load_results(args.results)
             curves = load_curves(args.results) if args.curves else None
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)  # an unusable out fails before the fits, not after
-        print(f"{len(runs.val_loss)} runs from {args.results}")
+        print(f"{len(table.val_loss)} runs from {args.results}")
         for note in dropped:
             print(f"  note: {note.message}")
-        _report_fits(runs, out, args.bootstrap, curves)
+        _report_fits(table, out, args.bootstrap, curves)
     except OSError as err:
-        if err.filename is None:  # load_runs's own sentence
+        if err.filename is None:  # load_results's own sentence
             print(f"error: {err}", file=sys.stderr)
         else:
-            print(f"error: could not write {err.filename} ({err.strerror}); give --out a writable folder.",
+            print(f"error: could not write {err.filename} ({err.strerror}); give out= a writable folder.",
                   file=sys.stderr)
         return 1
     except (ValueError, RuntimeError) as err:
@@ -1078,21 +1067,21 @@ def main(argv: Sequence[str] | None = None) -> int:
     return 0
 
 
-def _report_fits(runs: Runs, out: Path, bootstrap: int, curves: dict | None = None) -> None:
-    par = _report_parametric(runs, out, bootstrap)
-    iso = _report_isoflop(runs, out, bootstrap)
-    env = _report_envelope(runs, bootstrap, curves)
+def _report_fits(table: ResultsTable, out: Path, bootstrap: int, curves: dict | None = None) -> None:
+    par = _report_parametric(table, out, bootstrap)
+    iso = _report_isoflop(table, out, bootstrap)
+    env = _report_envelope(table, bootstrap, curves)
     _report_side_by_side(env, iso, par)
     if env is not None or iso is not None or par is not None:
         print(f"  plot: {plot_frontier(out / 'frontier.png', env, iso, par)}")
 
 
-def _report_parametric(runs: Runs, out: Path, bootstrap: int) -> FitResult | None:
+def _report_parametric(table: ResultsTable, out: Path, bootstrap: int) -> FitResult | None:
     print("\nApproach 3: L(N, D) = E + A/N^alpha + B/D^beta  (Huber on log loss, L-BFGS)")
-    if len(runs.val_loss) < 5:
-        print(f"  skipped: {len(runs.val_loss)} runs; fitting 5 parameters needs at least 5.")
+    if len(table.val_loss) < 5:
+        print(f"  skipped: {len(table.val_loss)} runs; fitting 5 parameters needs at least 5.")
         return None
-    fit = fit_parametric(runs.n_params, runs.n_tokens, runs.val_loss, bootstrap=bootstrap)
+    fit = fit_parametric(table.n_params, table.n_tokens, table.val_loss, bootstrap=bootstrap)
     iv = fit.intervals or {}
     for k in ("E", "A", "alpha", "B", "beta", "a"):
         print(f"  {k:6s} = {getattr(fit, k):.4g}{_fmt_interval(iv.get(k))}")
@@ -1100,24 +1089,24 @@ def _report_parametric(runs: Runs, out: Path, bootstrap: int) -> FitResult | Non
     seed = "no repeats of one (N, D)" if sc.seed_sd is None else f"seed-to-seed {100 * sc.seed_sd:.2f}%"
     print(f"  scatter of one run about the law: {100 * sc.total_sd:.2f}% (shape-to-shape {100 * sc.shape_sd:.2f}%, "
           f"{seed}; {sc.runs} runs at {sc.groups} (N, D) points)")
-    pred = fit.predict(runs.n_params, runs.n_tokens)
-    inside = (pred["interval"][:, 0] <= runs.val_loss) & (runs.val_loss <= pred["interval"][:, 1])
+    pred = fit.predict(table.n_params, table.n_tokens)
+    inside = (pred["interval"][:, 0] <= table.val_loss) & (table.val_loss <= pred["interval"][:, 1])
     print(f"  95% prediction intervals ({'law bootstrap + ' if fit.samples is not None else ''}scatter) "
           f"cover {inside.sum()}/{len(inside)} of the fitted runs")
-    path = plot_predicted_vs_measured(fit.law, runs.n_params, runs.n_tokens, runs.val_loss,
+    path = plot_predicted_vs_measured(fit.law, table.n_params, table.n_tokens, table.val_loss,
                                       out / "predicted_vs_measured.png", intervals=pred["interval"])
     print(f"  plot: {path}")
     return fit
 
 
-def _report_isoflop(runs: Runs, out: Path, bootstrap: int) -> IsoFlopResult | None:
-    by = "the nominal budget column" if runs.grouped_by == "budget" else "equal compute"
+def _report_isoflop(table: ResultsTable, out: Path, bootstrap: int) -> IsoFlopResult | None:
+    by = "the nominal budget column" if table.grouped_by == "budget" else "equal compute"
     print(f"\nApproach 2: IsoFLOP profiles (runs grouped by {by})")
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")  # listed in the result and printed below
-            groups = runs.compute if runs.budget is None else runs.budget
-            iso = fit_isoflop(groups, runs.n_params, runs.val_loss, runs.n_tokens, bootstrap=bootstrap)
+            groups = table.compute if table.budget is None else table.budget
+            iso = fit_isoflop(groups, table.n_params, table.val_loss, table.n_tokens, bootstrap=bootstrap)
     except ValueError as err:
         print(f"  skipped: {err}")
         return None
@@ -1131,12 +1120,12 @@ def _report_isoflop(runs: Runs, out: Path, bootstrap: int) -> IsoFlopResult | No
     return iso
 
 
-def _report_envelope(runs: Runs, bootstrap: int, curves: dict | None) -> EnvelopeResult | None:
+def _report_envelope(table: ResultsTable, bootstrap: int, curves: dict | None) -> EnvelopeResult | None:
     source = ("training curves (metrics.jsonl evaluations)" if curves is not None
               else "end-of-schedule losses, one curve per model size")
     print(f"\nApproach 1: lower envelope of loss over compute ({source})")
-    rows = curves if curves is not None else {"n_params": runs.n_params, "n_tokens": runs.n_tokens,
-                                             "compute": runs.compute, "losses": runs.val_loss, "run_ids": None}
+    rows = curves if curves is not None else {"n_params": table.n_params, "n_tokens": table.n_tokens,
+                                             "compute": table.compute, "losses": table.val_loss, "run_ids": None}
     try:
         env = fit_envelope(rows["n_params"], rows["n_tokens"], rows["compute"], rows["losses"],
                            rows["run_ids"], bootstrap=bootstrap)

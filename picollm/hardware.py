@@ -150,29 +150,29 @@ def pick_faster_dtype(step_seconds: dict, probe_seconds: float) -> tuple[str, st
                   f"measured ({probe_seconds:.1f} s probe)")
 
 
-def with_dtype(info: DeviceInfo, dtype: str, reason: str, measure: bool = True) -> DeviceInfo:
-    """``info`` training in ``dtype``: the MFU yardstick becomes that dtype's peak
+def with_dtype(hw: DeviceInfo, dtype: str, reason: str, measure: bool = True) -> DeviceInfo:
+    """``hw`` training in ``dtype``: the MFU yardstick becomes that dtype's peak
     (measured on CPU, published on GPUs; a given peak stays)."""
-    peak, source = info.peak_flops, info.peak_source
-    if dtype != info.dtype or source == "pending":
+    peak, source = hw.peak_flops, hw.peak_source
+    if dtype != hw.dtype or source == "pending":
         if source == "given":
             pass
-        elif info.is_cuda:
-            peak = published_peak(info.name, dtype)
+        elif hw.is_cuda:
+            peak = published_peak(hw.name, dtype)
             source = "published" if peak else "unknown"
         elif measure and source in ("measured", "pending"):
             peak, source = measure_matmul_peak(dtype), "measured"
         else:
             peak, source = None, "unknown"
-    return replace(info, dtype=dtype, peak_flops=peak, peak_source=source, dtype_reason=reason, dtype_pending=False)
+    return replace(hw, dtype=dtype, peak_flops=peak, peak_source=source, dtype_reason=reason, dtype_pending=False)
 
 
-def combined_peak(info: "DeviceInfo", world_size: int) -> Optional[float]:
+def combined_peak(hw: "DeviceInfo", world_size: int) -> Optional[float]:
     """The MFU yardstick of a run on ``world_size`` processes: every GPU brings its own
     peak, while CPU processes share one machine's cores, whose peak counts once."""
-    if not info.peak_flops:
+    if not hw.peak_flops:
         return None
-    return info.peak_flops * (world_size if info.is_cuda else 1)
+    return hw.peak_flops * (world_size if hw.is_cuda else 1)
 
 
 def available_memory(device: torch.device) -> int:

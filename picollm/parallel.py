@@ -35,14 +35,14 @@ def check_mode(mode: str, dtype: str) -> None:
                          "or train.parallel=ddp.")
 
 
-def is_sharded(mode: str, info: DistInfo) -> bool:
-    return mode == "fsdp" and info.enabled
+def is_sharded(mode: str, rank_info: DistInfo) -> bool:
+    return mode == "fsdp" and rank_info.enabled
 
 
-def wrap(model: nn.Module, mode: str, info: DistInfo, device: torch.device, dtype: str) -> nn.Module:
+def wrap(model: nn.Module, mode: str, rank_info: DistInfo, device: torch.device, dtype: str) -> nn.Module:
     """The module the training step calls. FSDP shards ``model`` in place (it stays the
     module to evaluate and save); DDP returns a wrapper around it."""
-    if not info.enabled:
+    if not rank_info.enabled:
         return model
     if mode == "fsdp":
         from torch.distributed.fsdp import MixedPrecisionPolicy, fully_shard

@@ -37,6 +37,8 @@ from picollm import cli, dist, hardware
 from picollm.config import ConfigError, to_yaml
 from picollm.model import GPTConfig
 from picollm.scaling import chinchilla_optimal
+from picollm.tokenizer import vocab_size_problem
+from picollm.units import binary_size, rough_duration, si
 
 # n_vocab of tiktoken's named encodings, so planning never needs their files.
 NAMED_VOCABS = {"gpt2": 50257, "r50k_base": 50257, "p50k_base": 50281, "cl100k_base": 100277,
@@ -59,9 +61,9 @@ REPORT_SECONDS = 5.0  # report.md with samples after the last step (train.report
 
 def vocab_size_for(tok: DictConfig) -> int:
     if tok.name == "bpe":
-        if not 257 < tok.vocab_size < 2**32:
-            raise ConfigError(f"tokenizer.vocab_size={tok.vocab_size} must be above 257 (256 bytes + BOS) "
-                              "and below 2**32 (the largest shard token dtype).")
+        problem = vocab_size_problem(tok.vocab_size)
+        if problem:
+            raise ConfigError(problem)
         return int(tok.vocab_size)
     if tok.name not in NAMED_VOCABS:
         raise ConfigError(f"tokenizer.name={tok.name!r} is unknown; use bpe or one of {', '.join(NAMED_VOCABS)}.")
@@ -214,21 +216,21 @@ class Plan:
             f"budget       {self.budget}",
             f"model        {g['arch']}  n_layer={g['n_layer']} d_model={g['d_model']} n_head={g['n_head']} "
             f"seq_len={g['seq_len']} vocab={g['vocab_size']}",
-            f"params       N={_si(self.n_params)} (matmul weights incl. LM head), total {_si(self.n_params_total)}",
-            f"tokens       D={_si(self.n_tokens)}  D/N={self.tokens_per_param:.1f}",
-            f"compute      C={self.compute:.3e} FLOPs  ({_si(self.flops_per_token)} FLOPs/token)",
-            f"batch        {_si(self.tokens_per_step)} tokens/step = {self.batch_seqs} seqs "
+            f"params       N={si(self.n_params)} (matmul weights incl. LM head), total {si(self.n_params_total)}",
+            f"tokens       D={si(self.n_tokens)}  D/N={self.tokens_per_param:.1f}",
+            f"compute      C={self.compute:.3e} FLOPs  ({si(self.flops_per_token)} FLOPs/token)",
+            f"batch        {si(self.tokens_per_step)} tokens/step = {self.batch_seqs} seqs "
             f"= {self.world_size} proc x {self.micro_batch} micro x {self.accum_steps} accum",
             f"schedule     {self.steps} steps, warmup {self.warmup_steps}, lr {self.lr:.2e} -> {self.min_lr:.2e} ({self.schedule})",
             f"device       {self.device}, {self.dtype}, peak "
             + (f"{self.peak_flops / 1e12:.3g} TFLOP/s" if self.peak_flops else "unknown"),
             f"optimizer    {self.optimizer}",
             *([f"dtype        {self.dtype_reason}"] if self.dtype_reason else []),
-            f"time         ~{_duration(self.est_seconds)} ({self.est_source})",
+            f"time         ~{rough_duration(self.est_seconds)} ({self.est_source})",
             *([f"wall clock   {_time_budget_line(self.time_budget)}"] if self.time_budget else []),
-            f"memory       ~{_gib(mem['total'])} peak (weights {_gib(mem['weights'])}, grads {_gib(mem['gradients'])}, "
-            f"adam {_gib(mem['optimizer'])}, activations {_gib(mem['activations'])}) of {_gib(self.memory_available)}",
-            "data         " + (f"{_si(self.data_tokens)} train tokens available, {self.epochs:.2f} epochs"
+            f"memory       ~{binary_size(mem['total'])} peak (weights {binary_size(mem['weights'])}, grads {binary_size(mem['gradients'])}, "
+            f"adam {binary_size(mem['optimizer'])}, activations {binary_size(mem['activations'])}) of {binary_size(self.memory_available)}",
+            "data         " + (f"{si(self.data_tokens)} train tokens available, {self.epochs:.2f} epochs"
                                if self.epochs is not None else "not prepared yet (epochs known after prepare)"),
         ]
         lines += [f"warning      {w}" for w in self.warnings]
@@ -330,19 +332,19 @@ def config_changes(old: dict, new: dict) -> list[str]:
     return _differences(defining_settings(old), defining_settings(new))
 
 
-def plan_for_run(cfg: DictConfig, device: hardware.DeviceInfo, ranks: dist.DistInfo, run_dir: Path,
+def plan_for_run(cfg: DictConfig, device: hardware.DeviceInfo, rank_info: dist.DistInfo, run_dir: Path,
                  resume_state: Optional[dict]) -> Plan:
     """The draft plan, made before any data work so that every refusal comes first: the
     plan the resumed checkpoint recorded (if this config may continue it), the plan a rerun
     of the same config saved in run_dir (a budget.minutes run must not re-probe), or a
     fresh one made on rank 0. ``final_plan`` completes it."""
     if resume_state is not None:
-        draft = _resumed_plan(cfg, run_dir, resume_state, ranks.is_main)
+        draft = _resumed_plan(cfg, run_dir, resume_state, rank_info.is_main)
     else:
         draft = dist.from_main(lambda: _saved_plan(cfg, run_dir) or make_plan(
-            cfg, device, world_size=ranks.world_size, measure_flops=_probe(cfg), measure_dtypes=_dtype_probe,
+            cfg, device, world_size=rank_info.world_size, measure_flops=_probe(cfg), measure_dtypes=_dtype_probe,
             startup_seconds=process_age()), catch=(ConfigError,), raise_as=ConfigError)
-    accumulation(draft, ranks.world_size)  # refuses a world size that cannot split the batch, before data work
+    accumulation(draft, rank_info.world_size)  # refuses a world size that cannot split the batch, before data work
     return draft
 
 
@@ -436,7 +438,7 @@ def save_plan(run_dir: Path, cfg: DictConfig, plan: Plan) -> None:
     """Write plan.json and the resolved config.yaml that produced it into run_dir."""
     run_dir = Path(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
-    from picollm.runs import write_atomic  # a kill mid-write never leaves a torn plan for the rerun
+    from picollm.files import write_atomic  # a kill mid-write never leaves a torn plan for the rerun
 
     write_atomic(run_dir / "config.yaml", to_yaml(cfg))
     write_atomic(run_dir / "plan.json", json.dumps(plan.to_dict(), indent=2))
@@ -486,7 +488,7 @@ def size_for_params(cfg: DictConfig, vocab: int) -> Sizing:
     if model_is_explicit(cfg.model):
         raise ConfigError("budget.params picks the model size, but the model is set explicitly; drop one of them.")
     gcfg = nearest_model(cfg.model, vocab, b.params)
-    return Sizing(gcfg, r * gcfg.num_params(), f"params N~{_si(b.params)}, D = {r:g} N")
+    return Sizing(gcfg, r * gcfg.num_params(), f"params N~{si(b.params)}, D = {r:g} N")
 
 
 def size_for_tokens(cfg: DictConfig, vocab: int) -> Sizing:
@@ -494,7 +496,7 @@ def size_for_tokens(cfg: DictConfig, vocab: int) -> Sizing:
     b = cfg.budget
     gcfg = (model_config(cfg.model, vocab) if model_is_explicit(cfg.model)
             else nearest_model(cfg.model, vocab, b.tokens / b.tokens_per_param))
-    return Sizing(gcfg, b.tokens, f"tokens D={_si(b.tokens)}")
+    return Sizing(gcfg, b.tokens, f"tokens D={si(b.tokens)}")
 
 
 def size_for_explicit_model(cfg: DictConfig, vocab: int) -> Sizing:
@@ -527,7 +529,7 @@ def size_for_minutes(cfg: DictConfig, vocab: int, device_info, world_size: int, 
         time_budget = _time_budget(seconds, startup_seconds, probes.seconds, gcfg, rate, t)
     compute = rate * time_budget["train_s"]
     devices = _devices(device_info, world_size)
-    budget = (f"{b.minutes:g} min, {_duration(time_budget['train_s'])} of it training at a measured "
+    budget = (f"{b.minutes:g} min, {rough_duration(time_budget['train_s'])} of it training at a measured "
               f"{rate / 1e9:.3g} GFLOP/s" + (f" ({devices} GPUs)" if devices > 1 else "") + f" -> C={compute:.3e}")
     return Sizing(gcfg, compute / gcfg.flops_per_token(), budget, rate, time_budget), device_info
 
@@ -627,7 +629,7 @@ def _overheads(tb: dict) -> str:
 
 
 def _time_budget_line(tb: dict) -> str:
-    return f"{_duration(tb['budget_s'])} = {_overheads(tb)} + training {_duration(tb['train_s'])}"
+    return f"{rough_duration(tb['budget_s'])} = {_overheads(tb)} + training {rough_duration(tb['train_s'])}"
 
 
 # ---------------------------------------------------------------- batch, steps, LR, schedule
@@ -659,8 +661,8 @@ def _micro_batch(t: DictConfig, gcfg: GPTConfig, per_rank: int, device_info, sha
             raise ConfigError(f"train.micro_batch={t.micro_batch} does not divide the {per_rank} sequences each process "
                               "takes per step; pick a divisor or change train.batch_tokens.")
         if mem(t.micro_batch)["total"] > limit:
-            raise ConfigError(f"train.micro_batch={t.micro_batch} needs ~{_gib(mem(t.micro_batch)['total'])} but only "
-                              f"{_gib(device_info.memory_bytes)} is available; lower it or set train.activation_checkpointing=true.")
+            raise ConfigError(f"train.micro_batch={t.micro_batch} needs ~{binary_size(mem(t.micro_batch)['total'])} but only "
+                              f"{binary_size(device_info.memory_bytes)} is available; lower it or set train.activation_checkpointing=true.")
         return t.micro_batch, mem(t.micro_batch)
     cap = 64 if device_info.is_cuda else max(1, CPU_MICRO_TOKENS // gcfg.seq_len)
     b = 1
@@ -669,8 +671,8 @@ def _micro_batch(t: DictConfig, gcfg: GPTConfig, per_rank: int, device_info, sha
     while b > 1 and mem(b)["total"] > limit:
         b //= 2
     if mem(b)["total"] > limit:
-        raise ConfigError(f"the model needs ~{_gib(mem(b)['total'])} even at micro-batch 1 but only "
-                          f"{_gib(device_info.memory_bytes)} is available; use a smaller model or seq_len, "
+        raise ConfigError(f"the model needs ~{binary_size(mem(b)['total'])} even at micro-batch 1 but only "
+                          f"{binary_size(device_info.memory_bytes)} is available; use a smaller model or seq_len, "
                           "or train.activation_checkpointing=true.")
     return b, mem(b)
 
@@ -728,7 +730,7 @@ def step_count(t: DictConfig, n_tokens: float, tokens_per_step: int) -> int:
             raise ConfigError(f"train.steps={t.steps} must be at least 1.")
         return int(t.steps)
     if n_tokens < tokens_per_step:
-        raise ConfigError(f"the budget gives {_si(n_tokens)} tokens, less than one step of {_si(tokens_per_step)} tokens; "
+        raise ConfigError(f"the budget gives {si(n_tokens)} tokens, less than one step of {si(tokens_per_step)} tokens; "
                           "raise the budget or lower train.batch_tokens.")
     return int(round(n_tokens / tokens_per_step))
 
@@ -800,23 +802,6 @@ def process_age() -> float:
 
 def _pow2(x: float) -> int:
     return 2 ** max(0, int(round(math.log2(x))))
-
-
-def _si(x: float) -> str:
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.3g}{unit}"
-    return f"{x:.3g}"
-
-
-def _gib(x: float) -> str:
-    return f"{x / 2**30:.2f} GiB" if x >= 2**28 else f"{x / 2**20:.0f} MiB"
-
-
-def _duration(s: float) -> str:
-    if not math.isfinite(s):
-        return "unknown"
-    return f"{s / 3600:.1f} h" if s >= 5400 else f"{s / 60:.1f} min" if s >= 90 else f"{s:.0f} s"
 
 
 def _probe(cfg: DictConfig) -> Callable:

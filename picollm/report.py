@@ -18,38 +18,26 @@ import subprocess
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, List, Optional, Union
+from typing import TYPE_CHECKING, Callable, List, Optional, Union
 
 import torch
-from matplotlib.figure import Figure  # the object API: no pyplot state, no display backend needed
 from matplotlib.ticker import PercentFormatter
 from omegaconf import OmegaConf
 
 from picollm import cli
-from picollm.runs import (NOT_SAVED, NotSavedError, RunError, check_run_dir, load_run, read_events, read_metrics, saving,
-                          write_atomic)
+from picollm.figures import new_figure, save_figure
+from picollm.files import write_atomic
+from picollm.saved_run import (NOT_SAVED, LoadedRun, NotSavedError, RunError, check_run_dir, load_run, read_events,
+                               read_metrics, saving)
+from picollm.units import duration, si
+
+if TYPE_CHECKING:  # annotations only: scaling is imported where a law is read
+    from picollm.scaling import ScalingLaw
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 # ----------------------------------------------------------------------------- formatting
-
-def si(x: Optional[float], digits: int = 3) -> str:
-    """1234567 -> '1.23M'; None -> 'n/a'."""
-    if x is None:
-        return "n/a"
-    for unit, scale in (("T", 1e12), ("B", 1e9), ("M", 1e6), ("k", 1e3)):
-        if abs(x) >= scale:
-            return f"{x / scale:.{digits}g}{unit}"
-    return f"{x:.{digits}g}"
-
-
-def duration(seconds: float) -> str:
-    seconds = int(round(seconds))
-    if seconds >= 3600:
-        return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
-    return f"{seconds // 60}m{seconds % 60:02d}s" if seconds >= 60 else f"{seconds}s"
-
 
 def fenced(text: str) -> str:
     """A code block whose fence is longer than any backtick run inside ``text``."""
@@ -67,14 +55,9 @@ def table(rows: list[tuple[str, str]]) -> list[str]:
 
 # ----------------------------------------------------------------------------- plots
 
-def _save(fig: Figure, path: Path) -> None:
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-
-
 def plot_loss(train: list[dict], evals: list[dict], path: Path) -> None:
     """Train and val loss against tokens (left) and training FLOPs (right)."""
-    fig = Figure(figsize=(11, 4))
+    fig = new_figure(figsize=(11, 4))
     for ax, key, label in zip(fig.subplots(1, 2, sharey=True), ("tokens", "flops"), ("tokens", "training FLOPs")):
         if train:
             ax.plot([r[key] for r in train], [r["loss"] for r in train], lw=0.8, alpha=0.7, label="train loss")
@@ -85,13 +68,13 @@ def plot_loss(train: list[dict], evals: list[dict], path: Path) -> None:
         ax.grid(alpha=0.3)
         ax.legend()
     fig.axes[0].set_ylabel("loss (nats/token)")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def plot_pair(train: list[dict], keys: tuple[str, str], labels: tuple[str, str], title: str, path: Path,
               log_second: bool = False) -> None:
     """Two stacked panels of per-step train metrics sharing the step axis."""
-    fig = Figure(figsize=(7, 5))
+    fig = new_figure(figsize=(7, 5))
     axes = fig.subplots(2, 1, sharex=True)
     for ax, key, label in zip(axes, keys, labels):
         points = [(r["step"], r[key]) for r in train if r.get(key) is not None]
@@ -105,7 +88,7 @@ def plot_pair(train: list[dict], keys: tuple[str, str], labels: tuple[str, str],
         axes[1].yaxis.set_major_formatter(PercentFormatter(1.0))
     axes[0].set_title(title)
     axes[1].set_xlabel("step")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 # ----------------------------------------------------------------------------- content
@@ -365,7 +348,7 @@ def compare_table(summaries: list[dict], labels: list[str]) -> list[str]:
 
 def plot_compare(summaries: list[dict], labels: list[str], key: str, xlabel: str, path: Path) -> None:
     """Val loss of every run against tokens or FLOPs, log x (step 0 has x=0, so it is left out)."""
-    fig = Figure(figsize=(7, 4))
+    fig = new_figure(figsize=(7, 4))
     ax = fig.add_subplot()
     for label, s in zip(labels, summaries):
         points = [(r[key], r["val_loss"]) for r in s["evals"] if r.get(key)]
@@ -378,7 +361,7 @@ def plot_compare(summaries: list[dict], labels: list[str], key: str, xlabel: str
     ax.set_ylabel("val loss (nats/token)")
     ax.set_title(f"val loss vs {xlabel}")
     ax.grid(alpha=0.3, which="both")
-    _save(fig, path)
+    save_figure(fig, path)
 
 
 def write_compare(run_dirs: list[Union[str, Path]], out: Union[str, Path] = "compare") -> Path:

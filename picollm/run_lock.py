@@ -70,10 +70,6 @@ class RunLock:
         finally:
             os.close(fd)  # closing the last descriptor releases the flock
 
-    @property
-    def held(self) -> bool:
-        return self._fd is not None
-
     def __enter__(self) -> "RunLock":
         return self.acquire()
 

@@ -18,7 +18,7 @@ import torch
 
 from picollm import cli, hardware
 from picollm.config import device_name
-from picollm.runs import LoadedRun, RunError, load_run
+from picollm.saved_run import LoadedRun, RunError, load_run
 
 USAGE = """usage: python -m picollm.sample run_dir=DIR prompt='"TEXT"' [max_tokens=N] [temperature=T] [top_k=K|null]
                               [seed=S] [checkpoint=STEP|PATH] [device=auto|cpu|cuda]

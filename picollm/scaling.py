@@ -207,14 +207,6 @@ def measured_tokens_for_loss(n_tokens, losses, target: float) -> float:
     return math.exp(x0 + (math.log(target) - y0) * (x1 - x0) / (y1 - y0))
 
 
-def loss_at_equal_lifetime_compute(law: ScalingLaw, compute: float, size_ratio: float, inference_tokens) -> np.ndarray:
-    """L(N_s, D_s(I)) of the smaller model (see overtraining_crossover) for each inference budget I."""
-    n_ref, _ = law.optimal(compute)
-    n_small = size_ratio * n_ref
-    d_small = (compute + 2.0 * np.asarray(inference_tokens, dtype=float) * (n_ref - n_small)) / (6.0 * n_small)
-    return law.loss(n_small, d_small)
-
-
 def kaplan_optimal(compute: float) -> tuple[float, float]:
     """Kaplan et al. 2020 compute-efficient allocation, for comparison with Chinchilla.
 

@@ -38,7 +38,7 @@ Design:
   goes on. ``results.jsonl`` (one JSON object per point, rewritten atomically after every
   point) has n_params, n_tokens, compute (the plan's actual FLOPs), spent, val_loss,
   val_bpb, budget (the nominal C, used to group IsoFLOP profiles), n_layer, d_model, steps,
-  schedule, branch_of, run_dir, seconds, status, error. ``fit.load_runs`` reads it. A point
+  schedule, branch_of, run_dir, seconds, status, error. ``fit.load_results`` reads it. A point
   with status ok and a final.json is skipped on rerun; failed points are retried.
 - At the end: IsoFLOP fit (N_opt ~ C^a, D_opt ~ C^b), the parametric law when >= 5 points
   succeeded, plots, and summary.json / summary.md.
@@ -66,6 +66,7 @@ from omegaconf import DictConfig
 from picollm import checkpoint as ckpt
 from picollm import cli
 from picollm.config import ConfigError, load_config
+from picollm.files import write_atomic
 from picollm.hardware import describe
 from picollm.model import GPTConfig
 from picollm.optim import lr_at
@@ -306,9 +307,7 @@ def read_table(path: Path) -> dict[str, dict]:
 
 def write_table(path: Path, rows: dict[str, dict]) -> None:
     """Atomic rewrite: a crash mid-write never loses finished points."""
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in rows.values()))
-    tmp.replace(path)
+    write_atomic(path, "".join(json.dumps(r) + "\n" for r in rows.values()))
 
 
 def is_done(row: Optional[dict], sweep_dir: Path) -> bool:

@@ -16,28 +16,28 @@ from picollm.model import GPT, GPTConfig
 from picollm.optim import make_optimizer
 
 
-def autocast(info: DeviceInfo):
+def autocast(hw: DeviceInfo):
     """Mixed precision for bf16/fp16; fp32 runs without autocast."""
-    if info.dtype == "fp32":
+    if hw.dtype == "fp32":
         return contextlib.nullcontext()
-    return torch.autocast(info.device.type, dtype=DTYPES[info.dtype])
+    return torch.autocast(hw.device.type, dtype=DTYPES[hw.dtype])
 
 
-def _training_step(gcfg: GPTConfig, micro_batch: int, info: DeviceInfo, compile: bool = False,
+def _training_step(gcfg: GPTConfig, micro_batch: int, hw: DeviceInfo, compile: bool = False,
                    activation_checkpointing: bool = False, optimizer: str = "adamw"):
-    """A closure running one training step as the trainer does, in ``info.dtype``."""
+    """A closure running one training step as the trainer does, in ``hw.dtype``."""
     torch.manual_seed(0)
-    model = GPT(gcfg).to(info.device)
+    model = GPT(gcfg).to(hw.device)
     model.activation_checkpointing = activation_checkpointing
-    opt = make_optimizer(model, 1e-4, 0.1, (0.9, 0.95), info.device, kind=optimizer)  # Muon's step costs more
+    opt = make_optimizer(model, 1e-4, 0.1, (0.9, 0.95), hw.device, kind=optimizer)  # Muon's step costs more
     params = [p for p in model.parameters() if p.requires_grad]
     run = torch.compile(model) if compile else model
     host = torch.randint(0, gcfg.vocab_size, (micro_batch, gcfg.seq_len + 1))
 
-    def step(dtype_info: DeviceInfo = info) -> float:
-        x = host[:, :-1].to(info.device, non_blocking=True)
-        y = host[:, 1:].to(info.device, non_blocking=True)
-        with autocast(dtype_info):
+    def step(variant: DeviceInfo = hw) -> float:
+        x = host[:, :-1].to(hw.device, non_blocking=True)
+        y = host[:, 1:].to(hw.device, non_blocking=True)
+        with autocast(variant):
             loss = run(x, y)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
@@ -48,23 +48,23 @@ def _training_step(gcfg: GPTConfig, micro_batch: int, info: DeviceInfo, compile:
     return step
 
 
-def measure_train_flops(gcfg: GPTConfig, micro_batch: int, info: DeviceInfo, seconds: float = 10.0,
+def measure_train_flops(gcfg: GPTConfig, micro_batch: int, hw: DeviceInfo, seconds: float = 10.0,
                         compile: bool = False, activation_checkpointing: bool = False,
                         warmup_steps: int = 2, return_details: bool = False, optimizer: str = "adamw"):
     """Model FLOP/s (flops_per_token x tokens / time, docs/conventions.md) after ``warmup_steps``
     untimed steps, timing whole steps until ``seconds`` have passed (at least two). The
     rate is total tokens over total time, not a best or median step: a budget is spent
     at the mean rate, slow steps included."""
-    step = _training_step(gcfg, micro_batch, info, compile, activation_checkpointing, optimizer)
+    step = _training_step(gcfg, micro_batch, hw, compile, activation_checkpointing, optimizer)
     for _ in range(warmup_steps):
         step()
-    _sync(info)
+    _sync(hw)
     times = []
     start = time.perf_counter()
     while len(times) < 2 or time.perf_counter() - start < seconds:
         t0 = time.perf_counter()
         step()
-        _sync(info)
+        _sync(hw)
         times.append(time.perf_counter() - t0)
     step_time = sum(times) / len(times)
     tokens = micro_batch * gcfg.seq_len
@@ -74,14 +74,14 @@ def measure_train_flops(gcfg: GPTConfig, micro_batch: int, info: DeviceInfo, sec
     return rate
 
 
-def time_dtypes(gcfg: GPTConfig, micro_batch: int, info: DeviceInfo, dtypes=("fp32", "bf16"),
+def time_dtypes(gcfg: GPTConfig, micro_batch: int, hw: DeviceInfo, dtypes=("fp32", "bf16"),
                 seconds: float = 2.0, rounds: int = 3) -> dict:
     """Seconds per training step in each dtype on this shape and micro-batch: one model,
     the dtypes interleaved (a neighbour's load hits both alike), best of ``rounds`` after a
     warm-up step each. Stops adding rounds once ``seconds`` have passed (at least one)."""
     start = time.perf_counter()
-    step = _training_step(gcfg, micro_batch, info)
-    variants = {d: replace(info, dtype=d) for d in dtypes}
+    step = _training_step(gcfg, micro_batch, hw)
+    variants = {d: replace(hw, dtype=d) for d in dtypes}
     for v in variants.values():
         step(v)  # warm-up: first-call allocations and kernel selection
     best = {d: float("inf") for d in dtypes}
@@ -89,13 +89,13 @@ def time_dtypes(gcfg: GPTConfig, micro_batch: int, info: DeviceInfo, dtypes=("fp
         for d, v in variants.items():
             t0 = time.perf_counter()
             step(v)
-            _sync(info)
+            _sync(hw)
             best[d] = min(best[d], time.perf_counter() - t0)
         if time.perf_counter() - start > seconds:
             break
     return {"step_seconds": best, "seconds": time.perf_counter() - start}
 
 
-def _sync(info: DeviceInfo) -> None:
-    if info.is_cuda:
-        torch.cuda.synchronize(info.device)
+def _sync(hw: DeviceInfo) -> None:
+    if hw.is_cuda:
+        torch.cuda.synchronize(hw.device)

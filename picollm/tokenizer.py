@@ -11,11 +11,14 @@ import hashlib
 import json
 import logging
 import os
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable
 from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 import tiktoken
+
+from picollm.files import write_atomic
 
 BOS = "<|bos|>"
 ENDOFTEXT = "<|endoftext|>"
@@ -31,6 +34,19 @@ SPLIT_PATTERN = (
 )
 
 MIN_VOCAB = 257  # 256 byte tokens + BOS; anything smaller cannot encode every byte
+VOCAB_LIMIT = 2**32  # a vocabulary stays below it: token shards store ids as uint32 at most
+
+
+def vocab_size_problem(vocab_size: Any) -> Optional[str]:
+    """Why ``vocab_size`` cannot be a trained tokenizer's vocabulary, in one sentence, or
+    None: the one range the config check, the data preparation and the trainer share."""
+    use = f"use an int of at least {MIN_VOCAB} (256 bytes + BOS) and below 2**32 (the largest shard token dtype)."
+    if not isinstance(vocab_size, int) or isinstance(vocab_size, bool):
+        return f"tokenizer.vocab_size={vocab_size!r} is not an int; {use}"
+    if not MIN_VOCAB <= vocab_size < VOCAB_LIMIT:
+        side = "small" if vocab_size < MIN_VOCAB else "large"
+        return f"tokenizer.vocab_size={vocab_size} is out of range (too {side}); {use}"
+    return None
 
 
 class TokenizerError(ValueError):
@@ -42,11 +58,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int, name: str | None = None) ->
 
     Deterministic: the same texts and vocab_size give identical merge ranks.
     """
-    if not isinstance(vocab_size, int) or not MIN_VOCAB <= vocab_size < 2**32:
-        raise TokenizerError(
-            f"tokenizer.vocab_size={vocab_size!r} is out of range; use an int between "
-            f"{MIN_VOCAB} (256 bytes + BOS) and 2**32 - 1."
-        )
+    if problem := vocab_size_problem(vocab_size):
+        raise TokenizerError(problem)
     import rustbpe  # imported lazily: only training needs it
 
     quiet = logging.getLogger("rustbpe")
@@ -94,11 +107,7 @@ def save_tokenizer(enc: tiktoken.Encoding, path: str | os.PathLike) -> Path:
         "special_tokens": specials,
         "mergeable_ranks": [base64.b64encode(token).decode("ascii") for token, _ in by_rank],
     }
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(payload), encoding="utf-8")
-    os.replace(tmp, path)  # atomic: a crash never leaves a half-written tokenizer
-    return path
+    return write_atomic(path, json.dumps(payload))  # a crash never leaves a half-written tokenizer
 
 
 def load_tokenizer(ref: str | os.PathLike) -> tiktoken.Encoding:
@@ -162,11 +171,6 @@ def tokenizer_fingerprint(enc: tiktoken.Encoding) -> str:
     h.update(json.dumps(sorted(specials.items())).encode("utf-8"))
     return h.hexdigest()
 
-
-def encode_batch(enc: tiktoken.Encoding, texts: Sequence[str], threads: int | None = None) -> list[list[int]]:
-    """Encode documents in parallel Rust threads; special-token text stays plain text."""
-    # encode_ordinary never maps "<|bos|>" in a document to BOS: data must not forge separators.
-    return enc.encode_ordinary_batch(list(texts), num_threads=threads or os.cpu_count() or 1)
 
 
 def encode_array(enc: tiktoken.Encoding, text: str) -> np.ndarray:

@@ -42,43 +42,43 @@ from picollm.trainer import Interrupted, StopOnSignal, Trainer, TrainError, clos
 
 def run(cfg: DictConfig) -> dict:
     """Train according to ``cfg``; returns the final metrics."""
-    ranks = dist.setup(cfg.train.device)
+    rank_info = dist.setup(cfg.train.device)
     try:
-        return _run(cfg, ranks)
+        return _run(cfg, rank_info)
     finally:
         dist.teardown()
 
 
-def _run(cfg: DictConfig, ranks: dist.DistInfo) -> dict:
+def _run(cfg: DictConfig, rank_info: dist.DistInfo) -> dict:
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
-    hw = check_config(cfg, ranks)
-    run_dir, lock = resolve_run_dir(cfg, ranks)
+    hw = check_config(cfg, rank_info)
+    run_dir, lock = resolve_run_dir(cfg, rank_info)
     with contextlib.ExitStack() as cleanup:
         if lock is not None:
             cleanup.callback(lock.release)
             cleanup.enter_context(console_log(run_dir / "train.log"))
-        log(f"run_dir      {run_dir}", ranks)
-        return _train_in(run_dir, cfg, ranks, hw)
+        log(f"run_dir      {run_dir}", rank_info)
+        return _train_in(run_dir, cfg, rank_info, hw)
 
 
-def _train_in(run_dir: Path, cfg: DictConfig, ranks: dist.DistInfo, hw: hardware.DeviceInfo) -> dict:
+def _train_in(run_dir: Path, cfg: DictConfig, rank_info: dist.DistInfo, hw: hardware.DeviceInfo) -> dict:
     resume_path = find_resume(cfg, run_dir)
     # FSDP reads a sharded checkpoint's tensors straight into its shards later (Trainer.restore).
-    whole = not parallel.is_sharded(cfg.train.parallel, ranks)
+    whole = not parallel.is_sharded(cfg.train.parallel, rank_info)
     resume_state = ckpt.load_checkpoint(resume_path, tensors=whole) if resume_path else None
-    draft = plan_for_run(cfg, hw, ranks, run_dir, resume_state)
-    hw = train_as_planned(hw, draft, ranks)
-    data = prepare(cfg, draft, ranks)
+    draft = plan_for_run(cfg, hw, rank_info, run_dir, resume_state)
+    hw = train_as_planned(hw, draft, rank_info)
+    data = prepare(cfg, draft, rank_info)
     check_data(data, draft)
-    plan = final_plan(draft, DataFacts.of(data), ranks.world_size, cfg.train.steps)
-    announce(plan, draft, data, cfg, ranks)
-    if ranks.is_main:
+    plan = final_plan(draft, DataFacts.of(data), rank_info.world_size, cfg.train.steps)
+    announce(plan, draft, data, cfg, rank_info)
+    if rank_info.is_main:
         save_plan(run_dir, cfg, plan)  # the run's inputs, the prepared data's place included
         _copy_tokenizer(data, run_dir)
     if resume_state is not None and resume_state["step"] >= plan.steps and ckpt.list_checkpoints(run_dir):
-        return close_finished_run(run_dir, plan, resume_state, ranks, hw.device)
-    trainer = Trainer(cfg, ranks, hw, plan, data, run_dir)
+        return close_finished_run(run_dir, plan, resume_state, rank_info, hw.device)
+    trainer = Trainer(cfg, rank_info, hw, plan, data, run_dir)
     if resume_state is not None:
         trainer.resume(resume_state, resume_path)
     del resume_state
@@ -88,7 +88,7 @@ def _train_in(run_dir: Path, cfg: DictConfig, ranks: dist.DistInfo, hw: hardware
 
 # ----------------------------------------------------------------------------- before the plan
 
-def check_config(cfg: DictConfig, ranks: dist.DistInfo) -> hardware.DeviceInfo:
+def check_config(cfg: DictConfig, rank_info: dist.DistInfo) -> hardware.DeviceInfo:
     """Cheap checks first, so nothing expensive happens with a config that cannot work;
     returns the device this process trains on."""
     t = cfg.train
@@ -96,13 +96,13 @@ def check_config(cfg: DictConfig, ranks: dist.DistInfo) -> hardware.DeviceInfo:
         validate_source(cfg.data)
         validate_tokenizer_config(cfg.tokenizer)
         # CPU auto: the plan times both dtypes on the run's shape (or a resume reads its choice).
-        hw = hardware.describe(t.device, t.dtype, measure=ranks.is_main, peak_flops=t.peak_flops,
+        hw = hardware.describe(t.device, t.dtype, measure=rank_info.is_main, peak_flops=t.peak_flops,
                                decide_dtype_later=True)
         parallel.check_mode(t.parallel, hw.dtype)
     except ValueError as err:
         raise ConfigError(str(err)) from None
-    if ranks.enabled and hw.is_cuda:  # each rank on its own GPU
-        hw = replace(hw, device=torch.device("cuda", ranks.local_rank))
+    if rank_info.enabled and hw.is_cuda:  # each rank on its own GPU
+        hw = replace(hw, device=torch.device("cuda", rank_info.local_rank))
     return hw
 
 
@@ -116,7 +116,7 @@ def default_run_dir(cfg: DictConfig) -> str:
     return f"runs/run-{digest[:10]}"
 
 
-def resolve_run_dir(cfg: DictConfig, ranks: dist.DistInfo) -> tuple[Path, Optional[RunLock]]:
+def resolve_run_dir(cfg: DictConfig, rank_info: dist.DistInfo) -> tuple[Path, Optional[RunLock]]:
     """The configured run_dir (or the default one for this config), created, checked
     writable and locked against a second run, with one error sentence on every rank."""
     run_dir = Path(cfg.run_dir or default_run_dir(cfg)).expanduser().resolve()
@@ -154,12 +154,12 @@ def find_resume(cfg: DictConfig, run_dir: Path) -> Optional[Path]:
     return path
 
 
-def train_as_planned(hw: hardware.DeviceInfo, plan: Plan, ranks: dist.DistInfo) -> hardware.DeviceInfo:
+def train_as_planned(hw: hardware.DeviceInfo, plan: Plan, rank_info: dist.DistInfo) -> hardware.DeviceInfo:
     """Train in the plan's dtype (recorded when it was measured, so a rerun or a resume
     never decides again), with that dtype's peak as the MFU yardstick: this machine's,
     measured once on rank 0 and shared."""
     hw = hardware.with_dtype(hw, plan.dtype, plan.dtype_reason)
-    if ranks.enabled:
+    if rank_info.enabled:
         peak_flops, peak_source = dist.broadcast_object((hw.peak_flops, hw.peak_source))
         hw = replace(hw, peak_flops=peak_flops, peak_source=peak_source)
     return hw
@@ -167,12 +167,12 @@ def train_as_planned(hw: hardware.DeviceInfo, plan: Plan, ranks: dist.DistInfo) 
 
 # ----------------------------------------------------------------------------- the data
 
-def prepare(cfg: DictConfig, plan: Plan, ranks: dist.DistInfo) -> PreparedData:
+def prepare(cfg: DictConfig, plan: Plan, rank_info: dist.DistInfo) -> PreparedData:
     """The first process of every node prepares (or reuses) the data in that node's cache;
     preparation is deterministic, so nodes that share no storage build the same shards.
     The other processes wait (dist.from_each_node), then every rank checks that all nodes
     hold the same data. A failure stops every rank with the preparing rank's sentence."""
-    if not ranks.enabled:
+    if not rank_info.enabled:
         return _prepare_here(cfg, plan)
     result = None
 
@@ -181,7 +181,7 @@ def prepare(cfg: DictConfig, plan: Plan, ranks: dist.DistInfo) -> PreparedData:
         result = _prepare_here(cfg, plan)
         return {"dir": str(result.dir), "fingerprint": _data_fingerprint(result)}
 
-    outcomes = dist.from_each_node(ranks, "data", prepare_and_describe, "prepare the data",
+    outcomes = dist.from_each_node(rank_info, "data", prepare_and_describe, "prepare the data",
                                    catch=(TrainError, KeyboardInterrupt))
     errors = [o["error"] for o in outcomes if "error" in o]
     if errors:
@@ -189,7 +189,7 @@ def prepare(cfg: DictConfig, plan: Plan, ranks: dist.DistInfo) -> PreparedData:
     if len({o["fingerprint"] for o in outcomes}) > 1:
         raise TrainError("the nodes prepared different data (their shard fingerprints differ); give every node the "
                          "same data config and corpus, or put data.cache_dir on storage all nodes share.")
-    return result if result is not None else load_prepared(outcomes[ranks.node]["dir"])
+    return result if result is not None else load_prepared(outcomes[rank_info.node]["dir"])
 
 
 def _prepare_here(cfg: DictConfig, plan: Plan) -> PreparedData:
@@ -232,21 +232,21 @@ def _copy_tokenizer(data: PreparedData, run_dir: Path) -> None:
         (run_dir / "tokenizer.json").write_text(json.dumps({"tiktoken": data.tokenizer_ref}))
 
 
-def announce(plan: Plan, draft: Plan, data: PreparedData, cfg: DictConfig, ranks: dist.DistInfo) -> None:
+def announce(plan: Plan, draft: Plan, data: PreparedData, cfg: DictConfig, rank_info: dist.DistInfo) -> None:
     """The plan card, and what this session changed from the recorded plan."""
     if plan.steps != draft.steps:
         log(f"extending the run from {draft.steps} to {plan.steps} steps; the LR schedule is stretched to the new "
-            "end and the data stream keeps its length (more epochs).", ranks)
+            "end and the data stream keeps its length (more epochs).", rank_info)
     if plan.world_size != draft.world_size:
         log(f"continuing a {draft.world_size}-process run on {plan.world_size}: accumulation "
-            f"{draft.accum_steps} -> {plan.accum_steps} steps, same global batch and sample order", ranks)
-    log(plan.card(), ranks)
+            f"{draft.accum_steps} -> {plan.accum_steps} steps, same global batch and sample order", rank_info)
+    log(plan.card(), rank_info)
     if cfg.train.parallel == "fsdp":
-        log("parallel     FSDP2 over " + (f"{ranks.world_size} processes: parameters, gradients and AdamW state "
-                                          "sharded; checkpoints are sharded folders" if ranks.enabled else
-                                          "one process: nothing to shard, so the plain model trains"), ranks)
+        log("parallel     FSDP2 over " + (f"{rank_info.world_size} processes: parameters, gradients and AdamW state "
+                                          "sharded; checkpoints are sharded folders" if rank_info.enabled else
+                                          "one process: nothing to shard, so the plain model trains"), rank_info)
     log(f"data         {data.dir} ({data.n_train_tokens:,} train / {data.n_val_tokens:,} val tokens, "
-        f"{plan.epochs:.2f} epochs{', reused' if data.reused else ''})", ranks)
+        f"{plan.epochs:.2f} epochs{', reused' if data.reused else ''})", rank_info)
 
 
 USAGE = ("usage: python -m picollm.train [overrides...]   e.g. budget.minutes=10 run_dir=runs/x\n"

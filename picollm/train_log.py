@@ -16,9 +16,9 @@ from omegaconf import DictConfig, OmegaConf
 from picollm import dist
 
 
-def log(msg: str, ranks: Optional[dist.DistInfo] = None) -> None:
-    """Print ``msg`` once per run: on rank 0 (or anywhere, without ``ranks``)."""
-    if ranks is None or ranks.is_main:
+def log(msg: str, rank_info: Optional[dist.DistInfo] = None) -> None:
+    """Print ``msg`` once per run: on rank 0 (or anywhere, without ``rank_info``)."""
+    if rank_info is None or rank_info.is_main:
         print(msg, flush=True)
 
 

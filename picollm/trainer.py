@@ -36,6 +36,7 @@ from picollm.optim import lr_at, make_optimizer, set_lr
 from picollm.plan import Plan
 from picollm.throughput import autocast
 from picollm.train_log import MetricsLog, log
+from picollm.units import duration
 
 # train.save_at checkpoints go to run_dir/saved_at/checkpoints/, where retention never prunes them.
 SAVED_AT = "saved_at"
@@ -99,19 +100,19 @@ class StepResult:
 class Trainer:
     """Model, optimizer, data cursor and run bookkeeping for one run; ``train`` is the loop."""
 
-    def __init__(self, cfg: DictConfig, ranks: dist.DistInfo, hw: hardware.DeviceInfo, plan: Plan,
+    def __init__(self, cfg: DictConfig, rank_info: dist.DistInfo, hw: hardware.DeviceInfo, plan: Plan,
                  data: PreparedData, run_dir: Path) -> None:
         t = self.t = cfg.train
-        self.cfg, self.ranks, self.hw, self.plan, self.data, self.run_dir = cfg, ranks, hw, plan, data, run_dir
+        self.cfg, self.rank_info, self.hw, self.plan, self.data, self.run_dir = cfg, rank_info, hw, plan, data, run_dir
         self.torch_device = hw.device
         gcfg = self.gcfg = plan.gpt_config()
         torch.manual_seed(t.seed)
-        self.sharded = parallel.is_sharded(t.parallel, ranks)
+        self.sharded = parallel.is_sharded(t.parallel, rank_info)
         # Under FSDP the full model is built on the host and its shards moved to the device,
         # so every mode starts from the same weights.
         self.model = GPT(gcfg).to("cpu" if self.sharded else self.torch_device)
         self.model.activation_checkpointing = t.activation_checkpointing
-        self.train_model = parallel.wrap(self.model, t.parallel, ranks, self.torch_device, hw.dtype)
+        self.train_model = parallel.wrap(self.model, t.parallel, rank_info, self.torch_device, hw.dtype)
         if t.compile:
             self.train_model = torch.compile(self.train_model)
         self.forward = self.train_model  # a micro-batch's loss (FaultDrill may wrap it)
@@ -124,14 +125,14 @@ class Trainer:
         # max_tokens pins the stream length, so a cache later rebuilt larger by another run
         # (a strict superset: same prefix) leaves this run's sample order unchanged.
         self.loader = PackedLoader(data.train_shards, gcfg.seq_len, plan.batch_seqs, plan.micro_batch, t.seed,
-                                   ranks.rank, ranks.world_size, max_tokens=plan.stream_tokens)
+                                   rank_info.rank, rank_info.world_size, max_tokens=plan.stream_tokens)
         self.step, self.stats, self.bad_streak = 0, dict(FRESH_STATS), 0
         self.cadence = Cadence.of(plan, t)
-        self.metrics = MetricsLog(run_dir, cfg, ranks.is_main)
+        self.metrics = MetricsLog(run_dir, cfg, rank_info.is_main)
         self.byte_lengths = token_byte_lengths(data.tokenizer, gcfg.vocab_size)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.spikes = SpikeDetector(t.spike_sigmas)
-        self.peak = hardware.combined_peak(hw, ranks.world_size) or 0  # this machine's, not the plan's
+        self.peak = hardware.combined_peak(hw, rank_info.world_size) or 0  # this machine's, not the plan's
         if cfg.debug.nan_loss_at_steps or cfg.debug.inf_grad_at_steps:
             FaultDrill(cfg.debug).install(self)
 
@@ -140,7 +141,7 @@ class Trainer:
         """From the current step to the plan's last; returns final.json's numbers."""
         plan = self.plan
         last_val = self.evaluate() if self.step == 0 else None
-        progress = ProgressLine(plan, self.peak, self.ranks)
+        progress = ProgressLine(plan, self.peak, self.rank_info)
         batches = self.loader.batches(self.step, plan.steps)
         while self.step < plan.steps:
             lr = self.apply_lr()
@@ -202,19 +203,19 @@ class Trainer:
             self.stats["skipped_steps"] += 1
             self.event("skipped_step", loss=result.loss, grad_norm=result.grad_norm, loss_scale=result.loss_scale)
             what = "non-finite loss or collapsed loss scale" if self.scaler else "non-finite loss or gradient norm"
-            log(f"step {self.step}: {what}; update skipped ({self.bad_streak} in a row)", self.ranks)
+            log(f"step {self.step}: {what}; update skipped ({self.bad_streak} in a row)", self.rank_info)
             return
         self.bad_streak = 0
         if not result.updated:  # the fp16 loss scaler skipped an overflow and lowered its scale: its job
             self.stats["scaler_skips"] += 1
         elif spike := self.spikes.update(result.loss):
             self.event("spike", **spike)
-            log(f"step {self.step}: loss spike {result.loss:.4f} (running mean {spike['mean']:.4f})", self.ranks)
+            log(f"step {self.step}: loss spike {result.loss:.4f} (running mean {spike['mean']:.4f})", self.rank_info)
 
     def stop(self, signum: Optional[int]) -> None:
         name = signal.Signals(signum).name if signum else "a signal on another rank"
         log(f"stopped by {name} after step {self.step}; checkpoint saved in {self.run_dir}. "
-            f"Rerun the same command to resume (it continues in run_dir={self.run_dir}).", self.ranks)
+            f"Rerun the same command to resume (it continues in run_dir={self.run_dir}).", self.rank_info)
         self.metrics.close()
         raise Interrupted(signum or signal.SIGTERM)
 
@@ -234,7 +235,7 @@ class Trainer:
             y = y.to(self.torch_device, non_blocking=True)
             # DDP reduces gradients once per step; FSDP reduce-scatters every micro-batch so that
             # gradients stay sharded (its memory saving).
-            defer = self.ranks.enabled and not self.sharded and micro < plan.accum_steps - 1
+            defer = self.rank_info.enabled and not self.sharded and micro < plan.accum_steps - 1
             with self.train_model.no_sync() if defer else contextlib.nullcontext():
                 with autocast(self.hw):
                     loss = self.forward(x, y)
@@ -286,22 +287,22 @@ class Trainer:
         self.stats["lr_scale"] *= t.rollback_lr_scale
         self.bad_streak = 0
         self.event("rollback", checkpoint=str(latest), lr_scale=self.stats["lr_scale"])
-        log(f"rolled back to {latest} (step {self.step}); LR now scaled by {self.stats['lr_scale']:g}", self.ranks)
+        log(f"rolled back to {latest} (step {self.step}); LR now scaled by {self.stats['lr_scale']:g}", self.rank_info)
         return True
 
     # ---------------------------------------------------------------- evaluation
     def evaluate(self) -> dict:
         plan = self.plan
         result = evaluate(self.model, self.data.val_shards, self.gcfg.seq_len, plan.micro_batch, self.byte_lengths,
-                          lambda: autocast(self.hw), self.t.eval_tokens, self.torch_device, self.ranks.rank,
-                          self.ranks.world_size, lockstep=self.sharded)
+                          lambda: autocast(self.hw), self.t.eval_tokens, self.torch_device, self.rank_info.rank,
+                          self.rank_info.world_size, lockstep=self.sharded)
         best = self.stats["best_val_loss"]
         if best is None or result["val_loss"] < best:
             self.stats["best_val_loss"], self.stats["best_step"] = result["val_loss"], self.step
         tokens = self.step * plan.tokens_per_step
         self.metrics.write({"kind": "eval", "step": self.step, "tokens": tokens,
                             "flops": tokens * plan.flops_per_token, **result})
-        log(f"eval step {self.step}: val_loss {result['val_loss']:.4f}, val_bpb {result['val_bpb']:.4f}", self.ranks)
+        log(f"eval step {self.step}: val_loss {result['val_loss']:.4f}, val_bpb {result['val_bpb']:.4f}", self.rank_info)
         return result
 
     # ---------------------------------------------------------------- checkpoints
@@ -323,8 +324,8 @@ class Trainer:
     def resume(self, state: dict, path: Path) -> None:
         """Continue from the checkpoint at ``path`` (``state``, already loaded)."""
         self.restore(state)
-        self.event("resume", checkpoint=str(path), world_size=self.ranks.world_size)
-        log(f"resumed from {path} at step {self.step}", self.ranks)
+        self.event("resume", checkpoint=str(path), world_size=self.rank_info.world_size)
+        log(f"resumed from {path} at step {self.step}", self.rank_info)
 
     def restore(self, state: dict, keep_stats: tuple = ()) -> None:
         """Continue from a checkpoint of either layout, saved with any world size."""
@@ -340,7 +341,7 @@ class Trainer:
         if self.scaler is not None and state.get("scaler"):
             self.scaler.load_state_dict(state["scaler"])
         self.loader.load_state_dict(state["loader"])
-        ckpt.set_rng_state(ckpt.rank_rng_state(state["rng"], self.ranks.rank), self.torch_device)
+        ckpt.set_rng_state(ckpt.rank_rng_state(state["rng"], self.rank_info.rank), self.torch_device)
         self.step = int(state["step"])
         kept = {k: self.stats[k] for k in keep_stats}
         self.stats.update(state.get("stats", {}))
@@ -351,7 +352,7 @@ class Trainer:
         leaves the earlier checkpoints. ``into``/``keep``: another run_dir-like folder and
         its retention (0 keeps all)."""
         try:
-            ckpt.save_training_state(into or self.run_dir, self.step, self.state(), self.sharded, self.ranks.is_main,
+            ckpt.save_training_state(into or self.run_dir, self.step, self.state(), self.sharded, self.rank_info.is_main,
                                      keep=self.t.keep_checkpoints if keep is None else keep,
                                      extra_keep=self.stats["best_step"])
         except ckpt.CheckpointError as err:
@@ -366,7 +367,7 @@ class Trainer:
         self.metrics.close()
         final = final_numbers(self.plan, self.stats, self.torch_device, last_val)
         whole = self._whole_model()
-        if self.ranks.is_main:
+        if self.rank_info.is_main:
             export_weights(whole, self.run_dir)
             (self.run_dir / "final.json").write_text(json.dumps(final, indent=2))
             if self.t.report:
@@ -374,11 +375,11 @@ class Trainer:
         return final
 
     def _whole_model(self) -> Optional[GPT]:
-        """Collective under FSDP: the unsharded model in rank 0 (None on the other ranks)."""
+        """Collective under FSDP: the unsharded model in rank 0 (None on the other rank_info)."""
         if not self.sharded:
             return self.model
         weights = parallel.gathered_model_state(self.model)
-        if not self.ranks.is_main:
+        if not self.rank_info.is_main:
             return None
         whole = GPT(self.gcfg)
         whole.load_state_dict(weights)
@@ -388,7 +389,7 @@ class Trainer:
         """report.md with samples from the model in memory; a failure here is reported but
         never fails the run."""
         from picollm.report import run_samples, write_report
-        from picollm.runs import LoadedRun
+        from picollm.saved_run import LoadedRun
 
         here = LoadedRun(run_dir=self.run_dir, path=ckpt.step_path(self.run_dir, self.step), step=self.step,
                          model=model, tokenizer=self.data.tokenizer, tokenizer_ref=self.data.tokenizer_ref,
@@ -396,10 +397,10 @@ class Trainer:
                          device=next(model.parameters()).device)
         try:
             path = write_report(self.run_dir, samples=run_samples(self.run_dir, loaded=here))
-            log(f"report: {path}", self.ranks)
+            log(f"report: {path}", self.rank_info)
         except Exception as err:  # the training result is already safe on disk
             log(f"warning: could not write the report ({err}); run python -m picollm.report run_dir={self.run_dir}",
-                self.ranks)
+                self.rank_info)
 
 
 def final_numbers(plan: Plan, stats: dict, device: torch.device, last_val: Optional[dict]) -> dict:
@@ -410,12 +411,12 @@ def final_numbers(plan: Plan, stats: dict, device: torch.device, last_val: Optio
             "peak_memory_mib": hardware.peak_memory_mib(device), **(last_val or {})}
 
 
-def close_finished_run(run_dir: Path, plan: Plan, state: dict, ranks: dist.DistInfo, device: torch.device) -> dict:
+def close_finished_run(run_dir: Path, plan: Plan, state: dict, rank_info: dist.DistInfo, device: torch.device) -> dict:
     """A finished run started again: nothing to train, so no model, optimizer or loader is
     built. What a first session stopped after its last save did not write (the exported
     weights, final.json) comes from the checkpoint; returns final.json's numbers."""
     log(f"run in {run_dir} is already complete ({plan.steps} steps); nothing to train. "
-        "For a new run, set run_dir (or raise train.steps to extend this one).", ranks)
+        "For a new run, set run_dir (or raise train.steps to extend this one).", rank_info)
 
     def close() -> dict:
         if not (run_dir / "model.safetensors").exists():
@@ -440,8 +441,8 @@ def _checkpoint_model(plan: Plan, state: dict) -> GPT:
 class ProgressLine:
     """The console line of every train.log_every steps, its ETA from the steps since the last."""
 
-    def __init__(self, plan: Plan, peak: float, ranks: dist.DistInfo) -> None:
-        self.plan, self.peak, self.ranks = plan, peak, ranks
+    def __init__(self, plan: Plan, peak: float, rank_info: dist.DistInfo) -> None:
+        self.plan, self.peak, self.rank_info = plan, peak, rank_info
         self.since, self.steps = time.perf_counter(), 0
 
     def step_done(self, step: int, now: bool, result: StepResult, lr: float, tok_s: float) -> None:
@@ -452,13 +453,8 @@ class ProgressLine:
         rate = (time.perf_counter() - self.since) / self.steps
         mfu = f" | MFU {tok_s * plan.flops_per_token / self.peak:.1%}" if self.peak else ""
         log(f"step {step}/{plan.steps} | loss {result.loss:.4f} | lr {lr:.2e} | gnorm {result.grad_norm:.2f} "
-            f"| {tok_s / 1e3:.1f}k tok/s{mfu} | ETA {_eta(rate * (plan.steps - step))}", self.ranks)
+            f"| {tok_s / 1e3:.1f}k tok/s{mfu} | ETA {duration(rate * (plan.steps - step))}", self.rank_info)
         self.since, self.steps = time.perf_counter(), 0
-
-
-def _eta(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m" if seconds >= 3600 else f"{seconds // 60}m{seconds % 60:02d}s"
 
 
 class SpikeDetector:

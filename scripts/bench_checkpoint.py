@@ -30,7 +30,7 @@ SHAPES = {
 
 
 def main() -> None:
-    info = describe("auto", "auto", measure=False)
+    hw = describe("auto", "auto", measure=False)
     print("| model | checkpoint size | save (s) | load + verify (s) | step (s) | default interval | overhead |")
     print("|---|---|---|---|---|---|---|")
     for name, gcfg in SHAPES.items():
@@ -50,7 +50,7 @@ def main() -> None:
                 ckpt.load_checkpoint(path)
                 loads.append(time.perf_counter() - t0)
             size = path.stat().st_size
-        step = measure_train_flops(gcfg, 16, info, seconds=5, return_details=True)["step_time"]
+        step = measure_train_flops(gcfg, 16, hw, seconds=5, return_details=True)["step_time"]
         tokens_per_step = 16 * gcfg.seq_len
         steps = 20 * gcfg.num_params() / tokens_per_step  # a D = 20 N run at this batch
         interval = max(1, int(steps // 10))

@@ -39,7 +39,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import math
 import os
 import pickle
 import re
@@ -381,15 +380,14 @@ def summary(res: dict) -> str:
 
 
 def plot(res: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    sys.path.insert(0, str(ROOT))
+    from picollm.figures import new_figure, save_figure
 
     rows = [r for r in res["rows"] if "error" not in r]
     if not rows:
         return
-    fig, ax = plt.subplots(figsize=(7.5, 4.8))
+    fig = new_figure(figsize=(7.5, 4.8))
+    ax = fig.add_subplot()
     for who, color in (("nanogpt", "tab:orange"), ("picollm", "tab:blue")):
         label = "nanoGPT README CPU recipe" if who == "nanogpt" else "picollm budget.minutes"
         pts = sorted((r[f"{who}_wall_s"] / 60, r[f"{who}_loss"]) for r in rows)
@@ -404,9 +402,7 @@ def plot(res: dict, path: Path) -> None:
     ax.set_title(f"Time to loss on pystdlib, BPE {VOCAB}")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 # ------------------------------------------------------------------ shapes (the size rule's evidence)

@@ -31,17 +31,17 @@ def child(args: argparse.Namespace) -> None:
     from picollm.throughput import measure_train_flops
 
     shape = json.loads(args.shape)
-    info = describe("auto", args.dtype, measure=False)
-    peak = measure_matmul_peak(info.dtype) if not info.is_cuda else None
-    if info.is_cuda:
-        info = describe("auto", args.dtype)
-        peak = info.peak_flops
-    result = measure_train_flops(GPTConfig(**shape), args.micro_batch, info, args.seconds, compile=args.compile,
+    hw = describe("auto", args.dtype, measure=False)
+    peak = measure_matmul_peak(hw.dtype) if not hw.is_cuda else None
+    if hw.is_cuda:
+        hw = describe("auto", args.dtype)
+        peak = hw.peak_flops
+    result = measure_train_flops(GPTConfig(**shape), args.micro_batch, hw, args.seconds, compile=args.compile,
                                  activation_checkpointing=args.ckpt, return_details=True)
-    result.update(peak_flops=peak, mfu=result["flops_per_s"] / peak, dtype=info.dtype, device=info.name,
+    result.update(peak_flops=peak, mfu=result["flops_per_s"] / peak, dtype=hw.dtype, device=hw.name,
                   max_rss_mib=resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
                   threads=torch.get_num_threads())
-    if info.is_cuda:
+    if hw.is_cuda:
         result["max_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
     print("RESULT " + json.dumps(result))
 

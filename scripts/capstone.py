@@ -181,13 +181,12 @@ def predict(summary: dict, rows: list[dict], n: float, d: float) -> dict:
 
 def plot_prediction(summary: dict, rows: list[dict], pred: dict, measured: float | None, path: Path) -> None:
     """Predicted vs measured: every sweep point and the held-out run with its interval."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from picollm.figures import new_figure, save_figure
 
     law = _law(summary["parametric"])
     ok = [r for r in rows if r["status"] == "ok" and r.get("val_loss")]
-    fig, ax = plt.subplots(figsize=(5, 5))
+    fig = new_figure(figsize=(5, 5))
+    ax = fig.add_subplot()
     ax.scatter([law.loss(r["n_params"], r["n_tokens"]) for r in ok], [r["val_loss"] for r in ok], s=14,
                label="sweep points (fit)")
     if measured is not None:
@@ -199,9 +198,7 @@ def plot_prediction(summary: dict, rows: list[dict], pred: dict, measured: float
     ax.plot(lims, lims, "k--", lw=0.8)
     ax.set(xlabel="predicted loss", ylabel="measured loss", title="Predicted vs measured")
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def report(spec: dict, summary: dict, pred: dict, measured: float | None, out: Path, est: dict) -> str:

@@ -25,30 +25,30 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from picollm.fit import fit_parametric, load_runs  # noqa: E402
+from picollm.fit import fit_parametric, load_results  # noqa: E402
 from picollm.scaling import ScalingLaw, crossover_from_tokens, inference_crossover, load_law, \
     measured_tokens_for_loss  # noqa: E402
 
 
-def reference_run(runs, budget: float | None) -> int:
+def reference_run(table, budget: float | None) -> int:
     """Index of the lowest-loss run at `budget` (default the largest nominal budget)."""
-    groups = runs.budget if runs.budget is not None else runs.compute
+    groups = table.budget if table.budget is not None else table.compute
     target = groups.max() if budget is None else budget
     at = np.flatnonzero(np.isclose(groups, target, rtol=1e-6))
     if len(at) == 0:
         raise ValueError(f"no runs at budget {target:.3g}; the table's budgets are {sorted(set(groups.tolist()))}.")
-    return int(at[np.argmin(runs.val_loss[at])])
+    return int(at[np.argmin(table.val_loss[at])])
 
 
-def crossover_rows(runs, ref: int, law: ScalingLaw, samples: np.ndarray | None = None) -> list[dict]:
+def crossover_rows(table, ref: int, law: ScalingLaw, samples: np.ndarray | None = None) -> list[dict]:
     """Per smaller model: measured and predicted D_s* and I* (predicted with a 95% band)."""
-    n_ref, d_ref, l_ref = runs.n_params[ref], runs.n_tokens[ref], runs.val_loss[ref]
+    n_ref, d_ref, l_ref = table.n_params[ref], table.n_tokens[ref], table.val_loss[ref]
     rows = []
-    for n_small in sorted(set(runs.n_params[runs.n_params < n_ref].tolist())):
-        mine = runs.n_params == n_small
+    for n_small in sorted(set(table.n_params[table.n_params < n_ref].tolist())):
+        mine = table.n_params == n_small
         if mine.sum() < 2:
             continue
-        d_meas = measured_tokens_for_loss(runs.n_tokens[mine], runs.val_loss[mine], l_ref)
+        d_meas = measured_tokens_for_loss(table.n_tokens[mine], table.val_loss[mine], l_ref)
         measured = crossover_from_tokens(n_ref, d_ref, l_ref, n_small, d_meas) if math.isfinite(d_meas) else None
         # The law predicts against its own loss at the reference: its bias at N_ref cancels.
         predicted = inference_crossover(law, n_ref, d_ref, n_small)
@@ -57,7 +57,8 @@ def crossover_rows(runs, ref: int, law: ScalingLaw, samples: np.ndarray | None =
             draws = [inference_crossover(ScalingLaw(*s), n_ref, d_ref, n_small)["inference_tokens"] for s in samples]
             # inverted_cdf picks drawn values, so a band that reaches "never" (inf) says so.
             band = tuple(float(q) for q in np.quantile(draws, [0.025, 0.975], method="inverted_cdf"))
-        rows.append({"n_small": n_small, "tokens": runs.n_tokens[mine].tolist(), "losses": runs.val_loss[mine].tolist(),
+        rows.append({"n_small": n_small, "tokens": table.n_tokens[mine].tolist(),
+                     "losses": table.val_loss[mine].tolist(),
                      "measured_d": d_meas, "measured": measured, "predicted": predicted, "predicted_band": band})
     return rows
 
@@ -76,21 +77,21 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            runs = load_runs(args.results)
+            table = load_results(args.results)
             samples = None
             if args.law:
                 law = load_law(args.law)[1]
             else:
-                fit = fit_parametric(runs.n_params, runs.n_tokens, runs.val_loss, bootstrap=args.bootstrap)
+                fit = fit_parametric(table.n_params, table.n_tokens, table.val_loss, bootstrap=args.bootstrap)
                 law, samples = fit.law, fit.samples
-        ref = reference_run(runs, args.budget)
-        rows = crossover_rows(runs, ref, law, samples)
+        ref = reference_run(table, args.budget)
+        rows = crossover_rows(table, ref, law, samples)
     except (OSError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    n_ref, d_ref = runs.n_params[ref], runs.n_tokens[ref]
+    n_ref, d_ref = table.n_params[ref], table.n_tokens[ref]
     print(f"reference: N={n_ref:.4g}, D={d_ref:.4g} (D/N {d_ref / n_ref:.1f}), "
-          f"measured loss {runs.val_loss[ref]:.4f}; law: E={law.E:.3g} A={law.A:.3g} alpha={law.alpha:.3g} "
+          f"measured loss {table.val_loss[ref]:.4f}; law: E={law.E:.3g} A={law.A:.3g} alpha={law.alpha:.3g} "
           f"B={law.B:.3g} beta={law.beta:.3g}")
     if not rows:
         print("no smaller model has runs at two or more token counts; a WSD sweep (sweep.schedule=wsd) gives them.")
@@ -100,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     for r in rows:
         pred, meas = r["predicted"], r["measured"]
         band = f" [{_fmt(r['predicted_band'][0])}, {_fmt(r['predicted_band'][1])}]" if r["predicted_band"] else ""
-        print(f"| {r['n_small']:.4g} | {r['n_small'] / runs.n_params[ref]:.2f} | {_fmt(r['measured_d'])} | "
+        print(f"| {r['n_small']:.4g} | {r['n_small'] / table.n_params[ref]:.2f} | {_fmt(r['measured_d'])} | "
               f"{_fmt(pred['d_small'])} | {_fmt(meas['inference_tokens']) if meas else _fmt(r['measured_d'])} | "
               f"{_fmt(pred['inference_tokens'])}{band} |")
     print("\nI*: inference tokens beyond which the smaller model, trained on the compute the cheaper inference "

@@ -26,7 +26,7 @@ import pytest
 import torch
 
 from picollm.data import prepare, shards, sources
-from picollm.data.loader import PackedLoader, TokenStream, ValLoader, iter_val_batches
+from picollm.data.loader import PackedLoader, TokenStream, ValLoader
 from picollm.data.prepare import (
     PreparationInterrupted,
     PreparedDataError,
@@ -37,8 +37,23 @@ from picollm.data.prepare import (
     prepare_data,
 )
 from picollm.data.shards import HEADER_SIZE, ShardError, read_shard, shard_info, write_shard
-from picollm.data.sources import DataSourceError, is_val_doc, iter_documents, split_documents
+from picollm.data.sources import DataSourceError, is_val_doc, iter_documents
 from picollm.tokenizer import bos_id
+
+
+def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
+    """(train, val) by `is_val_doc`, with prepare's fallback: if val would be empty the last
+    train doc moves to val, so val is never empty once there are two documents."""
+    train = [d for d in docs if not is_val_doc(d, val_fraction)]
+    val = [d for d in docs if is_val_doc(d, val_fraction)]
+    if not val and len(train) >= 2:
+        val.append(train.pop())
+    return train, val
+
+
+def epochs_for(loader: PackedLoader, steps: int) -> float:
+    """How many passes over the train stream `steps` optimizer steps of `loader` make."""
+    return steps * loader.global_batch / loader.n_sequences
 
 
 @pytest.fixture(autouse=True)
@@ -769,7 +784,7 @@ def test_every_sequence_once_per_epoch_and_epochs_roll_over(position_shards: tup
         assert sorted(epoch) == list(range(M))
         assert epoch == ld.permutation(e).tolist()
     assert seen[:M] != seen[M : 2 * M]  # a fresh order each epoch
-    assert ld.epochs_for(len(steps)) == pytest.approx(len(steps) * 6 / M)
+    assert epochs_for(ld, len(steps)) == pytest.approx(len(steps) * 6 / M)
 
 
 def test_order_is_independent_of_world_size(position_shards: tuple[list[Path], int]) -> None:
@@ -839,12 +854,12 @@ def test_loader_surfaces_worker_errors(position_shards: tuple[list[Path], int]) 
 def test_val_windows_are_fixed_and_sequential(position_shards: tuple[list[Path], int]) -> None:
     paths, T = position_shards
     L = 100
-    batches = list(iter_val_batches(paths, seq_len=L, batch_size=7))
+    batches = list(ValLoader(paths, seq_len=L, batch_size=7))
     assert [len(x) for x, _ in batches] == [7] * 7 + [(T - 1) // L - 49]
     starts = torch.cat([x[:, 0] for x, _ in batches]).tolist()
     assert starts == list(range(0, ((T - 1) // L) * L, L))  # non-overlapping, in order, last partial dropped
     assert all(torch.equal(y, x + 1) for x, y in batches)
-    again = list(iter_val_batches(paths, seq_len=L, batch_size=7))
+    again = list(ValLoader(paths, seq_len=L, batch_size=7))
     assert all(torch.equal(a[0], b[0]) for a, b in zip(batches, again))
     capped = ValLoader(paths, seq_len=L, batch_size=7, max_tokens=1000)
     assert capped.n_windows == 10
@@ -860,4 +875,4 @@ def test_prepared_data_feeds_the_loader(corpus_cfg: SimpleNamespace) -> None:
     j = int(ld.sequence_ids(0, 0)[0])
     assert x[0].tolist() == stream[j * 32 : j * 32 + 32].tolist()
     assert int(x.max()) < p.vocab_size
-    assert sum(1 for _ in iter_val_batches(p.val_shards, 32, 4)) >= 1
+    assert sum(1 for _ in ValLoader(p.val_shards, 32, 4)) >= 1

@@ -16,7 +16,7 @@ import torch
 
 from picollm import checkpoint as ckpt
 from picollm.config import load_config
-from picollm.runs import load_run
+from picollm.saved_run import load_run
 from picollm.export import load_weights
 from picollm.train import run
 from tests.conftest import TINY

@@ -15,7 +15,7 @@ transformers = pytest.importorskip("transformers")
 from picollm.config import load_config  # noqa: E402
 from picollm.export import ExportError, export_run, hf_config, main  # noqa: E402
 from picollm.model import GPTConfig  # noqa: E402
-from picollm.runs import load_run  # noqa: E402
+from picollm.saved_run import load_run  # noqa: E402
 from picollm.train import run as train_run  # noqa: E402
 from tests.conftest import TINY  # noqa: E402
 

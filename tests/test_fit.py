@@ -18,7 +18,7 @@ from picollm.fit import (
     fit_parametric,
     holdout_calibration,
     load_curves,
-    load_runs,
+    load_results,
     main,
     measure_scatter,
     predict_loss,
@@ -204,32 +204,32 @@ def _write_table(tmp_path: Path, fmt: str, rows: list[dict]) -> Path:
 
 
 @pytest.mark.parametrize("fmt", ["csv", "jsonl"])
-def test_load_runs(tmp_path, fmt):
+def test_load_results(tmp_path, fmt):
     rows = [{"name": f"r{i}", "n_params": 1e6 * (i + 1), "n_tokens": 2e7, "compute": 6e13 * (i + 1) * 2,
              "val_loss": 3.0 - 0.1 * i} for i in range(4)]
     rows[3]["val_loss"] = float("nan")  # a diverged run
     with pytest.warns(UserWarning, match="dropped 1 run"):
-        runs = load_runs(_write_table(tmp_path, fmt, rows))
-    assert runs.n_params.tolist() == [1e6, 2e6, 3e6]
-    assert runs.n_tokens.tolist() == [2e7] * 3
-    assert runs.compute.tolist() == [1.2e14, 2.4e14, 3.6e14]
-    assert runs.val_loss.tolist() == pytest.approx([3.0, 2.9, 2.8])
+        table = load_results(_write_table(tmp_path, fmt, rows))
+    assert table.n_params.tolist() == [1e6, 2e6, 3e6]
+    assert table.n_tokens.tolist() == [2e7] * 3
+    assert table.compute.tolist() == [1.2e14, 2.4e14, 3.6e14]
+    assert table.val_loss.tolist() == pytest.approx([3.0, 2.9, 2.8])
 
 
-def test_load_runs_errors_and_derived_columns(tmp_path):
+def test_load_results_errors_and_derived_columns(tmp_path):
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        load_runs(tmp_path / "nope.csv")
+        load_results(tmp_path / "nope.csv")
     bad = _write_table(tmp_path, "csv", [{"n_params": 1e6, "loss": 3.0}])
     with pytest.raises(ValueError, match="needs columns"):
-        load_runs(bad)
+        load_results(bad)
     only_c = _write_table(tmp_path, "jsonl", [{"n_params": 1e6, "compute": 1.2e14, "val_loss": 3.0},
                                               {"n_params": 2e6, "compute": 2.4e14, "val_loss": None}])
     with pytest.warns(UserWarning, match="dropped 1 run"):
-        assert load_runs(only_c).n_tokens.tolist() == [2e7]
+        assert load_results(only_c).n_tokens.tolist() == [2e7]
     text = tmp_path / "text.csv"
     text.write_text("n_params,n_tokens,val_loss\n1e6,abc,3.0\n")
     with pytest.raises(ValueError, match="not a number"):
-        load_runs(text)
+        load_results(text)
 
 
 def _is_png(path: Path) -> bool:
@@ -291,7 +291,7 @@ def test_cli_folder_and_unwritable_out(tmp_path, capsys):
     blocker.write_text("")
     assert main([f"results={table}", f"out={blocker / 'plots'}"]) == 1
     assert capsys.readouterr().err.startswith(f"error: could not write {blocker / 'plots'} (Not a directory); "
-                                              "give --out a writable folder.")
+                                              "give out= a writable folder.")
 
 
 def _sweep_results(tmp_path: Path, with_budget: bool = True) -> tuple[Path, np.ndarray]:
@@ -319,18 +319,19 @@ def _sweep_results(tmp_path: Path, with_budget: bool = True) -> tuple[Path, np.n
 def test_sweep_results_group_by_the_nominal_budget(tmp_path):
     path, nominal = _sweep_results(tmp_path)
     with pytest.warns(UserWarning, match="dropped 1 run\\(s\\) whose status is not ok"):
-        runs = load_runs(path)
-    assert runs.grouped_by == "budget" and runs.budget.tolist() == nominal.tolist()
-    assert len(np.unique(runs.compute)) == len(runs.compute)  # actual compute: every run its own value
-    assert fit_isoflop(runs.budget, runs.n_params, runs.val_loss, runs.n_tokens).a == pytest.approx(TRUE.a, abs=0.03)
+        table = load_results(path)
+    assert table.grouped_by == "budget" and table.budget.tolist() == nominal.tolist()
+    assert len(np.unique(table.compute)) == len(table.compute)  # actual compute: every run its own value
+    fitted = fit_isoflop(table.budget, table.n_params, table.val_loss, table.n_tokens)
+    assert fitted.a == pytest.approx(TRUE.a, abs=0.03)
     # Why the budget column matters: grouped by actual compute every profile has one run.
     with pytest.raises(ValueError, match="only 0 compute budget"), warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        fit_isoflop(runs.compute, runs.n_params, runs.val_loss, runs.n_tokens)
+        fit_isoflop(table.compute, table.n_params, table.val_loss, table.n_tokens)
     without = _sweep_results(tmp_path, with_budget=False)[0]
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        assert load_runs(without).grouped_by == "compute"
+        assert load_results(without).grouped_by == "compute"
 
 
 @pytest.mark.slow

@@ -18,7 +18,7 @@ import torch
 from picollm import evaluate, report, sample
 from picollm.config import load_config
 from picollm.data.prepare import load_prepared
-from picollm.runs import RunError, load_run, read_metrics
+from picollm.saved_run import RunError, load_run, read_metrics
 from picollm.train import run as train_run
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -225,7 +225,7 @@ def test_evaluate_prints_the_numbers_it_could_not_save(run_dir: Path, tmp_path: 
     (copy / "eval.json").mkdir()
     with pytest.raises(SystemExit) as err:
         evaluate.main([f"run_dir={copy}", "max_tokens=640"])
-    assert err.value.code == 3  # runs.NOT_SAVED: computed and printed, not saved
+    assert err.value.code == 3  # saved_run.NOT_SAVED: computed and printed, not saved
     out, stderr = capsys.readouterr()
     printed = json.loads(out)
     assert printed["val_tokens"] == 640 and math.isfinite(printed["val_loss"])

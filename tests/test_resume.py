@@ -302,7 +302,7 @@ def test_final_weights_load_without_training_state(tmp_path):
     run_dir = tmp_path / "run"
     run(load_config(BASE + ["train.steps=3", f"run_dir={run_dir}"]))
     model = load_weights(run_dir).eval()
-    from picollm.runs import load_run
+    from picollm.saved_run import load_run
     reference = load_run(run_dir).model
     x = torch.randint(0, 300, (2, 16))
     torch.testing.assert_close(model(x), reference(x), rtol=0, atol=0)
@@ -570,7 +570,7 @@ def test_a_failed_write_removes_only_its_own_temporary_file(tmp_path):
     (d / "step_0000003.pt" / "x").touch()
     live = subprocess.Popen([sys.executable, "-c", "import sys; sys.stdin.read()"], stdin=subprocess.PIPE)
     try:  # another writer, alive, in the middle of its own save of the same step
-        other = d / f".step_0000003.pt.{ckpt._HOST}.{live.pid}.0123abcd.tmp"
+        other = d / f".step_0000003.pt.{ckpt.HOST}.{live.pid}.0123abcd.tmp"
         other.write_bytes(b"half a checkpoint")
         with pytest.raises(ckpt.CheckpointError, match="could not write checkpoint"):
             ckpt.save_checkpoint(tmp_path, 3, {"step": 3})

@@ -21,10 +21,18 @@ from picollm.scaling import (
     inference_optimal,
     kaplan_optimal,
     lifetime_compute,
-    loss_at_equal_lifetime_compute,
     measured_tokens_for_loss,
     overtraining_crossover,
 )
+
+
+def loss_at_equal_lifetime_compute(law: ScalingLaw, compute: float, size_ratio: float, inference_tokens) -> np.ndarray:
+    """L(N_s, D_s(I)) of the smaller model (see overtraining_crossover) for each inference
+    budget I, computed directly: the oracle the crossover's closed form is checked against."""
+    n_ref, _ = law.optimal(compute)
+    n_small = size_ratio * n_ref
+    d_small = (compute + 2.0 * np.asarray(inference_tokens, dtype=float) * (n_ref - n_small)) / (6.0 * n_small)
+    return law.loss(n_small, d_small)
 
 
 def test_chinchilla_optimal_identities():
@@ -263,7 +271,7 @@ def test_overtraining_script_measured_beside_predicted(tmp_path, capsys):
     text = capsys.readouterr().out
     # At 1e19 the law's best of the four sizes is 5e8 (its optimum is 5.5e8).
     assert "reference: N=5e+08" in text
-    runs = script.load_runs(table)
+    runs = script.load_results(table)
     ref = script.reference_run(runs, 1e19)
     got = {r["n_small"]: r for r in script.crossover_rows(runs, ref, law)}
     assert set(got) == {2e8, 3e8}

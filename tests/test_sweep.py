@@ -9,7 +9,7 @@ import pytest
 from conftest import TINY
 from picollm import sweep
 from picollm.config import ConfigError, load_config
-from picollm.fit import load_runs
+from picollm.fit import load_results
 from picollm.scaling import chinchilla_optimal
 
 BUDGETS = [3e9, 9e9]
@@ -82,8 +82,8 @@ def test_sweep_trains_tables_skips_and_survives_a_failure(tmp_path):
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the failed row is dropped with a warning
-        runs = load_runs(out / sweep.RESULTS)
-    assert len(runs.val_loss) == 5
+        table = load_results(out / sweep.RESULTS)
+    assert len(table.val_loss) == 5
     assert (out / "summary.json").exists() and (out / "summary.md").exists()
     assert json.loads((out / "summary.json").read_text())["parametric"] is not None
 

@@ -159,10 +159,6 @@ class PackedLoader:
             out[sel] = self.permutation(int(e))[within[sel]]
         return out
 
-    def epochs_for(self, steps: int) -> float:
-        """How many passes over the train stream `steps` optimizer steps make."""
-        return steps * self.global_batch / self.n_sequences
-
     # ---------------------------------------------------------------- data
 
     def get_micro_batch(self, step: int, micro_step: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -283,15 +279,3 @@ class ValLoader:
             first = i * self.batch_size
             windows = np.arange(first, min(first + self.batch_size, self.n_windows), dtype=np.int64)
             yield _to_xy(self.stream.read_rows(windows * L, L + 1), pin=False)
-
-
-def iter_val_batches(
-    val_shards: Sequence[str | os.PathLike],
-    seq_len: int,
-    batch_size: int,
-    max_tokens: int | None = None,
-    rank: int = 0,
-    world_size: int = 1,
-) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-    """Iterate (x, y) val batches; see ValLoader."""
-    return iter(ValLoader(val_shards, seq_len, batch_size, max_tokens, rank, world_size))

@@ -42,8 +42,8 @@ import tiktoken
 
 from picollm.data import shards, sources
 from picollm.data.shards import PreparedDataError
+from picollm.files import atomic_open, write_atomic
 from picollm.tokenizer import (
-    MIN_VOCAB,
     TokenizerError,
     bos_id,
     encode_array,
@@ -51,7 +51,9 @@ from picollm.tokenizer import (
     save_tokenizer,
     tokenizer_fingerprint,
     train_bpe,
+    vocab_size_problem,
 )
+from picollm.units import duration, si
 
 try:
     import fcntl
@@ -114,11 +116,8 @@ def validate_tokenizer_config(tok_cfg: Any) -> None:
     if not tok_cfg.name:
         raise ValueError("tokenizer.name is empty; use bpe (train one) or a tiktoken name such as gpt2.")
     if tok_cfg.name == "bpe":
-        v = tok_cfg.vocab_size
-        if not isinstance(v, int) or v < MIN_VOCAB:
-            raise ValueError(f"tokenizer.vocab_size={v!r} is too small; a bpe tokenizer needs at least {MIN_VOCAB}.")
-        if v >= shards.MAX_VOCAB:
-            raise ValueError(f"tokenizer.vocab_size={v} does not fit the uint32 token shards; use a value below 2**32.")
+        if problem := vocab_size_problem(tok_cfg.vocab_size):
+            raise ValueError(problem)
         if not isinstance(tok_cfg.train_chars, int) or tok_cfg.train_chars <= 0:
             raise ValueError(f"tokenizer.train_chars={tok_cfg.train_chars!r} must be a positive int (e.g. 20_000_000).")
 
@@ -221,28 +220,16 @@ class PrepareProgress:
         return self.seconds * (1.0 - f) / (f - self.start_fraction)
 
     def line(self) -> str:
-        parts = [f"prepare: {self.docs:,} docs", f"{_si(self.train_tokens)} train + {_si(self.val_tokens)} val tokens",
-                 f"{_si(self.tokens_per_second)} tokens/s"]
+        parts = [f"prepare: {self.docs:,} docs", f"{si(self.train_tokens)} train + {si(self.val_tokens)} val tokens",
+                 f"{si(self.tokens_per_second)} tokens/s"]
         f, eta = self.fraction(), self.eta_seconds()
         if f is not None:
             parts.append(f"{f:.0%}")
         if eta is not None:
-            parts.append(f"ETA {_duration(eta)}")
+            parts.append(f"ETA {duration(eta)}")
         elif self.train_done:
             parts.append("filling the held-out split")
         return ", ".join(parts)
-
-
-def _si(x: float) -> str:
-    for unit, scale in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
-        if x >= scale:
-            return f"{x / scale:.2f}{unit}"
-    return f"{x:.0f}"
-
-
-def _duration(seconds: float) -> str:
-    s = int(round(seconds))
-    return f"{s // 3600}h{s // 60 % 60:02d}m" if s >= 3600 else f"{s // 60}m{s % 60:02d}s"
 
 
 class ProgressPrinter:
@@ -617,8 +604,8 @@ class _BuildState:
         """Write the resume state: buffers first, then the JSON that names them (atomically)."""
         buffers = f"resume-{self.position}.npz"
         pending = self.pending if self.pending is not None else np.empty(0, dtype=self.train.dtype)
-        _atomic_write(build / buffers, lambda f: np.savez(f, train=self.train.buffered_tokens(),
-                                                           val=self.val.buffered_tokens(), pending=pending))
+        with atomic_open(build / buffers) as f:
+            np.savez(f, train=self.train.buffered_tokens(), val=self.val.buffered_tokens(), pending=pending)
         state = {
             **ident, "buffers": buffers, "has_pending": self.pending is not None, "position": self.position,
             "n_train_docs": self.n_train_docs, "n_val_docs": self.n_val_docs, "train_done": self.train_done,
@@ -626,7 +613,7 @@ class _BuildState:
             "train": {"files": self.train.files, "total": self.train.total},
             "val": {"files": self.val.files, "total": self.val.total},
         }
-        _atomic_write(build / _RESUME_FILE, lambda f: f.write(json.dumps(state, indent=1).encode()))
+        write_atomic(build / _RESUME_FILE, json.dumps(state, indent=1))
         for old in build.glob("resume-*.npz"):
             if old.name != buffers:
                 old.unlink(missing_ok=True)
@@ -650,15 +637,6 @@ class _BuildState:
         self.n_train_docs, self.n_val_docs = int(state["n_train_docs"]), int(state["n_val_docs"])
         self.skipped_train = bool(state["skipped_train"])
         return True
-
-
-def _atomic_write(path: Path, write: Callable[[Any], Any]) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        write(f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _read_resume(build: Path, ident: dict[str, Any]) -> dict[str, Any] | None:
@@ -969,15 +947,15 @@ def load_prepared(directory: str | os.PathLike, check_ids: bool = True) -> Prepa
     def check(entries: list[dict[str, Any]]) -> list[Path]:
         paths = []
         for entry in entries:
-            info = shards.shard_info(directory / entry["file"])
-            if info.n_tokens != entry["n_tokens"] or info.vocab_size != meta["vocab_size"]:
+            shard = shards.shard_info(directory / entry["file"])
+            if shard.n_tokens != entry["n_tokens"] or shard.vocab_size != meta["vocab_size"]:
                 raise shards.ShardError(
-                    f"token shard {info.path} does not match meta.json (tokens or vocab_size); "
+                    f"token shard {shard.path} does not match meta.json (tokens or vocab_size); "
                     f"delete the prepared data directory {directory} and rerun data preparation."
                 )
             if check_ids:
-                shards.check_token_ids(info)
-            paths.append(info.path)
+                shards.check_token_ids(shard)
+            paths.append(shard.path)
         return paths
 
     train_paths, val_paths = check(meta["train_shards"]), check(meta["val_shards"])

@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import os
 import struct
-import uuid
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+
+from picollm.files import atomic_open
 
 MAGIC = b"PICOTOKS"
 FORMAT_VERSION = 1
@@ -64,33 +65,10 @@ def write_shard(path: str | os.PathLike, tokens: np.ndarray | list[int], vocab_s
             f"[0, {vocab_size}); the tokenizer and vocab_size disagree."
         )
     data = np.ascontiguousarray(arr, dtype=DTYPES[code])
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}-{uuid.uuid4().hex[:8]}")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(HEADER.pack(MAGIC, FORMAT_VERSION, code, data.size, vocab_size))
-            f.write(memoryview(data).cast("B"))
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
+    with atomic_open(path, sync_dir=True) as f:
+        f.write(HEADER.pack(MAGIC, FORMAT_VERSION, code, data.size, vocab_size))
+        f.write(memoryview(data).cast("B"))
     return path
-
-
-def _fsync_dir(directory: Path) -> None:
-    # Makes the rename itself durable; not supported everywhere, so best effort.
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _fail(path: Path, problem: str) -> ShardError:
@@ -126,21 +104,21 @@ def shard_info(path: str | os.PathLike) -> ShardInfo:
     return ShardInfo(path, version, code, count, vocab)
 
 
-def check_token_ids(info: ShardInfo) -> None:
+def check_token_ids(shard: ShardInfo) -> None:
     """Refuse a shard holding ids outside [0, its header's vocab_size) (one pass over the file).
 
     Damage there would otherwise surface as an IndexError in the embedding mid-training.
     """
-    if info.n_tokens == 0 or np.iinfo(info.dtype).max < info.vocab_size:
+    if shard.n_tokens == 0 or np.iinfo(shard.dtype).max < shard.vocab_size:
         return  # every id the dtype can hold is in the vocabulary
-    top = int(read_shard(info.path).max())
-    if top >= info.vocab_size:
-        raise _fail(info.path, f"holds token id {top}, outside its vocabulary of {info.vocab_size} (damaged data)")
+    top = int(read_shard(shard.path).max())
+    if top >= shard.vocab_size:
+        raise _fail(shard.path, f"holds token id {top}, outside its vocabulary of {shard.vocab_size} (damaged data)")
 
 
 def read_shard(path: str | os.PathLike) -> np.ndarray:
     """Memory-map a shard's tokens read-only after checking its header and size."""
-    info = shard_info(path)
-    if info.n_tokens == 0:
-        return np.empty(0, dtype=info.dtype)  # mmap cannot map zero bytes
-    return np.memmap(info.path, dtype=info.dtype, mode="r", offset=HEADER_SIZE, shape=(info.n_tokens,))
+    shard = shard_info(path)
+    if shard.n_tokens == 0:
+        return np.empty(0, dtype=shard.dtype)  # mmap cannot map zero bytes
+    return np.memmap(shard.path, dtype=shard.dtype, mode="r", offset=HEADER_SIZE, shape=(shard.n_tokens,))

@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from picollm.errors import root_cause
+
 log = logging.getLogger(__name__)
 
 SOURCES = ("pystdlib", "files", "hf")
@@ -230,7 +232,7 @@ def load_corpus(cfg: Any, shuffle_seed: int | None = None):
             )
         except Exception as e:
             raise DataSourceError(
-                f"could not read data.paths as {fmt} ({_root_cause(e)}); check the files or set data.format."
+                f"could not read data.paths as {fmt} ({root_cause(e)}); check the files or set data.format."
             ) from e
         return ds if shuffle_seed is None or fmt == "text" else _shuffled(ds, shuffle_seed)
     try:
@@ -377,16 +379,9 @@ def _guarded(cfg: Any, batches: Iterator[list]) -> Iterator[list]:
             raise
         except Exception as e:
             raise DataSourceError(
-                f"reading data.source={cfg.source} failed ({_root_cause(e)}); fix or remove the bad input."
+                f"reading data.source={cfg.source} failed ({root_cause(e)}); fix or remove the bad input."
             ) from e
         yield batch
-
-
-def _root_cause(e: BaseException) -> str:
-    """The innermost exception in a chain: datasets wraps the useful message."""
-    while e.__cause__ is not None or e.__context__ is not None:
-        e = e.__cause__ or e.__context__  # type: ignore[assignment]
-    return f"{type(e).__name__}: {e}"
 
 
 # ---------------------------------------------------------------- val split
@@ -405,19 +400,6 @@ def is_val_doc(text: str, val_fraction: float) -> bool:
     and sends identical duplicates to the same side, so no text is in both splits.
     """
     return doc_hash01(text) < val_fraction
-
-
-def split_documents(docs: list[str], val_fraction: float) -> tuple[list[str], list[str]]:
-    """(train, val) by `is_val_doc`; if val would be empty the last train doc moves to val.
-
-    The fallback mirrors what prepare does when reading stops, so val is never empty
-    once there are at least two documents.
-    """
-    train = [d for d in docs if not is_val_doc(d, val_fraction)]
-    val = [d for d in docs if is_val_doc(d, val_fraction)]
-    if not val and len(train) >= 2:
-        val.append(train.pop())
-    return train, val
 
 
 # -------------------------------------------------------------- fingerprint

@@ -1,14 +1,14 @@
-"""Opening a finished (or in-progress) run directory: its model, tokenizer and metrics.
+"""A saved run directory, opened: its checkpoint, model, tokenizer and metrics.
 
-Shared by ``picollm.sample``, ``picollm.evaluate`` and ``picollm.report`` so they agree
-on which checkpoint "the run" means and fail with the same clear messages.
+Shared by ``picollm.sample``, ``picollm.evaluate``, ``picollm.report`` and
+``picollm.export`` so they agree on which checkpoint "the run" means and fail with the
+same clear messages.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -50,13 +50,6 @@ def saving(path: Path, what: str) -> Iterator[Path]:
         yield path
     except OSError as err:
         raise NotSavedError(path, err, what) from None
-
-
-def write_atomic(path: Path, text: str) -> None:
-    """``text`` into ``path`` through checkpoint's atomic writer (a per-writer temporary,
-    fsynced, renamed): a reader never sees half a file, and a failed write leaves ``path``
-    as it was."""
-    ckpt._write_atomic(Path(path), text.encode("utf-8"))
 
 
 @dataclass
@@ -179,4 +172,3 @@ def read_events(run_dir: Union[str, Path]) -> list[dict]:
     """Every event the trainer logged (skipped steps, loss spikes, rollbacks), in order.
     Unlike train records they are never deduplicated: a replayed step's event still happened."""
     return [r for r in _records(run_dir) if r.get("kind") == "event"]
-
