@@ -52,7 +52,7 @@ def _tokenize(data_cfg: SimpleNamespace, tokenizer: Path, workers: int, out: Pat
     return data, (n1 - n0) / max(t1 - t0, 1e-9), _cpu_seconds() - cpu
 
 
-def main() -> None:
+def main() -> None:  # one benchmark read top to bottom: arguments, the timed variants, the table
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--vocab", type=int, default=8192)
     p.add_argument("--train-chars", type=int, default=20_000_000)

@@ -835,26 +835,7 @@ def _build(
         state.save(build, ident)  # from now on an interruption does not cost the tokenizer
 
     t0, start_position, start_tokens = time.perf_counter(), state.position, state.train_tokens + state.val.total
-    total_docs = sources.count_documents(data_cfg, SHUFFLE_SEED)
-    saved_shards = state.shards_done
-
-    def snapshot(start_fraction: float) -> PrepareProgress:
-        return PrepareProgress(
-            docs=state.position, train_tokens=state.train_tokens, val_tokens=state.val.total,
-            target_tokens=n_train_tokens, shards_done=state.shards_done, seconds=time.perf_counter() - t0,
-            new_tokens=state.train_tokens + state.val.total - start_tokens, total_docs=total_docs,
-            train_done=state.train_done, start_fraction=start_fraction,
-        )
-
-    start_fraction = snapshot(0.0).fraction() or 0.0  # a resumed build's ETA counts from where it resumed
-
-    def after_batch() -> None:
-        nonlocal saved_shards
-        if state.shards_done > saved_shards:  # checkpoint only with new shards: each is a file written
-            state.save(build, ident)
-            saved_shards = state.shards_done
-        progress(snapshot(start_fraction))
-
+    after_batch = _progress_reporter(data_cfg, state, build, ident, n_train_tokens, progress, t0, start_tokens)
     more_docs = _tokenize_corpus(data_cfg, enc, state, workers, batch_chars, after_batch)
     seconds = time.perf_counter() - t0
     if state.position < 2:
@@ -866,7 +847,56 @@ def _build(
         raise sources.DataSourceError(
             f"every document landed in the val split; lower data.val_fraction={data_cfg.val_fraction} or add documents."
         )
-    meta = {
+    meta = _meta(data_cfg, tok_cfg, key, enc, tok_ref, n_train_tokens, state, more_docs, shard_tokens,
+                 train_files, val_files)
+    new_tokens = state.train.total + state.val.total - start_tokens
+    stats = {
+        "tokenizer_train_seconds": round(train_seconds, 3),
+        "tokenize_seconds": round(seconds, 3),
+        "tokens_per_second": round(new_tokens / max(seconds, 1e-9)),
+        "workers": workers,
+        "resumed_at_doc": start_position if resumed else None,
+    }
+    # The resume state goes before meta.json appears: a complete dir never carries one.
+    (build / _RESUME_FILE).unlink()
+    _clear_except(build, keep_tok | {e["file"] for e in train_files + val_files})
+    (build / "stats.json").write_text(json.dumps(stats, indent=2), encoding="utf-8")
+    (build / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
+    return meta
+
+
+def _progress_reporter(data_cfg: Any, state: "_BuildState", build: Path, ident: dict, n_train_tokens: int,
+                       progress: Callable[[PrepareProgress], None], t0: float, start_tokens: int) -> Callable[[], None]:
+    """What runs after each tokenized batch: the resume state is saved when a shard was
+    written (each save is a file), and ``progress`` gets a snapshot whose ETA counts from
+    where this session started (a resumed build's earlier work is not this session's speed)."""
+    total_docs = sources.count_documents(data_cfg, SHUFFLE_SEED)
+    saved_shards = state.shards_done
+
+    def snapshot(start_fraction: float) -> PrepareProgress:
+        return PrepareProgress(
+            docs=state.position, train_tokens=state.train_tokens, val_tokens=state.val.total,
+            target_tokens=n_train_tokens, shards_done=state.shards_done, seconds=time.perf_counter() - t0,
+            new_tokens=state.train_tokens + state.val.total - start_tokens, total_docs=total_docs,
+            train_done=state.train_done, start_fraction=start_fraction,
+        )
+
+    start_fraction = snapshot(0.0).fraction() or 0.0
+
+    def after_batch() -> None:
+        nonlocal saved_shards
+        if state.shards_done > saved_shards:
+            state.save(build, ident)
+            saved_shards = state.shards_done
+        progress(snapshot(start_fraction))
+
+    return after_batch
+
+
+def _meta(data_cfg: Any, tok_cfg: Any, key: str, enc: Any, tok_ref: str, n_train_tokens: int, state: "_BuildState",
+          more_docs: bool, shard_tokens: int, train_files: list, val_files: list) -> dict[str, Any]:
+    """meta.json of a finished build: what was asked for, what the corpus gave, where the shards are."""
+    return {
         "format": META_FORMAT,
         "version": META_VERSION,
         "shard_format_version": shards.FORMAT_VERSION,
@@ -880,7 +910,7 @@ def _build(
             "fingerprint": tokenizer_fingerprint(enc),
             "train_chars": int(tok_cfg.train_chars) if tok_cfg.name == "bpe" else None,
         },
-        "vocab_size": vocab,
+        "vocab_size": enc.n_vocab,
         "bos_id": bos_id(enc),
         "n_train_tokens_requested": int(n_train_tokens),
         "n_train_tokens": state.train.total,
@@ -896,20 +926,6 @@ def _build(
         "train_shards": train_files,
         "val_shards": val_files,
     }
-    new_tokens = state.train.total + state.val.total - start_tokens
-    stats = {
-        "tokenizer_train_seconds": round(train_seconds, 3),
-        "tokenize_seconds": round(seconds, 3),
-        "tokens_per_second": round(new_tokens / max(seconds, 1e-9)),
-        "workers": workers,
-        "resumed_at_doc": start_position if resumed else None,
-    }
-    # The resume state goes before meta.json appears: a complete dir never carries one.
-    (build / _RESUME_FILE).unlink()
-    _clear_except(build, keep_tok | {e["file"] for e in train_files + val_files})
-    (build / "stats.json").write_text(json.dumps(stats, indent=2), encoding="utf-8")
-    (build / "meta.json").write_text(json.dumps(meta, indent=2), encoding="utf-8")
-    return meta
 
 
 # ------------------------------------------------------------------ load
