@@ -51,6 +51,7 @@ import math
 import os
 import shutil
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -467,6 +468,8 @@ def _run_chain(chain: list[Point], sweep_dir: Path, base: list[str], train: Call
         sys.stdout = sys.stderr = open(log_file, "a", buffering=1)
     rows = []
     for point in chain:
+        if _orphaned.is_set():  # the sweep process is gone: never start a run nobody will record
+            return rows + [None]
         try:
             rows.append(run_point(point, sweep_dir, base + point.overrides(sweep_dir), train))
         except (KeyboardInterrupt, Interrupted):
@@ -539,15 +542,20 @@ def run_sweep(overrides: list[str], train: Optional[Callable[[list[str]], dict]]
     return summary
 
 
+_orphaned = threading.Event()  # set in a worker whose sweep process died
+
+
 def _stop_with_parent(parent: int) -> None:
     """Worker initializer: if the sweep process dies (SIGTERM, kill), SIGTERM this worker,
-    so its trainer saves a checkpoint and stops instead of training on as an orphan."""
+    so its trainer saves a checkpoint and stops instead of training on as an orphan, and
+    mark it orphaned: the executor may already have queued it the next chain (seen in the
+    CPU capstone, 2026-11-24: an orphan started a fresh 3e12 point)."""
     import signal
-    import threading
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(1)
+        _orphaned.set()
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, daemon=True).start()

@@ -255,3 +255,14 @@ def test_sequential_design_extends_an_edge_minimum_until_bracketed():
     n_min, bracketed = fit.profile_minimum(1e12, ns[1:5], [bowl(1e5)(n) for n in ns[1:5]])
     assert bracketed and n_min == pytest.approx(1e5, rel=0.2)
     assert fit.profile_minimum(1e12, ns[2:6], [bowl(1e4)(n) for n in ns[2:6]]) == (ns[2], False)
+
+
+def test_an_orphaned_worker_starts_no_further_point(tmp_path, monkeypatch):
+    """A worker whose sweep process died returns at once instead of training the chain it
+    was queued, so nothing trains that nobody records."""
+    cfg = load_config(GRID + [f"sweep.dir={tmp_path}"])
+    chain = sweep.grid(cfg)[:2]
+    calls = []
+    monkeypatch.setattr(sweep._orphaned, "is_set", lambda: True)
+    assert sweep._run_chain(chain, tmp_path, GRID, lambda o: calls.append(o) or {}, None) == [None]
+    assert calls == []
