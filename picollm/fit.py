@@ -493,6 +493,16 @@ def _budget_minimum(c: float, n: np.ndarray, l: np.ndarray, d: np.ndarray | None
     return curve
 
 
+def profile_minimum(compute: float, n_params, losses) -> tuple[float, bool]:
+    """One IsoFLOP profile's loss-optimal N and whether the sizes bracket it: the parabola's
+    vertex when they do, else the N of the lowest loss (never an extrapolated vertex)."""
+    n, l = (np.asarray(v, dtype=float).ravel() for v in (n_params, losses))
+    curve = _budget_minimum(float(compute), n, l, None)
+    if curve["bracketed"]:
+        return float(curve["n_opt"]), True
+    return float(n[int(np.argmin(l))]), False
+
+
 def _power_law(c: np.ndarray, y: np.ndarray) -> tuple[float, float, tuple[float, float]]:
     """Least squares log10 y = slope log10 c + icpt, with a 95% t interval on the slope."""
     from scipy.stats import t as student_t

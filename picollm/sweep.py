@@ -51,6 +51,7 @@ import math
 import os
 import shutil
 import sys
+import threading
 import time
 import traceback
 import warnings
@@ -100,11 +101,13 @@ class Point:
     save_at: list = field(default_factory=list)  # a WSD trunk: where its branches start
     branch_of: Optional[str] = None  # a WSD branch: its trunk's name...
     branch_step: Optional[int] = None  # ...and the checkpoint (completed steps) it continues
+    seed: Optional[int] = None  # a repeat with this train.seed (the seed-to-seed scatter); None: the run's default
 
     @property
     def name(self) -> str:
         mant, exp = f"{self.budget:.2e}".split("e")
-        return f"C{mant.rstrip('0').rstrip('.')}e{int(exp)}_L{self.shape.n_layer}_d{self.shape.d_model}"
+        repeat = "" if self.seed is None else f"_s{self.seed}"
+        return f"C{mant.rstrip('0').rstrip('.')}e{int(exp)}_L{self.shape.n_layer}_d{self.shape.d_model}{repeat}"
 
     @property
     def size(self) -> tuple[int, int]:
@@ -129,6 +132,8 @@ class Point:
                 f"train.warmup_steps={s.warmup_steps}"]
         if self.save_at:
             out.append(f"train.save_at=[{','.join(map(str, self.save_at))}]")
+        if self.seed is not None:
+            out.append(f"train.seed={self.seed}")
         return out
 
 
@@ -277,7 +282,7 @@ def chains(points: list[Point]) -> list[list[Point]]:
     """Independent groups, each trained in order: a trunk and its branches, or one point."""
     groups: dict = {}
     for p in points:
-        key = p.size if p.schedule == "wsd" else p.name
+        key = (p.size, p.seed) if p.schedule == "wsd" else p.name  # a seed repeat never shares a trunk
         groups.setdefault(key, []).append(p)
     ordered = [sorted(g, key=lambda p: (p.branch_of is not None, p.budget)) for g in groups.values()]
     return sorted(ordered, key=lambda g: -sum(p.spent for p in g))  # longest first: better packing
@@ -285,6 +290,66 @@ def chains(points: list[Point]) -> list[list[Point]]:
 
 def cosine_grid_flops(points: list[Point]) -> float:
     return float(sum(p.flops_per_step * p.steps for p in points))
+
+
+# ---------------------------------------------------------------- a sequential design
+# Budgets trained smallest first, each one's sizes centred on the N_opt its predecessors'
+# IsoFLOP minima extrapolate to (at small scale the optimum can sit far from Chinchilla-20's,
+# where a fixed grid misses it), and widened at an edge minimum until the profile brackets it.
+
+
+@dataclass
+class BudgetDesign:
+    """The sizes one budget trains and why."""
+    budget: float
+    target: float  # the N_opt its sizes are centred on
+    reason: str  # where the target comes from, in words
+    sizes: list[GPTConfig]
+    repeats: list[GPTConfig]  # sizes trained again with a second seed: the nearest to the target
+
+
+def extrapolate_n_opt(minima: list[tuple[float, float]], budget: float, first_slope: float = 0.5,
+                      slope_range: tuple[float, float] = (0.25, 0.75)) -> tuple[float, float]:
+    """(N_opt at `budget`, the exponent used) from earlier budgets' minima [(C, N)]: one minimum
+    extrapolates with `first_slope`; two or more with the least-squares exponent through them,
+    clipped to `slope_range` (two noisy minima can give any slope; the target only centres
+    the sizes, and an edge minimum still widens them)."""
+    if not minima:
+        raise ValueError("no earlier minimum to extrapolate from; centre the first budget on a prior N_opt.")
+    log_c, log_n = (np.log([m[i] for m in minima]) for i in (0, 1))
+    slope = first_slope if len(minima) == 1 else float(np.clip(np.polyfit(log_c, log_n, 1)[0], *slope_range))
+    return float(np.exp(log_n.mean() + slope * (math.log(budget) - log_c.mean()))), slope
+
+
+def design_budget(ladder: list[GPTConfig], budget: float, minima: list[tuple[float, float]], sizes: int,
+                  repeats: int = 0, prior_n: Optional[float] = None) -> BudgetDesign:
+    """`sizes` consecutive rungs of the family `ladder` centred on the extrapolated N_opt (the
+    first budget, with no minima yet: on `prior_n`, default Chinchilla-20's), and the `repeats`
+    rungs nearest that target to train again with a second seed."""
+    if minima:
+        target, slope = extrapolate_n_opt(minima, budget)
+        reason = (f"extrapolated from {len(minima)} earlier minimum(a) with exponent {slope:.2f}"
+                  + (" (one budget so far: 0.5)" if len(minima) == 1 else ""))
+    else:
+        target = prior_n or chinchilla_optimal(budget)[0]
+        reason = "prior N_opt" if prior_n else "Chinchilla-20 N_opt = sqrt(C/120) (first budget)"
+    picked = pick_sizes(ladder, target, sizes, 2.0, ladder=True)
+    nearest = sorted(picked, key=lambda s: abs(math.log(s.num_params() / target)))
+    return BudgetDesign(budget, target, reason, picked, sorted(nearest[:repeats], key=lambda s: s.num_params()))
+
+
+def edge_rung(ladder: list[GPTConfig], losses: dict[int, float]) -> Optional[GPTConfig]:
+    """The next rung beyond the profile's edge when its lowest loss (`losses`: N -> loss over
+    the consecutive rungs tried) is at the smallest or largest size tried; None when the
+    minimum is inside, or the ladder has no rung on that side."""
+    rungs = sorted(ladder, key=lambda s: s.num_params())
+    ns = [s.num_params() for s in rungs]
+    tried = sorted(losses)
+    best = min(tried, key=losses.get)
+    if len(tried) < 2 or tried[0] < best < tried[-1]:
+        return None
+    i = ns.index(best) + (1 if best == tried[-1] else -1)
+    return rungs[i] if 0 <= i < len(rungs) else None
 
 
 # ---------------------------------------------------------------- the table
@@ -365,7 +430,7 @@ def _row(point: Point, sweep_dir: Path, final: Optional[dict], seconds: float, e
            "branch_of": point.branch_of, "branch_step": point.branch_step,
            "lr": point.settings.lr if point.settings else None,
            "batch_tokens": point.settings.batch_tokens if point.settings else None,
-           "val_loss": None, "val_bpb": None, "run_dir": str(run_dir), "seconds": round(seconds, 2),
+           "seed": point.seed, "val_loss": None, "val_bpb": None, "run_dir": str(run_dir), "seconds": round(seconds, 2),
            "status": "failed" if error else "ok", "error": error}
     plan_file = run_dir / "plan.json"
     if plan_file.exists():  # the plan's actual tokens and compute (whole steps)
@@ -399,6 +464,8 @@ def _run_chain(chain: list[Point], sweep_dir: Path, base: list[str], train: Call
         sys.stdout = sys.stderr = open(log_file, "a", buffering=1)
     rows = []
     for point in chain:
+        if _orphaned.is_set():  # the sweep process is gone: never start a run nobody will record
+            return rows + [None]
         try:
             rows.append(run_point(point, sweep_dir, base + point.overrides(sweep_dir), train))
         except (KeyboardInterrupt, Interrupted):
@@ -407,8 +474,9 @@ def _run_chain(chain: list[Point], sweep_dir: Path, base: list[str], train: Call
 
 
 def run_sweep(overrides: list[str], train: Optional[Callable[[list[str]], dict]] = None,
-              log: Callable[[str], None] = print) -> dict:
-    """Train every missing point of the grid, then fit; returns the summary dict."""
+              log: Callable[[str], None] = print, points: Optional[list[Point]] = None) -> dict:
+    """Train every missing point of the grid (or of `points`, a design chosen by the caller,
+    e.g. a sequential one), then fit; returns the summary dict."""
     train = train or train_point
     cfg = load_config(overrides)
     if not cfg.sweep.dir:
@@ -424,7 +492,7 @@ def run_sweep(overrides: list[str], train: Optional[Callable[[list[str]], dict]]
     sweep_dir.mkdir(parents=True, exist_ok=True)
     table = sweep_dir / RESULTS
     rows = read_table(table)
-    points = grid(cfg)
+    points = grid(cfg) if points is None else points
     todo = [[p for p in chain if not is_done(rows.get(p.name), sweep_dir)] for chain in chains(points)]
     todo = [chain for chain in todo if chain]
     for p in points:
@@ -470,15 +538,20 @@ def run_sweep(overrides: list[str], train: Optional[Callable[[list[str]], dict]]
     return summary
 
 
+_orphaned = threading.Event()  # set in a worker whose sweep process died
+
+
 def _stop_with_parent(parent: int) -> None:
     """Worker initializer: if the sweep process dies (SIGTERM, kill), SIGTERM this worker,
-    so its trainer saves a checkpoint and stops instead of training on as an orphan."""
+    so its trainer saves a checkpoint and stops instead of training on as an orphan, and
+    mark it orphaned: the executor may already have queued it the next chain (seen in the
+    CPU capstone, 2026-11-24: an orphan started a fresh 3e12 point)."""
     import signal
-    import threading
 
     def watch() -> None:
         while os.getppid() == parent:
             time.sleep(1)
+        _orphaned.set()
         os.kill(os.getpid(), signal.SIGTERM)
 
     threading.Thread(target=watch, daemon=True).start()

@@ -1,36 +1,53 @@
-"""The CPU scaling-law capstone: a shape-consistent WSD IsoFLOP sweep, fits, and one held-out
-prediction at 10x the largest fit budget, written down before that run trains.
+"""The CPU scaling-law capstone: a sequential, shape-consistent WSD IsoFLOP design, fits, and
+one held-out prediction at 10x the largest fit budget, written down before that run trains.
 
-    python scripts/capstone.py             # full: 4 budgets spanning 30x + the held-out run, ~40 min on 2 cores
+    python scripts/capstone.py             # full: 4 budgets spanning 30x + the held-out run, ~40 min on 2 quiet cores
     python scripts/capstone.py --quick     # tiny version for validation, a few minutes
     python scripts/capstone.py --estimate  # planned FLOPs and time (a 1 s throughput probe per shape), trains nothing
 
-Steps: sweep (picollm.sweep, resumable; 2 single-thread workers) -> IsoFLOP (Approach 2) and
-parametric (Approach 3) fits with intervals -> the compute-optimal family shape at 10x the
-largest budget and its predicted loss with a 95% interval to prediction.json BEFORE it
-trains -> train it -> capstone.md with the plots.
+Steps: the budgets in increasing order, each budget's points in parallel on 2 single-thread
+workers (picollm.sweep, resumable) -> Approaches 1, 2 and 3 with bootstrap intervals -> the
+compute-optimal family shape at 10x the largest budget and its predicted loss with a 95%
+interval to prediction.json BEFORE it trains -> train it -> capstone.md with the plots.
 
-Grid choice (made from --estimate before any held-out result; do not tune it after one):
-- One shape family, aspect ratio d_model/n_layer = 8, head size 8, 2+ layers, vocabulary 512,
-  sequence 64. The first capstone mixed 1-layer models and aspect ratios 4x apart, and the
-  shape-to-shape scatter (~0.1 in loss) swamped the size effect. A narrow family keeps
-  the ladder fine (N = 16k, 33k, 82k, 129k, 190k, 342k, 459k, ...: about 1.5-2.5x per
-  rung) so 4 consecutive rungs can be centred on N_opt even at the smallest budget.
-- Budgets 1e11, 3e11, 1e12, 3e12 FLOPs: the 30x span the issue asks for. The held-out run at
-  10x the largest (3e13) costs about as much as the whole sweep, so the largest budget
-  is what 40 minutes allow: the WSD sweep trains ~1.4e13 FLOPs (the cosine grid would
-  need ~1.8e13), the held-out run 3e13; --estimate measures this machine's rate per shape.
-- 4 sizes per budget (consecutive rungs around N_opt): 3 points fix a parabola, the fourth
-  checks it; 5 would push the smallest budget's profile onto 1-layer-like 16k models.
-- sweep.schedule=wsd (constant LR, last 20% decayed linearly): one trunk per size gives
-  every smaller budget's point as a cooldown branch (Hagele et al. 2024), so sizes that
-  recur across budgets cost one run.
-- Every point, and the held-out run, trains with one LR, batch and warmup (the planner's
-  for the smallest size at the smallest budget) and the same schedule. The first full run
-  (2026-11-24) gave each size the planner's settings at its own smallest budget: larger
-  sizes got 2-4x larger batches and 4-16x fewer steps, the 3e12 profile's minimum fell on
-  its smallest size and a came out 0.07. That was seen in the sweep, before the held-out
-  run trained; the held-out run was stopped, this rule changed, and the capstone rerun.
+Design (decided from --estimate and the fit budgets only, never from a held-out result):
+- One shape family: d_model = 8 x n_layer, head size 8, 2+ layers, vocabulary 512, sequence
+  64 (N = 16k, 33k, 82k, 129k, 190k, 342k, 459k, ...: 1.3-2.5x per rung). Mixing aspect
+  ratios put ~0.1 of shape-to-shape scatter into the first capstone.
+- Budgets 1e11, 3e11, 1e12, 3e12 FLOPs (30x), trained SEQUENTIALLY, smallest first. The
+  second capstone centred every budget on Chinchilla-20's N_opt = sqrt(C/120); here the
+  loss-optimal model is far smaller (D/N ~ 20-60+), its largest profile fell monotonically
+  (minimum never bracketed) and the frontier came out flat (a = 0.17-0.27). Now:
+  - the first budget trains the 5 rungs nearest Chinchilla-20's N_opt (the ladder's 5
+    smallest), wide enough to bracket a minimum anywhere from D/N ~ 5 to ~500;
+  - each later budget trains 4 rungs centred on the N_opt extrapolated from the minima
+    before it: slope 0.5 from one minimum, the least-squares exponent (clipped to
+    [0.25, 0.75]) from two or more. A minimum is the profile's parabola vertex when the
+    sizes bracket it, else the best size's N;
+  - a profile whose lowest loss is at an edge rung gets the next rung on that side, and
+    again, up to 2 per budget, before the next budget starts, so every profile brackets
+    its minimum unless the ladder ends (2 layers is its floor).
+- Seed scatter measured inside the capstone: the rung nearest each budget's target (the two
+  nearest after the first budget, filling the workers' last round) trains again with
+  train.seed=SECOND_SEED. Profiles, design decisions and fits use the default-seed runs only
+  (seed 7 came out worse at all 7 repeats of the 2026-11-25 run, so averaging repeats into
+  some sizes bent the profiles); the pooled seed-to-seed scatter and the remaining
+  shape-to-shape scatter enter the held-out prediction interval (fit.measure_scatter,
+  fit.predict_loss).
+- WSD (constant LR, last 20% decayed linearly) for every point and the held-out run, each
+  trained from scratch: no trunk reuse. A size recurs across budgets, but a later budget's
+  point cannot continue an earlier one's constant-LR phase (a run's data stream is fixed at
+  its own length, so an extension would repeat data), and a trunk trained to the largest
+  budget up front would need the sizes before the design picks them. The cost: the
+  cosine-equivalent grid, which was 1.24x the WSD trunk grid last time.
+- ONE LR, batch and warmup for every point and the held-out run (the planner's for the
+  smallest rung at the smallest budget): per-size settings biased the first run (a = 0.07).
+- Held out at 10x the largest budget (3e13), on the rung nearest Approach 2's N_opt (Approach
+  3's when a profile is not bracketed). The corpus (pystdlib, 14.6M train tokens) is the one
+  installed; at the optimum the sequential fit found (2026-11-25: N = 190k) the held-out
+  run read it 1.5 times, against 3.5 for the last capstone's small N. It trains with 1 or
+  2 threads, whichever a probe finds faster when it starts (two-thread steps starve when
+  other jobs share the cores).
 """
 
 from __future__ import annotations
@@ -38,6 +55,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import sys
 import time
 import warnings
@@ -48,198 +66,481 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from picollm import fit, sweep  # noqa: E402
-from picollm.config import load_config  # noqa: E402
+from picollm.config import ConfigError, load_config  # noqa: E402
 from picollm.hardware import describe  # noqa: E402
-from picollm.scaling import ScalingLaw  # noqa: E402
 from picollm.train import Interrupted  # noqa: E402
+from picollm.figures import new_figure, save_figure  # noqa: E402
 
-# Only the end-of-schedule evaluation counts for a WSD point (mid-run losses of a constant-LR
-# run are not end-of-schedule losses), so no periodic evaluations: they would cost ~25%.
+# Only the end-of-schedule evaluation counts for a WSD point, so no periodic evaluations: they
+# would cost ~25%.
 COMMON = ["model.head_dim=8", "model.aspect_ratio=8", "train.device=cpu", "train.dtype=fp32",
           "train.report=false", "train.log_every=1000", "train.eval_every=1000000",
           "sweep.schedule=wsd", "sweep.workers=2"]
-FULL = dict(budgets=[1e11, 3e11, 1e12, 3e12], sizes=4, bootstrap=200,
+# first_* : the first budget; sizes/repeats: every later one; max_extensions: per budget.
+FULL = dict(budgets=[1e11, 3e11, 1e12, 3e12], first_sizes=5, first_repeats=1, sizes=4, repeats=2,
+            max_extensions=2, bootstrap=200,
             overrides=["model.seq_len=64", "tokenizer.vocab_size=512", "train.eval_tokens=65536"] + COMMON)
-QUICK = dict(budgets=[3e8, 1e9, 3e9], sizes=3, bootstrap=30,
+QUICK = dict(budgets=[3e8, 1e9, 3e9], first_sizes=4, first_repeats=1, sizes=3, repeats=1, max_extensions=1,
+             bootstrap=30,
              overrides=["model=tiny", "model.seq_len=32", "tokenizer.vocab_size=300", "tokenizer.train_chars=300000",
                         "data.max_docs=150", "data.val_fraction=0.05", "train.eval_tokens=2048",
                         "train.batch_tokens=256"] + COMMON)
 HELD_OUT_FACTOR = 10.0
-TARGET_MINUTES = 40
-PER_POINT_SECONDS = 4.0  # start-up, plan, evaluations and export of one point, measured on the tiny runs
+SECOND_SEED = 7  # the repeats' train.seed (the default is 1337)
+HELD_OUT_THREADS = 1  # for --estimate; the run picks 1 or 2 by a probe when it starts (held_out_threads)
+TARGET_MINUTES = 60
+PER_POINT_SECONDS = 4.0  # start-up, plan, evaluation and export of one point, measured on the tiny runs
 
 
 def sweep_overrides(spec: dict, out: Path) -> list[str]:
     budgets = ",".join(repr(float(c)) for c in spec["budgets"])
-    return spec["overrides"] + [f"sweep.budgets=[{budgets}]", f"sweep.sizes={spec['sizes']}",
-                                f"sweep.bootstrap={spec['bootstrap']}", f"sweep.dir={out / 'sweep'}"]
+    return spec["overrides"] + [f"sweep.budgets=[{budgets}]", f"sweep.bootstrap={spec['bootstrap']}",
+                                f"sweep.dir={out / 'sweep'}"]
+
+
+def family(spec: dict, out: Path):
+    """The config, the family's ladder (sorted by N) and the one LR/batch/warmup of every run."""
+    cfg = load_config(sweep_overrides(spec, out))
+    ladder = sorted(sweep.sweep_shapes(cfg), key=lambda s: s.num_params())
+    return cfg, ladder, sweep.size_settings(cfg, ladder[0], min(spec["budgets"]))
+
+
+def make_point(budget: float, shape, settings: sweep.SizeSettings, seed: int | None = None) -> sweep.Point:
+    """A WSD run from scratch at `budget` with the common settings (and a second seed)."""
+    point = sweep.Point(budget, shape, schedule="wsd", settings=settings, seed=seed)
+    point.steps = max(1, round(budget / point.flops_per_step))
+    if point.steps <= settings.warmup_steps:
+        raise ConfigError(f"{point.name} gets {point.steps} steps, no more than its {settings.warmup_steps} warmup "
+                          "steps; raise the smallest budget.")
+    return point
+
+
+def budget_points(design: sweep.BudgetDesign, settings: sweep.SizeSettings) -> list[sweep.Point]:
+    return ([make_point(design.budget, s, settings) for s in design.sizes]
+            + [make_point(design.budget, s, settings, SECOND_SEED) for s in design.repeats])
+
+
+def held_out_point(ladder: list, settings: sweep.SizeSettings, budget: float, n_target: float) -> sweep.Point:
+    """The family rung nearest n_target, trained exactly as the sweep's points are."""
+    shape = min(ladder, key=lambda s: abs(math.log(s.num_params() / n_target)))
+    return make_point(budget, shape, settings)
+
+
+# ---------------------------------------------------------------- the sequential design
+
+
+def primary(rows) -> list[dict]:
+    """The successful runs with the default seed: one per (N, budget). Profiles and fits use
+    only these. A seed shifts every size it trains alike (seed 7 came out 0.02-0.08 worse than
+    the default at all 5 repeats of this capstone's first three budgets), so averaging repeats
+    into a profile where only some sizes have one bends the profile; the repeats measure the
+    seed-to-seed scatter of a new run instead."""
+    return [r for r in ok_rows(list(rows)) if r.get("seed") is None]
+
+
+def profile_losses(rows: dict, budget: float) -> dict[int, float]:
+    """N -> loss of one budget's default-seed points."""
+    return {int(r["n_params"]): float(r["val_loss"]) for r in sorted(primary(rows.values()), key=lambda r: r["n_params"])
+            if math.isclose(r["budget"], budget, rel_tol=1e-9)}
+
+
+def train_points(spec: dict, out: Path, points: list[sweep.Point], log) -> dict:
+    """Train the points not done yet (in parallel on the workers); the whole results table."""
+    sweep.run_sweep(sweep_overrides(spec, out) + ["sweep.fit=false"], log=log, points=points)
+    return sweep.read_table(out / "sweep" / sweep.RESULTS)
+
+
+def run_design(spec: dict, out: Path, log=print) -> list[dict]:
+    """Train the budgets in increasing order, each centred on its predecessors' frontier and
+    widened at an edge minimum; one decision record per budget. A rerun recomputes the same
+    decisions from the finished points and trains only what is missing."""
+    _, ladder, settings = family(spec, out)
+    minima: list[tuple[float, float]] = []
+    decisions = []
+    for k, c in enumerate(sorted(spec["budgets"])):
+        sizes, repeats = (spec["first_sizes"], spec["first_repeats"]) if k == 0 else (spec["sizes"], spec["repeats"])
+        design = sweep.design_budget(ladder, c, minima, sizes, repeats)
+        log(f"== budget {c:.3g}: sizes {[s.num_params() for s in design.sizes]} centred on N_opt ~{design.target:,.0f} "
+            f"({design.reason}); second seed for {[s.num_params() for s in design.repeats]}")
+        rows = train_points(spec, out, budget_points(design, settings), log)
+        extensions = []
+        for _ in range(spec["max_extensions"]):
+            losses = profile_losses(rows, c)
+            rung = sweep.edge_rung(ladder, losses) if losses else None
+            if rung is None:
+                break
+            side = "larger" if rung.num_params() > max(losses) else "smaller"
+            extensions.append({"n_params": rung.num_params(), "side": side})
+            log(f"== budget {c:.3g}: lowest loss at the {'largest' if side == 'larger' else 'smallest'} size; adding "
+                f"N={rung.num_params():,}")
+            rows = train_points(spec, out, [make_point(c, rung, settings)], log)
+        losses = profile_losses(rows, c)
+        if not losses:
+            raise SystemExit(f"error: every point of budget {c:.3g} failed; see {out / 'sweep'} and rerun.")
+        n_min, bracketed = fit.profile_minimum(c, list(losses), list(losses.values()))
+        minima.append((c, n_min))
+        asked = {s.num_params() for s in design.sizes} | {e["n_params"] for e in extensions}
+        decisions.append({"budget": c, "target": design.target, "reason": design.reason,
+                          "sizes": [s.num_params() for s in design.sizes],
+                          "repeats": [s.num_params() for s in design.repeats], "extensions": extensions,
+                          "extra": sorted(set(losses) - asked),  # in the table, not asked for by this design
+                          "losses": losses, "n_min": n_min, "bracketed": bracketed})
+        log(f"== budget {c:.3g}: minimum N ~{n_min:,.0f} ({'bracketed' if bracketed else 'NOT bracketed'})")
+    return decisions
+
+
+# ---------------------------------------------------------------- fits
+
+
+class Fits:
+    """Approach 3 (always), 2 and 1 (None when skipped) and why any was skipped. A plain class:
+    the tests load this script without registering it as a module, which dataclasses need."""
+
+    def __init__(self):
+        self.par: fit.FitResult | None = None
+        self.iso: fit.IsoFlopResult | None = None
+        self.env: fit.EnvelopeResult | None = None
+        self.scatter: fit.Scatter | None = None  # of one run about Approach 3's law, repeats included
+        self.notes: list[str] = []
+
+
+def ok_rows(rows: list[dict]) -> list[dict]:
+    return [r for r in rows if r["status"] == "ok" and r.get("val_loss") is not None and math.isfinite(r["val_loss"])]
+
+
+def fit_all(rows: list[dict], bootstrap: int) -> Fits:
+    """On the default-seed runs: Approach 3, Approach 2 on the profiles (grouped by nominal
+    budget) and Approach 1 on each size's end-of-schedule losses across budgets. The scatter
+    of one new run about Approach 3's law is measured on every run, repeats included."""
+    main = primary(rows)
+    budget, n, d, c, loss = (np.array([r[k] for r in main], dtype=float)
+                             for k in ("budget", "n_params", "n_tokens", "compute", "val_loss"))
+    fits = Fits()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the results list them
+        fits.par = fit.fit_parametric(n, d, loss, bootstrap=bootstrap)
+        every = ok_rows(rows)
+        fits.scatter = fit.measure_scatter(fits.par.law, *([r[k] for r in every] for k in ("n_params", "n_tokens",
+                                                                                          "val_loss")))
+        try:
+            fits.iso = fit.fit_isoflop(budget, n, loss, d, bootstrap=bootstrap)
+        except ValueError as err:
+            fits.notes.append(f"Approach 2 skipped: {err}")
+        try:
+            fits.env = fit.fit_envelope(n, d, c, loss, bootstrap=bootstrap)
+        except ValueError as err:
+            fits.notes.append(f"Approach 1 skipped: {err}")
+    return fits
+
+
+def optimal_n(fits: Fits, c: float) -> tuple[float, str]:
+    """N_opt at c from Approach 2 when every profile was bracketed, else from Approach 3's law."""
+    iso = fits.iso
+    if iso is not None and not iso.warnings and iso.a > 0:
+        return float(iso.predict_n(c)), "Approach 2 (IsoFLOP minima)"
+    return float(fits.par.law.optimal(c)[0]), "Approach 3 (parametric law)"
+
+
+def predict(fits: Fits, n: float, d: float) -> dict:
+    """Approach 3's loss at (N, D) with a 95% prediction interval: the bootstrap laws plus the
+    measured scatter of one run about the law (seed-to-seed from the repeats, shape-to-shape
+    from what remains)."""
+    p = fit.predict_loss(fits.par.law, n, d, samples=fits.par.samples, scatter=fits.scatter)
+    sc = fits.scatter
+    return {"loss": p["loss"], "interval": list(p["interval"]), "law_interval": list(p["mean_interval"]),
+            "interval_method": "bootstrap laws + measured run scatter (fit.predict_loss)",
+            "scatter": {"total_sd": sc.total_sd, "shape_sd": sc.shape_sd, "seed_sd": sc.seed_sd,
+                        "seed_dof": sc.seed_dof, "dof": sc.dof, "runs": sc.runs, "groups": sc.groups}}
+
+
+def exponents(fits: Fits) -> dict:
+    """a with its 95% interval from each approach, and their agreement (fit.exponent_agreement)."""
+    est = {}
+    if fits.env is not None:
+        est["Approach 1"] = (fits.env.a, fits.env.a_interval)
+    if fits.iso is not None:
+        est["Approach 2"] = (fits.iso.a, fits.iso.a_interval)
+    est["Approach 3"] = (fits.par.a, (fits.par.intervals or {}).get("a"))
+    return {"estimates": {k: {"a": float(a), "interval": None if iv is None else [float(x) for x in iv]}
+                          for k, (a, iv) in est.items()},
+            "agreement": fit.exponent_agreement(est)}
 
 
 # ---------------------------------------------------------------- the plan and its cost
 
 
-def held_out_point(spec: dict, out: Path, n_target: float) -> sweep.Point:
-    """The family shape nearest n_target at 10x the largest budget, trained exactly as the
-    sweep's points are: the sweep's one LR, batch and warmup, and its schedule."""
-    cfg = load_config(sweep_overrides(spec, out))
-    c = HELD_OUT_FACTOR * max(spec["budgets"])
-    shape = min(sweep.sweep_shapes(cfg), key=lambda s: abs(math.log(s.num_params() / n_target)))
-    point = sweep.Point(c, shape, schedule=cfg.sweep.schedule, settings=sweep.grid(cfg)[0].settings)
-    point.steps = max(1, round(c / point.flops_per_step))
-    return point
-
-
-def shape_rate(point: sweep.Point, threads: int, seconds: float = 1.0) -> float:
-    """Measured training FLOP/s of the point's shape and micro-batch with `threads` threads."""
+def shape_rate(shape, settings: sweep.SizeSettings, threads: int, seconds: float = 1.0) -> float:
+    """Measured training FLOP/s of `shape` at the common micro-batch with `threads` threads."""
     import torch
 
     from picollm.throughput import measure_train_flops
 
     torch.set_num_threads(threads)
-    micro = min(16, point.settings.batch_tokens // point.shape.seq_len)
-    return measure_train_flops(point.shape, micro, describe("cpu", "fp32", measure=False), seconds)
+    micro = min(16, settings.batch_tokens // shape.seq_len)
+    return measure_train_flops(shape, micro, describe("cpu", "fp32", measure=False), seconds)
+
+
+def planned_design(spec: dict, ladder: list) -> list[sweep.BudgetDesign]:
+    """The designs the budgets get if every minimum lands on its centring target."""
+    minima, designs = [], []
+    for k, c in enumerate(sorted(spec["budgets"])):
+        sizes, repeats = (spec["first_sizes"], spec["first_repeats"]) if k == 0 else (spec["sizes"], spec["repeats"])
+        designs.append(sweep.design_budget(ladder, c, minima, sizes, repeats))
+        minima.append((c, designs[-1].target))
+    return designs
+
+
+def _packed_seconds(seconds: list[float], workers: int) -> float:
+    loads = [0.0] * workers
+    for s in sorted(seconds, reverse=True):  # longest first onto the least loaded, as the pool does
+        loads[loads.index(min(loads))] += s
+    return max(loads)
 
 
 def estimate(spec: dict, out: Path, gflops: float | None) -> dict:
-    """Planned FLOPs of the sweep (WSD as trained, and the cosine grid it replaces) and of the
-    held-out run, and the wall time: chains packed on the workers at each shape's measured
-    single-thread rate (or `gflops` for all), the held-out run alone with 2 threads."""
-    cfg = load_config(sweep_overrides(spec, out))
-    points = sweep.grid(cfg)
-    held = held_out_point(spec, out, _chinchilla_n(HELD_OUT_FACTOR * max(spec["budgets"])))
+    """Planned FLOPs and wall time: each budget's points packed on the workers at each shape's
+    measured single-thread rate (or `gflops` for all), budgets one after another; an allowance
+    of one edge extension per budget; the held-out run alone, bounded by the slower of the
+    rung at the planned N_opt and one at a third of it (a flatter frontier, as last time)."""
+    cfg, ladder, settings = family(spec, out)
+    designs = planned_design(spec, ladder)
     rates: dict = {}
-    for p in points + [held]:
-        if p.size not in rates:
-            rates[p.size] = gflops * 1e9 if gflops else shape_rate(p, 1)
-    chain_seconds = sorted((sum(p.spent / rates[p.size] + PER_POINT_SECONDS for p in chain)
-                            for chain in sweep.chains(points)), reverse=True)
-    workers = [0.0] * sweep.worker_count(cfg, len(chain_seconds))
-    for s in chain_seconds:  # longest first onto the least loaded worker, as the pool does
-        workers[workers.index(min(workers))] += s
-    held_rate = gflops * 1e9 if gflops else shape_rate(held, 2)
-    return {"points": len(points), "sizes": len(rates) - 1, "family": sweep.family_text(cfg),
-            "sweep_flops": sum(p.spent for p in points), "cosine_grid_flops": sweep.cosine_grid_flops(points),
-            "held_out_flops": held.flops_per_step * held.steps, "held_out_shape": held.name,
-            "sweep_seconds": max(workers), "held_out_seconds": held.spent / held_rate + PER_POINT_SECONDS,
-            "rates_gflops": {f"L{k[0]}_d{k[1]}": round(v / 1e9, 2) for k, v in rates.items()}}
 
+    def rate(shape, threads=1):
+        key = (shape.n_layer, shape.d_model, threads)
+        if key not in rates:
+            rates[key] = gflops * 1e9 if gflops else shape_rate(shape, settings, threads)
+        return rates[key]
 
-def _chinchilla_n(c: float) -> float:
-    return math.sqrt(c / 120)
+    sweep_s = ext_s = flops = 0.0
+    points = 0
+    for design in designs:
+        pts = budget_points(design, settings)
+        points += len(pts)
+        flops += sum(p.spent for p in pts)
+        sweep_s += _packed_seconds([p.spent / rate(p.shape) + PER_POINT_SECONDS for p in pts],
+                                   sweep.worker_count(cfg, len(pts)))
+        ends = [i for i, s in enumerate(ladder) if s in (design.sizes[0], design.sizes[-1])]
+        beside = [ladder[j] for j in (ends[0] - 1, ends[-1] + 1) if 0 <= j < len(ladder)]
+        ext_s += max([design.budget / rate(s) + PER_POINT_SECONDS for s in beside], default=0.0)
+    c_held = HELD_OUT_FACTOR * max(spec["budgets"])
+    n_plan = sweep.extrapolate_n_opt([(d.budget, d.target) for d in designs], c_held)[0]
+    held = [held_out_point(ladder, settings, c_held, n) for n in (n_plan, n_plan / 3)]
+    held_s = [h.spent / rate(h.shape, HELD_OUT_THREADS) + PER_POINT_SECONDS for h in held]
+    slow = int(np.argmax(held_s))
+    return {"points": points, "family": sweep.family_text(cfg),
+            "design": [[s.num_params() for s in d.sizes] for d in designs],
+            "sweep_flops": flops, "cosine_grid_flops": flops,  # every point from scratch (see the docstring)
+            "held_out_flops": held[slow].spent, "held_out_shape": held[slow].name,
+            "held_out_shapes": [h.name for h in held],
+            "sweep_seconds": sweep_s, "extension_seconds": ext_s, "held_out_seconds": held_s[slow],
+            "rates_gflops": {f"L{k[0]}_d{k[1]}x{k[2]}": round(v / 1e9, 2) for k, v in rates.items()}}
 
 
 def print_estimate(est: dict) -> None:
-    total = est["sweep_seconds"] + est["held_out_seconds"]
-    print(f"grid: {est['points']} points, {est['family']}")
-    print(f"sweep: {est['sweep_flops']:.3g} FLOPs trained (WSD; the cosine grid: {est['cosine_grid_flops']:.3g}), "
-          f"~{est['sweep_seconds'] / 60:.1f} min on the workers")
-    print(f"held-out: {est['held_out_shape']}, {est['held_out_flops']:.3g} FLOPs, ~{est['held_out_seconds'] / 60:.1f} min")
-    print(f"total: ~{total / 60:.0f} min (training GFLOP/s per shape, one thread: {est['rates_gflops']})")
+    total = est["sweep_seconds"] + est["extension_seconds"] + est["held_out_seconds"]
+    print(f"design: {est['points']} points, {est['family']}; sizes per budget if each minimum lands on its "
+          f"target: {est['design']}")
+    print(f"sweep: {est['sweep_flops']:.3g} FLOPs (every point from scratch), ~{est['sweep_seconds'] / 60:.1f} min "
+          f"on the workers, + ~{est['extension_seconds'] / 60:.1f} min for one edge extension per budget")
+    print(f"held-out: {est['held_out_shape']} (slower of {est['held_out_shapes']}), {est['held_out_flops']:.3g} "
+          f"FLOPs, ~{est['held_out_seconds'] / 60:.1f} min")
+    print(f"total: ~{total / 60:.0f} min (training GFLOP/s per shape x threads: {est['rates_gflops']})")
     if total > TARGET_MINUTES * 60:  # the time is about linear in the budgets
         print(f"over {TARGET_MINUTES} min: --scale {TARGET_MINUTES * 60 / total:.2f} would fit; decide before the "
               "first run, never after seeing a held-out result")
 
 
-# ---------------------------------------------------------------- prediction
-
-
-def _law(par: dict) -> ScalingLaw:
-    return ScalingLaw(E=par["E"], A=par["A"], alpha=par["alpha"], B=par["B"], beta=par["beta"])
-
-
-def optimal_n(summary: dict, c: float) -> tuple[float, str]:
-    """N_opt at c from a settled Approach 2 law, else Approach 3's."""
-    iso, par = summary.get("isoflop"), summary.get("parametric")
-    if iso and not iso["warnings"] and iso["a"] > 0:
-        return 10 ** (iso["n_coef"] + iso["a"] * math.log10(c)), "Approach 2 (IsoFLOP minima)"
-    return _law(par).optimal(c)[0], "Approach 3 (parametric law)"
-
-
-def predict(summary: dict, rows: list[dict], n: float, d: float) -> dict:
-    """Loss from the parametric law with a 95% interval: the fit helper's prediction interval
-    (bootstrap laws plus the measured run-to-run scatter) where it exists, else the spread
-    of the bootstrap laws alone."""
-    par = summary["parametric"]
-    law = _law(par)
-    samples = np.asarray(par["samples"], dtype=float) if par.get("samples") is not None else None
-    if hasattr(fit, "predict_loss") and hasattr(fit, "measure_scatter"):
-        ok = [r for r in rows if r["status"] == "ok" and r.get("val_loss")]
-        scatter = fit.measure_scatter(law, [r["n_params"] for r in ok], [r["n_tokens"] for r in ok],
-                                      [r["val_loss"] for r in ok])
-        p = fit.predict_loss(law, n, d, samples=samples, scatter=scatter)
-        return {"loss": float(p["loss"]), "interval": [float(x) for x in np.ravel(p["interval"])],
-                "interval_method": "fit.predict_loss: bootstrap laws + measured run scatter"}
-    out = {"loss": float(law.loss(n, d)), "interval": None, "interval_method": "bootstrap laws only"}
-    if samples is not None:
-        losses = samples[:, 0] + samples[:, 1] / n ** samples[:, 2] + samples[:, 3] / d ** samples[:, 4]
-        out["interval"] = [float(q) for q in np.percentile(losses, [2.5, 97.5])]
-    return out
-
-
 # ---------------------------------------------------------------- report
 
 
-def plot_prediction(summary: dict, rows: list[dict], pred: dict, measured: float | None, path: Path) -> None:
-    """Predicted vs measured: every sweep point and the held-out run with its interval."""
-    from picollm.figures import new_figure, save_figure
-
-    law = _law(summary["parametric"])
-    ok = [r for r in rows if r["status"] == "ok" and r.get("val_loss")]
+def plot_prediction(fits: Fits, rows: list[dict], pred: dict, measured: float | None, path: Path) -> None:
+    """Predicted vs measured: every sweep point and the held-out run with its 95% interval."""
+    law = fits.par.law
+    ok = ok_rows(rows)
     fig = new_figure(figsize=(5, 5))
     ax = fig.add_subplot()
-    ax.scatter([law.loss(r["n_params"], r["n_tokens"]) for r in ok], [r["val_loss"] for r in ok], s=14,
-               label="sweep points (fit)")
-    if measured is not None:
-        lo, hi = pred["interval"] or (pred["loss"], pred["loss"])
-        ax.errorbar([pred["loss"]], [measured], xerr=[[pred["loss"] - lo], [hi - pred["loss"]]], fmt="o",
-                    color="crimson", capsize=4, label=f"held-out (10x), 95% interval")
-    values = [r["val_loss"] for r in ok] + ([measured] if measured else [])
+    for repeat, style in ((False, dict(s=14, label="sweep points (fitted)")),
+                          (True, dict(s=22, marker="^", facecolor="none", edgecolor="C1",
+                                      label="second seed (scatter only)"))):
+        pts = [r for r in ok if (r.get("seed") is not None) == repeat]
+        ax.scatter([law.loss(r["n_params"], r["n_tokens"]) for r in pts], [r["val_loss"] for r in pts], **style)
+    lo, hi = pred["interval"]
+    y = measured if measured is not None else pred["loss"]
+    ax.errorbar([pred["loss"]], [y], xerr=[[pred["loss"] - lo], [hi - pred["loss"]]], fmt="o", color="crimson",
+                capsize=4, label=f"held-out ({HELD_OUT_FACTOR:g}x), 95% interval"
+                + ("" if measured is not None else " (not trained yet)"))
+    values = [r["val_loss"] for r in ok] + [y, lo, hi]
     lims = [min(values) * 0.97, max(values) * 1.03]
     ax.plot(lims, lims, "k--", lw=0.8)
-    ax.set(xlabel="predicted loss", ylabel="measured loss", title="Predicted vs measured")
-    ax.legend()
+    ax.set(xlabel="predicted loss (Approach 3)", ylabel="measured loss", title="Predicted vs measured")
+    ax.legend(fontsize=8)
     save_figure(fig, path)
 
 
-def report(spec: dict, summary: dict, pred: dict, measured: float | None, out: Path, est: dict) -> str:
-    iso, par = summary.get("isoflop"), summary.get("parametric")
-    table = (out / "sweep" / "summary.md").read_text()
-    lines = ["# picollm CPU capstone", "",
+def plot_design(decisions: list[dict], fits: Fits, pred: dict, path: Path) -> None:
+    """The design in the (C, N) plane: sizes tried, centring targets, minima, the frontier
+    and the held-out run."""
+    fig = new_figure(figsize=(6.5, 4.5))
+    ax = fig.add_subplot()
+    for i, dec in enumerate(decisions):
+        ns = sorted(dec["losses"])
+        ax.scatter([dec["budget"]] * len(ns), ns, color="0.6", s=16, label="sizes trained" if i == 0 else None)
+        ext = [e["n_params"] for e in dec["extensions"]]
+        ax.scatter([dec["budget"]] * len(ext), ext, facecolor="none", edgecolor="C1", s=60,
+                   label="edge extension" if ext and not any(d["extensions"] for d in decisions[:i]) else None)
+        ax.scatter([dec["budget"]], [dec["target"]], marker="x", color="C0", s=50,
+                   label="centred on (extrapolated N_opt)" if i == 0 else None)
+        ax.scatter([dec["budget"]], [dec["n_min"]], marker="*", color="C3", s=110, edgecolor="k", linewidths=0.5,
+                   label="profile minimum" if i == 0 else None)
+    cs = np.geomspace(min(d["budget"] for d in decisions) / 2, pred["compute"] * 2, 50)
+    if fits.iso is not None:
+        ax.plot(cs, fits.iso.predict_n(cs), color="C3", lw=1, label=f"Approach 2: N ~ C^{fits.iso.a:.2f}")
+    ax.plot(cs, [fits.par.law.optimal(c)[0] for c in cs], color="C2", lw=1, ls="--",
+            label=f"Approach 3: N ~ C^{fits.par.a:.2f}")
+    ax.plot(cs, np.sqrt(cs / 120), "k:", lw=1, label="Chinchilla-20")
+    ax.scatter([pred["compute"]], [pred["n_params"]], marker="D", color="crimson", s=50, label="held-out run")
+    ax.set(xscale="log", yscale="log", xlabel="compute C (FLOPs)", ylabel="parameters N",
+           title="Sequential design: sizes per budget")
+    ax.legend(fontsize=7)
+    save_figure(fig, path)
+
+
+def plot_fits(decisions: list[dict], rows: list[dict], fits: Fits, pred: dict, measured: float | None,
+              out: Path) -> None:
+    if fits.iso is not None:
+        fit.plot_isoflop(fits.iso, out / "isoflop.png")
+    fit.plot_frontier(out / "frontier.png", fits.env, fits.iso, fits.par)
+    plot_design(decisions, fits, pred, out / "design.png")
+    plot_prediction(fits, rows, pred, measured, out / "prediction.png")
+
+
+def design_table(decisions: list[dict]) -> list[str]:
+    lines = ["| budget | centred on N_opt | why | sizes N (k) | second seed | extensions | loss per size | "
+             "minimum N | bracketed |", "|---|---|---|---|---|---|---|---|---|"]
+    for dec in decisions:
+        ext = ", ".join(f"{e['n_params'] / 1e3:.0f}k ({e['side']})" for e in dec["extensions"]) or "none"
+        if dec.get("extra"):
+            ext += "; also in the table: " + ", ".join(f"{n / 1e3:.0f}k" for n in dec["extra"])
+        losses = ", ".join(f"{v:.3f}" for v in dec["losses"].values())
+        lines.append(f"| {dec['budget']:.3g} | {dec['target']:,.0f} | {dec['reason']} | "
+                     f"{', '.join(f'{n / 1e3:.0f}' for n in dec['sizes'])} | "
+                     f"{', '.join(f'{n / 1e3:.0f}k' for n in dec['repeats']) or '-'} | {ext} | {losses} | "
+                     f"{dec['n_min']:,.0f} | {'yes' if dec['bracketed'] else 'NO'} |")
+    return lines
+
+
+def fit_lines(fits: Fits, expo: dict) -> list[str]:
+    lines = ["**How N_opt grows with compute (N_opt ∝ C^a; Chinchilla: a ≈ 0.5):**", ""]
+    for name, e in expo["estimates"].items():
+        iv = e["interval"]
+        width = "" if iv is None else f" (95% [{iv[0]:.3f}, {iv[1]:.3f}], width {iv[1] - iv[0]:.3f})"
+        lines.append(f"- {name}: a = {e['a']:.3f}{width}")
+    for pair, v in expo["agreement"]["pairs"].items():
+        lines.append(f"- {pair}: |difference| {v['difference']:.3f} "
+                     f"({'within' if v['within_tolerance'] else 'outside'} 0.1)")
+    if fits.iso is not None:
+        lines += [f"- Approach 2 intervals: {fits.iso.interval_method}"] + \
+                 [f"- Approach 2 warning: {w}" for w in fits.iso.warnings]
+    if fits.env is not None:
+        lines.append(f"- Approach 1: {len(fits.env.compute)} bracketed envelope points from {len(fits.env.curves)} "
+                     f"sizes' end-of-schedule losses; {fits.env.interval_method}")
+    par, iv = fits.par, fits.par.intervals or {}
+    fmt = lambda k: f"{getattr(par, k):.4g}" + (f" [{iv[k][0]:.4g}, {iv[k][1]:.4g}]" if k in iv else "")
+    lines += ["", "Approach 3, L = E + A/N^alpha + B/D^beta: " + ", ".join(f"{k} = {fmt(k)}"
+                                                                         for k in ("E", "A", "alpha", "B", "beta"))]
+    lines += [f"- {n}" for n in fits.notes]
+    return lines
+
+
+def report(spec: dict, decisions: list[dict], rows: list[dict], fits: Fits, pred: dict, measured: float | None,
+           out: Path, est: dict, timing: dict) -> str:
+    expo = exponents(fits)
+    family_words = sweep.family_text(family(spec, out)[0])
+    table = sweep.summary_markdown({"family": family_words, "notes": []}, rows)
+    sc = pred["scatter"]
+    seed = "no repeats" if sc["seed_sd"] is None else f"seed-to-seed {100 * sc['seed_sd']:.2f}% ({sc['seed_dof']} dof)"
+    lines = ["# picollm CPU capstone (sequential design)", "",
              f"{len(spec['budgets'])} budgets ({min(spec['budgets']):.3g} to {max(spec['budgets']):.3g} FLOPs, "
-             f"{max(spec['budgets']) / min(spec['budgets']):.0f}x) x {spec['sizes']} sizes, {summary.get('family')}; "
-             f"schedule {summary.get('schedule')}. Overrides: `{' '.join(spec['overrides'])}`.", "",
-             f"Planned before training (--estimate): sweep ~{est['sweep_seconds'] / 60:.0f} min, held-out "
+             f"{max(spec['budgets']) / min(spec['budgets']):.0f}x), trained smallest first, each budget's sizes centred "
+             f"on the frontier of the budgets before it; {family_words}; WSD for every "
+             f"run, from scratch. Overrides: `{' '.join(spec['overrides'])}`.", "",
+             f"Planned before training (--estimate): sweep ~{est['sweep_seconds'] / 60:.0f} min "
+             f"(+~{est['extension_seconds'] / 60:.0f} min for one extension per budget), held-out "
              f"~{est['held_out_seconds'] / 60:.0f} min.", "",
-             "## Runs and fits", "", table, "",
-             "![IsoFLOP curves](sweep/isoflop.png) ![fitted frontier](sweep/optimal_allocation.png) "
-             "![predicted vs measured](prediction.png)", "",
-             "**How N_opt grows with compute (N_opt ∝ C^a; Chinchilla: a ≈ 0.5):**"]
-    if iso:
-        lo, hi = iso["a_interval"]
-        lines.append(f"- Approach 2 (IsoFLOP minima): a = {iso['a']:.3f} (95% [{lo:.3f}, {hi:.3f}])"
-                     + ("; warnings: " + "; ".join(iso["warnings"]) if iso["warnings"] else ""))
-    if par:
-        iv = (par.get("intervals") or {}).get("a")
-        lines.append(f"- Approach 3 (parametric law): a = beta/(alpha+beta) = {par['a']:.3f}"
-                     + (f" (95% [{iv[0]:.3f}, {iv[1]:.3f}])" if iv else ""))
-    lines.append(f"Approach 1 and the three side by side: `python -m picollm.fit results={out / 'sweep' / sweep.RESULTS}`.")
-    lines += ["", "## Held-out prediction", "",
-              f"Budget C = {pred['compute']:.3g} ({HELD_OUT_FACTOR:g}x the largest); N_opt {pred['n_target']:,.0f} from "
-              f"{pred['n_source']} -> {pred['name']} (N={pred['n_params']:,}, D={pred['n_tokens']:,}).",
-              f"- predicted (prediction.json, written before training): {pred['loss']:.4f}"
-              + (f" (95% [{pred['interval'][0]:.4f}, {pred['interval'][1]:.4f}], {pred['interval_method']})"
-                 if pred.get("interval") else "")]
+             "## Design decisions per budget", "",
+             "Profiles and fits use the default-seed runs; the second-seed repeats measure the seed-to-seed "
+             "scatter of a new run.", ""] + design_table(decisions) + [
+             "", "![design](design.png)", "", "## Runs", "", table, "",
+             "## Fits", "", "![IsoFLOP curves](isoflop.png) ![fitted frontier](frontier.png)", ""] + \
+        fit_lines(fits, expo) + [
+             "", "## Held-out prediction", "",
+             f"Budget C = {pred['compute']:.3g} ({HELD_OUT_FACTOR:g}x the largest); N_opt {pred['n_target']:,.0f} from "
+             f"{pred['n_source']} -> {pred['name']} (N={pred['n_params']:,}, D={pred['n_tokens']:,}, "
+             f"D/N={pred['n_tokens'] / pred['n_params']:.0f}).",
+             f"- predicted (prediction.json, written before training): {pred['loss']:.4f} (95% "
+             f"[{pred['interval'][0]:.4f}, {pred['interval'][1]:.4f}]; the law alone [{pred['law_interval'][0]:.4f}, "
+             f"{pred['law_interval'][1]:.4f}])",
+             f"- scatter of one run about the law: {100 * sc['total_sd']:.2f}% (shape-to-shape "
+             f"{100 * sc['shape_sd']:.2f}%, {seed})"]
     if measured is not None:
         err = measured - pred["loss"]
-        inside = bool(pred.get("interval")) and pred["interval"][0] <= measured <= pred["interval"][1]
-        lines.append(f"- measured: {measured:.4f} (error {err:+.4f}, {100 * err / measured:+.1f}%, "
+        inside = pred["interval"][0] <= measured <= pred["interval"][1]
+        lines.append(f"- measured: {measured:.4f} (error {err:+.4f}, {100 * err / pred['loss']:+.1f}% of the prediction, "
                      + ("inside" if inside else "outside") + " the 95% interval)")
+    if timing.get("epochs") is not None:
+        lines.append(f"- the held-out run reads the corpus {timing['epochs']:.2f} times")
+    lines += ["", "![predicted vs measured](prediction.png)", "", "## Time", "",
+              f"- sweep {timing.get('sweep_minutes', float('nan')):.1f} min, held-out "
+              f"{timing.get('held_out_minutes', float('nan')):.1f} min with {timing.get('held_out_threads')} "
+              "thread(s) (this invocation; a resumed run counts only what it ran)",
+              f"- load average (1 min) at start {timing.get('load_start', float('nan')):.2f}, at the prediction "
+              f"{timing.get('load_predicted', float('nan')):.2f}, at the end {timing.get('load_end', float('nan')):.2f}"]
     return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------- main
+
+
+def write_prediction(spec: dict, out: Path, fits: Fits, timing: dict) -> dict:
+    """prediction.json, once: the first prediction stands; reruns never rewrite it after the fact."""
+    pred_file = out / "prediction.json"
+    if not pred_file.exists():
+        _, ladder, settings = family(spec, out)
+        c = HELD_OUT_FACTOR * max(spec["budgets"])
+        n_target, source = optimal_n(fits, c)
+        point = held_out_point(ladder, settings, c, n_target)
+        n, d = point.shape.num_params(), point.steps * point.settings.batch_tokens
+        pred = {"compute": c, "n_target": n_target, "n_source": source, "name": point.name, "n_params": n,
+                "n_tokens": d, "steps": point.steps, "lr": settings.lr, "batch_tokens": settings.batch_tokens,
+                "warmup_steps": settings.warmup_steps, "n_layer": point.shape.n_layer,
+                "d_model": point.shape.d_model, "written_at": time.time(), **timing, **predict(fits, n, d)}
+        pred_file.write_text(json.dumps(pred, indent=2))
+    return json.loads(pred_file.read_text())
+
+
+def held_out_threads(point: sweep.Point) -> tuple[int, dict]:
+    """1 or 2 threads for the held-out run, whichever trains its shape faster right now: on
+    an idle 2-core box 2 threads win, but with other jobs on the cores two-thread steps
+    starve (measured 10-20x slower under a load of 4-8). Only the speed depends on it."""
+    rates = {k: shape_rate(point.shape, point.settings, k) for k in (1, 2)}
+    return max(rates, key=rates.get), {k: round(v / 1e9, 2) for k, v in rates.items()}
+
+
+def train_held_out(spec: dict, out: Path, pred: dict, timing: dict) -> float | None:
+    _, ladder, settings = family(spec, out)
+    point = held_out_point(ladder, settings, pred["compute"], pred["n_target"])
+    assert point.name == pred["name"], "the held-out point must be the one predicted"
+    threads, rates = held_out_threads(point)
+    timing.update(held_out_threads=threads, held_out_probe_gflops=rates)
+    print(f"held-out run: {threads} thread(s) (probe GFLOP/s by threads: {rates})")
+    final = sweep.train_point(spec["overrides"] + [f"train.num_threads={threads}"] + point.overrides(out))
+    return final.get("val_loss")
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--quick", action="store_true", help="tiny grid for validation (minutes)")
+    p.add_argument("--quick", action="store_true", help="tiny design for validation (minutes)")
     p.add_argument("--dir", default=None, help="output folder (default runs/capstone or runs/capstone-quick)")
     p.add_argument("--estimate", action="store_true", help="print the planned FLOPs and time and stop")
     p.add_argument("--gflops", type=float, default=None,
@@ -251,8 +552,9 @@ def main(argv: list[str] | None = None) -> int:
     spec = dict(QUICK if args.quick else FULL)
     spec["budgets"] = [args.scale * c for c in spec["budgets"]]
     out = Path(args.dir or ("runs/capstone-quick" if args.quick else "runs/capstone"))
+    timing = {"load_start": os.getloadavg()[0]}
     with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # bracketing warnings repeat in the sweep's own log
+        warnings.simplefilter("ignore")
         est = estimate(spec, out, args.gflops)
     print_estimate(est)
     if args.estimate:
@@ -260,34 +562,30 @@ def main(argv: list[str] | None = None) -> int:
 
     start = time.perf_counter()
     try:
-        summary = sweep.run_sweep(sweep_overrides(spec, out))
+        decisions = run_design(spec, out)
+        rows = list(sweep.read_table(out / "sweep" / sweep.RESULTS).values())
+        if len(ok_rows(rows)) < sweep.MIN_PARAMETRIC_POINTS:
+            raise SystemExit("error: fewer than 5 points succeeded, too few for the parametric fit; see "
+                             f"{out / 'sweep'} and rerun.")
+        timing.update(sweep_minutes=(time.perf_counter() - start) / 60, load_predicted=os.getloadavg()[0])
+        fits = fit_all(rows, spec["bootstrap"])
+        pred = write_prediction(spec, out, fits, timing)
+        print(f"prediction for {pred['name']}: loss {pred['loss']:.4f} {pred['interval']}")
+        plot_fits(decisions, rows, fits, pred, None, out)
+        (out / "capstone.md").write_text(report(spec, decisions, rows, fits, pred, None, out, est, timing))
+        held_start = time.perf_counter()
+        measured = train_held_out(spec, out, pred, timing)
     except Interrupted as stop:
         print("capstone stopped; rerun the same command to continue where it left off.")
         return 128 + stop.signum
-    rows = list(sweep.read_table(out / "sweep" / sweep.RESULTS).values())
-    if not summary.get("parametric"):
-        raise SystemExit("error: the parametric fit is missing (too few successful runs); see sweep/summary.md and rerun.")
-    pred_file = out / "prediction.json"
-    if not pred_file.exists():  # the first prediction stands; reruns never rewrite it after the fact
-        c = HELD_OUT_FACTOR * max(spec["budgets"])
-        n_target, source = optimal_n(summary, c)
-        point = held_out_point(spec, out, n_target)
-        n, d = point.shape.num_params(), point.steps * point.settings.batch_tokens
-        pred = {"compute": c, "n_target": n_target, "n_source": source, "name": point.name, "n_params": n,
-                "n_tokens": d, "steps": point.steps, "lr": point.settings.lr,
-                "batch_tokens": point.settings.batch_tokens, "warmup_steps": point.settings.warmup_steps,
-                "n_layer": point.shape.n_layer, "d_model": point.shape.d_model, "written_at": time.time(),
-                "sweep_minutes": (time.perf_counter() - start) / 60, **predict(summary, rows, n, d)}
-        pred_file.write_text(json.dumps(pred, indent=2))
-    pred = json.loads(pred_file.read_text())
-    print(f"prediction for {pred['name']}: loss {pred['loss']:.4f} {pred.get('interval')}")
-    point = held_out_point(spec, out, pred["n_target"])
-    assert point.name == pred["name"], "the held-out point must be the one predicted"
-    extra = ["train.num_threads=2"]  # it trains alone
-    final = sweep.train_point(spec["overrides"] + extra + point.overrides(out))
-    measured = final.get("val_loss")
-    plot_prediction(summary, rows, pred, measured, out / "prediction.png")
-    (out / "capstone.md").write_text(report(spec, summary, pred, measured, out, est))
+    timing.update(held_out_minutes=(time.perf_counter() - held_start) / 60, load_end=os.getloadavg()[0])
+    plan_file = out / pred["name"] / "plan.json"
+    timing["epochs"] = json.loads(plan_file.read_text()).get("epochs") if plan_file.exists() else None
+    plot_fits(decisions, rows, fits, pred, measured, out)
+    (out / "results.json").write_text(json.dumps(
+        {"decisions": decisions, "exponents": exponents(fits), "prediction": pred, "measured": measured,
+         "timing": timing, "estimate": est, "notes": fits.notes}, indent=2, default=float))
+    (out / "capstone.md").write_text(report(spec, decisions, rows, fits, pred, measured, out, est, timing))
     print((out / "capstone.md").read_text())
     return 0
 
