@@ -114,13 +114,13 @@ def nearest_model(m: DictConfig, vocab_size: int, n_target: float) -> GPTConfig:
 # --shapes auto,1x64h1): 5 min 4.230 vs 4.448 (the floor wins by 0.22 nats); 2 min 4.811 vs
 # 4.782 (loses 0.03); 2 min on a 10x-loaded machine 5.378 vs 5.257 (C ~ 1e12, loses 0.12).
 # The floor needs many small steps: at equal D, 2x128 with 106 steps (the compute rule's
-# batch) scored 5.241, with 424 steps of a 4x smaller batch 4.857. At the 10-minute budget
-# (2x128, D = 8.64M tokens, bf16, one seed) 1,055 steps of 8k tokens scored 3.438, 2,109 of
-# 4k 3.385 and 4,219 of 2k 3.322: more, smaller steps kept winning, so the minimum is 4,000.
-# Measurements, not laws (BENCHMARKS.md, "Time to loss").
+# batch) scored 5.241, with 424 steps of a 4x smaller batch 4.857. At equal tokens more
+# steps kept winning at 10 minutes too (BENCHMARKS.md, "Time to loss"), but a micro-batch of
+# 1k tokens trains at half the tokens/s of 4k here, so a larger minimum needs an equal-time
+# measurement first. Measurements, not laws.
 MINUTES_MIN_DEPTH = 2
 MINUTES_MIN_HEADS = 2
-MINUTES_MIN_STEPS = 4000  # budget.minutes halves the batch while the run has fewer steps,
+MINUTES_MIN_STEPS = 400  # budget.minutes halves the batch while the run has fewer steps,
 MINUTES_MIN_BATCH_TOKENS = 1024  # but not below the smallest batch measured (4 x 256)
 
 
@@ -525,10 +525,19 @@ def size_for_minutes(cfg: DictConfig, vocab: int, device_info, world_size: int, 
     if probes.measure_flops is None:
         raise ConfigError("budget.minutes needs a throughput probe on this machine; run it through picollm.train or picollm.plan.")
     seconds = 60.0 * b.minutes
-    gcfg, rate, device_info = _probe_until_settled(cfg, vocab, seconds, device_info, world_size, probes)
+    gcfg, rate, device_info, probed_micro = _probe_until_settled(cfg, vocab, seconds, device_info, world_size, probes)
     time_budget = _time_budget(seconds, startup_seconds, probes.seconds, gcfg, rate, t)
     if not model_is_explicit(cfg.model):  # size for the time left to train, not the whole budget
         gcfg = minutes_model(cfg.model, vocab, chinchilla_optimal(rate * time_budget["train_s"], r)[0])
+        time_budget = _time_budget(seconds, startup_seconds, probes.seconds, gcfg, rate, t)
+    # The time left to train, not the whole budget, sets the batch and so the micro-batch;
+    # a micro-batch the probe did not run is probed (1k-token micro-steps ran at half the
+    # tokens/s of 4k ones here, and a plan from the wrong rate overran its budget by 17%).
+    for _ in range(2):
+        micro = _probe_micro(t, gcfg, rate * time_budget["train_s"], world_size, device_info)
+        if micro == probed_micro:
+            break
+        rate, probed_micro = _devices(device_info, world_size) * probes.throughput(gcfg, micro, device_info), micro
         time_budget = _time_budget(seconds, startup_seconds, probes.seconds, gcfg, rate, t)
     compute = rate * time_budget["train_s"]
     devices = _devices(device_info, world_size)
@@ -538,10 +547,10 @@ def size_for_minutes(cfg: DictConfig, vocab: int, device_info, world_size: int, 
 
 
 def _probe_until_settled(cfg: DictConfig, vocab: int, seconds: float, device_info, world_size: int,
-                         probes: "Probes") -> tuple[GPTConfig, float, "hardware.DeviceInfo"]:
-    """(shape, rate, device) of budget.minutes: a first guess of the rate from the peak, then
-    the shape that rate buys, probed, until the shape stops changing (at most three probes).
-    The probe runs what training will run: the same micro-batch and dtype."""
+                         probes: "Probes") -> tuple[GPTConfig, float, "hardware.DeviceInfo", int]:
+    """(shape, rate, device, micro-batch probed) of budget.minutes: a first guess of the rate
+    from the peak, then the shape that rate buys, probed, until the shape stops changing (at
+    most three probes). The probe runs what training will run: the same micro-batch and dtype."""
     t, r = cfg.train, cfg.budget.tokens_per_param
     explicit = model_is_explicit(cfg.model)
     devices, kind = _devices(device_info, world_size), device_info.device.type
@@ -559,7 +568,7 @@ def _probe_until_settled(cfg: DictConfig, vocab: int, seconds: float, device_inf
         rate = devices * probes.throughput(gcfg, micro, device_info)
         if explicit:
             break
-    return gcfg, rate, device_info
+    return gcfg, rate, device_info, micro
 
 
 def _devices(device_info, world_size: int) -> int:

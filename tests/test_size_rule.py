@@ -46,7 +46,7 @@ def test_model_max_depth_caps_the_floor():
 @pytest.mark.parametrize("gflops", [10, 20, 60])
 def test_a_two_minute_plan_on_a_slow_cpu_is_not_degenerate(gflops):
     """Fake probes at a few one-core rates: the Chinchilla size would be one layer."""
-    cfg = load_config(["budget.minutes=2", f"tokenizer.vocab_size={VOCAB}"])
+    cfg = load_config(["budget.minutes=3", f"tokenizer.vocab_size={VOCAB}"])
     p = make_plan(cfg, CPU, measure_flops=lambda *args, **kw: gflops * 1e9)
     assert p.model["n_layer"] >= MINUTES_MIN_DEPTH and p.model["n_head"] >= MINUTES_MIN_HEADS
     # The floor comes with enough optimizer steps: the batch is halved, down to the smallest measured.
@@ -70,3 +70,22 @@ def test_the_step_minimum_is_for_minutes_budgets_only():
     """budget.compute keeps the compute rule's batch (halved only below MIN_STEPS steps)."""
     p = make_plan(load_config(["budget.compute=2e12", f"tokenizer.vocab_size={VOCAB}"]), CPU)
     assert MIN_STEPS <= p.steps < MINUTES_MIN_STEPS
+
+
+def test_budget_minutes_trains_at_the_rate_of_the_micro_batch_it_probed():
+    """The batch (so the micro-batch) follows from the time left to train, not the whole
+    budget: a micro-batch the shape probes did not run is probed too, and the plan's compute
+    is the rate measured at the micro-batch training uses. Here small micro-steps are slow,
+    as they are on a CPU, so planning from a larger one's rate would overrun the budget."""
+    probed = []
+
+    def measure(gcfg, micro, device_info):
+        probed.append(micro)
+        return 5e10 * min(1.0, micro / 16)  # 16 sequences or more run at full speed
+
+    cfg = load_config(["budget.minutes=3", f"tokenizer.vocab_size={VOCAB}"])
+    p = make_plan(cfg, CPU, measure_flops=measure)
+    assert p.micro_batch < 16 and len(set(probed)) > 1  # the case this is about: the batch shrank after the probes
+    assert probed[-1] == p.micro_batch
+    rate = 5e10 * p.micro_batch / 16
+    assert p.compute == pytest.approx(rate * p.time_budget["train_s"], rel=0.01)  # up to whole steps
