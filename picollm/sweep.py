@@ -473,6 +473,7 @@ def _run_chain(chain: list[Point], sweep_dir: Path, base: list[str], train: Call
     return rows
 
 
+# ~60 lines: one pass in order (compose, plan the points, train them, fit), kept together to read as one.
 def run_sweep(overrides: list[str], train: Optional[Callable[[list[str]], dict]] = None,
               log: Callable[[str], None] = print, points: Optional[list[Point]] = None) -> dict:
     """Train every missing point of the grid (or of `points`, a design chosen by the caller,

@@ -249,6 +249,7 @@ class ProgressPrinter:
 # ------------------------------------------------------------------ entry
 
 
+# ~60 lines: ten keyword parameters on their own lines; the body is reuse, lock, build, rename.
 def prepare_data(
     data_cfg: Any,
     tok_cfg: Any,
@@ -798,6 +799,7 @@ def _tokenize_corpus(
 # ------------------------------------------------------------------ build
 
 
+# ~60 lines: ten parameters on their own lines; the body is resume, tokenize, finish.
 def _build(
     data_cfg: Any,
     tok_cfg: Any,
