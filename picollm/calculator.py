@@ -27,7 +27,7 @@ from picollm.config import ConfigError
 from picollm.hardware import GPU_PEAK_FLOPS
 # The time view on this machine probes it the way budget.minutes does; the number formats
 # are the plan card's, so both tools print alike.
-from picollm.plan import _dtype_probe, _planner_device, _probe, make_plan
+from picollm.plan import dtype_probe, make_plan, planner_device, throughput_probe
 from picollm.units import rough_duration, si
 from picollm.scaling import compare_allocations, compute_for_time, cost, inference_optimal, load_law
 
@@ -92,9 +92,9 @@ def _compute_on_this_machine(cfg: DictConfig, measure_flops: Optional[Callable])
     minutes = _need(minutes, "calc.hours (or budget.minutes)", "calc.hours=1, or calc.gpu=h100-sxm calc.hours=24")
     as_minutes = OmegaConf.create(OmegaConf.to_container(cfg))  # a writable copy
     as_minutes.budget.minutes = minutes
-    plan = make_plan(as_minutes, _planner_device(cfg, measure=measure_flops is None),
-                     measure_flops=measure_flops or _probe(as_minutes),
-                     measure_dtypes=None if measure_flops else _dtype_probe)
+    plan = make_plan(as_minutes, planner_device(cfg, measure=measure_flops is None),
+                     measure_flops=measure_flops or throughput_probe(as_minutes),
+                     measure_dtypes=None if measure_flops else dtype_probe)
     rate = plan.compute / plan.est_seconds
     seconds = minutes * 60
     return seconds, rate * seconds, {"hours": seconds / 3600, "machine": plan.device, "measured_flops": rate}

@@ -345,7 +345,7 @@ def plan_for_run(cfg: DictConfig, device: hardware.DeviceInfo, rank_info: dist.D
         draft = _resumed_plan(cfg, run_dir, resume_state, rank_info.is_main)
     else:
         draft = dist.from_main(lambda: _saved_plan(cfg, run_dir) or make_plan(
-            cfg, device, world_size=rank_info.world_size, measure_flops=_probe(cfg), measure_dtypes=_dtype_probe,
+            cfg, device, world_size=rank_info.world_size, measure_flops=throughput_probe(cfg), measure_dtypes=dtype_probe,
             startup_seconds=process_age()), catch=(ConfigError,), raise_as=ConfigError)
     accumulation(draft, rank_info.world_size)  # refuses a world size that cannot split the batch, before data work
     return draft
@@ -816,20 +816,20 @@ def _pow2(x: float) -> int:
     return 2 ** max(0, int(round(math.log2(x))))
 
 
-def _probe(cfg: DictConfig) -> Callable:
+def throughput_probe(cfg: DictConfig) -> Callable:
     from picollm.throughput import measure_train_flops
 
     return lambda gcfg, micro, device: measure_train_flops(gcfg, micro, device, cfg.budget.probe_seconds,
                                                            optimizer=cfg.train.optimizer)
 
 
-def _dtype_probe(gcfg: GPTConfig, micro: int, device) -> dict:
+def dtype_probe(gcfg: GPTConfig, micro: int, device) -> dict:
     from picollm.throughput import time_dtypes
 
     return time_dtypes(gcfg, micro, device, hardware.CPU_DTYPES)
 
 
-def _planner_device(cfg: DictConfig, measure: bool = True):
+def planner_device(cfg: DictConfig, measure: bool = True):
     """The device as the planner sees it: CPU auto dtype left to the plan's measurement."""
     return hardware.describe(cfg.train.device, cfg.train.dtype, measure=measure, peak_flops=cfg.train.peak_flops,
                              decide_dtype_later=True)
@@ -838,9 +838,9 @@ def _planner_device(cfg: DictConfig, measure: bool = True):
 def plan_from_config(cfg: DictConfig) -> Plan:
     """The plan a single-process command works from: the run's own (reused or recorded
     in run_dir) when run_dir is set, else a fresh one, probing for budget.minutes."""
-    device = _planner_device(cfg)
+    device = planner_device(cfg)
     if not cfg.run_dir:
-        return make_plan(cfg, device, measure_flops=_probe(cfg), measure_dtypes=_dtype_probe,
+        return make_plan(cfg, device, measure_flops=throughput_probe(cfg), measure_dtypes=dtype_probe,
                          startup_seconds=process_age())
     plan = plan_for_run(cfg, device, dist.DistInfo(), Path(cfg.run_dir), None)
     save_plan(Path(cfg.run_dir), cfg, plan)

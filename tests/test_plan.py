@@ -290,11 +290,11 @@ def test_a_rerun_keeps_the_recorded_dtype_without_probing(monkeypatch, tmp_path)
     from picollm import dist, plan as planmod
     cfg = load_config(["model=tiny", "budget.tokens=1e6", f"run_dir={tmp_path}"])
     measure_dtypes, calls = timings(fp32=1.0, bf16=2.0)
-    monkeypatch.setattr(planmod, "_dtype_probe", measure_dtypes)
+    monkeypatch.setattr(planmod, "dtype_probe", measure_dtypes)
     first = planmod.plan_for_run(cfg, pending_cpu(monkeypatch), dist.DistInfo(), tmp_path, None)
     planmod.save_plan(tmp_path, cfg, first)
     assert first.dtype == "fp32" and len(calls) == 1
-    monkeypatch.setattr(planmod, "_dtype_probe", timings(fp32=2.0, bf16=1.0)[0])  # the machine changed its mind
+    monkeypatch.setattr(planmod, "dtype_probe", timings(fp32=2.0, bf16=1.0)[0])  # the machine changed its mind
     again = planmod.plan_for_run(cfg, pending_cpu(monkeypatch), dist.DistInfo(), tmp_path, None)
     assert again.dtype == "fp32" and again.dtype_reason == first.dtype_reason and len(calls) == 1
 
@@ -328,13 +328,13 @@ def test_cpu_micro_batch_is_capped_by_tokens_per_micro_step(seq, micro):
 def test_muon_is_named_on_the_card_and_timed_by_the_probe(monkeypatch):
     """Muon's update costs more per step than AdamW's, so a budget.minutes probe must time it."""
     import picollm.throughput
-    from picollm.plan import _probe
+    from picollm.plan import throughput_probe
 
     seen = {}
     monkeypatch.setattr(picollm.throughput, "measure_train_flops",
                         lambda gcfg, micro, device, seconds, optimizer: seen.setdefault("optimizer", optimizer) and 1e10)
     cfg = load_config(["budget.compute=1e13", "tokenizer.vocab_size=2048", "train.optimizer=muon"])
-    _probe(cfg)(model_config(cfg.model, 2048, 2), 4, CPU)
+    throughput_probe(cfg)(model_config(cfg.model, 2048, 2), 4, CPU)
     assert seen == {"optimizer": "muon"}
     card = make_plan(cfg, CPU).card()
     assert "optimizer    muon (lr x10) for the blocks' matrices, adamw for the rest" in card

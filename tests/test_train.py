@@ -284,7 +284,7 @@ def test_auto_dtype_is_measured_once_and_a_resume_keeps_it(tiny, monkeypatch):
     def fp32_wins(gcfg, micro, device):
         calls.append(micro)
         return {"step_seconds": {"fp32": 1.0, "bf16": 2.5}, "seconds": 0.1}
-    monkeypatch.setattr(planmod, "_dtype_probe", fp32_wins)
+    monkeypatch.setattr(planmod, "dtype_probe", fp32_wins)
     base = tiny + ["train.steps=2", "train.batch_tokens=128", "train.dtype=auto"]
     _, run_dir, _, _ = train(base)
     saved = json.loads((run_dir / "plan.json").read_text())
@@ -292,7 +292,7 @@ def test_auto_dtype_is_measured_once_and_a_resume_keeps_it(tiny, monkeypatch):
 
     def never(*args):
         raise AssertionError("a resumed run must not decide its dtype again")
-    monkeypatch.setattr(planmod, "_dtype_probe", never)
+    monkeypatch.setattr(planmod, "dtype_probe", never)
     _, _, steps, _ = train(tiny + ["train.steps=3", "train.batch_tokens=128", "train.dtype=auto"])
     assert [s["step"] for s in steps][-1] == 3
     assert json.loads((run_dir / "plan.json").read_text())["dtype"] == "fp32"
