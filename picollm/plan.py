@@ -122,6 +122,10 @@ MINUTES_MIN_DEPTH = 2
 MINUTES_MIN_HEADS = 2
 MINUTES_MIN_STEPS = 400  # budget.minutes halves the batch while the run has fewer steps,
 MINUTES_MIN_BATCH_TOKENS = 1024  # but not below the smallest batch measured (4 x 256)
+# ...and on a CPU never accumulates: the global batch is at most one micro-step per process.
+# Accumulation buys no tokens/s once a micro-step fills the cores, and at equal time (10
+# minutes, 2 x 128, one thread) a 4k-token batch scored 3.283 against the compute rule's 8k
+# at 3.369 (BENCHMARKS.md, "Time to loss").
 
 
 def minutes_model(m: DictConfig, vocab_size: int, n_target: float) -> GPTConfig:
@@ -264,7 +268,9 @@ def make_plan(cfg: DictConfig, device_info, world_size: int = 1,
     gcfg = sizing.model
     fpt, seq = gcfg.flops_per_token(), gcfg.seq_len
     # The global batch, then D and C in whole steps of it: what the run will actually spend.
-    batch_seqs = global_batch(t, fpt * sizing.n_tokens, sizing.n_tokens, seq, world_size, minutes=kind == "minutes")
+    minutes = kind == "minutes"
+    batch_seqs = global_batch(t, fpt * sizing.n_tokens, sizing.n_tokens, seq, world_size, minutes=minutes,
+                              max_seqs=minutes_batch_cap(device_info, seq, world_size) if minutes else None)
     tokens_per_step = batch_seqs * seq
     steps = step_count(t, sizing.n_tokens, tokens_per_step)
     n_tokens = steps * tokens_per_step
@@ -702,10 +708,11 @@ def settle_micro_batch(t: DictConfig, gcfg: GPTConfig, per_rank: int, device_inf
 
 
 def global_batch(t: DictConfig, compute: float, n_tokens: float, seq: int, world_size: int,
-                 minutes: bool = False) -> int:
+                 minutes: bool = False, max_seqs: Optional[int] = None) -> int:
     """Global batch in sequences: train.batch_tokens, or DeepSeek's batch fit at ``compute``
-    rounded to a power of two in sequences and halved while the run would have fewer than
-    MIN_STEPS steps (budget.minutes: MINUTES_MIN_STEPS, down to MINUTES_MIN_BATCH_TOKENS);
+    rounded to a power of two in sequences, at most ``max_seqs`` (budget.minutes on a CPU: one
+    micro-step per process, see minutes_batch_cap), and halved while the run would have fewer
+    than MIN_STEPS steps (budget.minutes: MINUTES_MIN_STEPS, down to MINUTES_MIN_BATCH_TOKENS);
     at least one sequence per process, and a multiple of the processes."""
     min_steps = MINUTES_MIN_STEPS if minutes else MIN_STEPS
     min_seqs = max(world_size, math.ceil(MINUTES_MIN_BATCH_TOKENS / seq) if minutes else 1)
@@ -716,6 +723,8 @@ def global_batch(t: DictConfig, compute: float, n_tokens: float, seq: int, world
         batch_seqs = t.batch_tokens // seq
     else:
         batch_seqs = _pow2(max(1.0, deepseek_batch_tokens(compute) / seq))
+        if max_seqs is not None:
+            batch_seqs = min(batch_seqs, max_seqs)
         if t.steps is None:
             while batch_seqs > min_seqs and n_tokens / (batch_seqs * seq) < min_steps:
                 batch_seqs //= 2
@@ -727,10 +736,17 @@ def global_batch(t: DictConfig, compute: float, n_tokens: float, seq: int, world
     return batch_seqs
 
 
+def minutes_batch_cap(device_info, seq: int, world_size: int) -> Optional[int]:
+    """budget.minutes' largest global batch in sequences: on a CPU one micro-step of
+    CPU_MICRO_TOKENS per process (see MINUTES_MIN_STEPS); on a GPU no cap (not measured)."""
+    return None if device_info.is_cuda else world_size * max(1, CPU_MICRO_TOKENS // seq)
+
+
 def _probe_micro(t: DictConfig, gcfg: GPTConfig, compute: float, world_size: int, device_info) -> int:
     """The micro-batch training would use at this shape and compute, for the probes."""
     n_tokens = compute / gcfg.flops_per_token()
-    batch = global_batch(t, compute, n_tokens, gcfg.seq_len, world_size, minutes=True)
+    batch = global_batch(t, compute, n_tokens, gcfg.seq_len, world_size, minutes=True,
+                         max_seqs=minutes_batch_cap(device_info, gcfg.seq_len, world_size))
     shards = world_size if t.parallel == "fsdp" else 1
     return _micro_batch(t, gcfg, batch // world_size, device_info, shards)[0]
 

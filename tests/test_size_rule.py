@@ -89,3 +89,19 @@ def test_budget_minutes_trains_at_the_rate_of_the_micro_batch_it_probed():
     assert probed[-1] == p.micro_batch
     rate = 5e10 * p.micro_batch / 16
     assert p.compute == pytest.approx(rate * p.time_budget["train_s"], rel=0.01)  # up to whole steps
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_budget_minutes_on_a_cpu_does_not_accumulate(world_size):
+    """Time is the budget: a global batch of one micro-step per process buys as many tokens
+    per second as a larger one and more optimizer steps. Here the compute rule alone would
+    take 16k tokens at 10 minutes; budget.compute at the same C keeps it."""
+    from picollm.plan import CPU_MICRO_TOKENS
+
+    cfg = load_config(["budget.minutes=10", f"tokenizer.vocab_size={VOCAB}"])
+    p = make_plan(cfg, CPU, world_size=world_size, measure_flops=lambda *args, **kw: 4e11)
+    assert p.tokens_per_step == world_size * CPU_MICRO_TOKENS and p.accum_steps == 1
+    same_c = make_plan(load_config([f"budget.compute={p.compute}", f"tokenizer.vocab_size={VOCAB}",
+                                    f"model.n_layer={p.model['n_layer']}", f"model.d_model={p.model['d_model']}"]),
+                       CPU, world_size=world_size)
+    assert same_c.tokens_per_step > p.tokens_per_step and same_c.accum_steps > 1
