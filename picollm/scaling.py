@@ -207,6 +207,45 @@ def measured_tokens_for_loss(n_tokens, losses, target: float) -> float:
     return math.exp(x0 + (math.log(target) - y0) * (x1 - x0) / (y1 - y0))
 
 
+def reference_run(groups, losses, budget: float | None = None) -> int:
+    """Index of the lowest-loss run in the IsoFLOP group `budget` (default the largest):
+    the measured compute-optimal run that over-training is compared against. `groups` is
+    each run's nominal budget (or its compute)."""
+    groups, losses = np.asarray(groups, dtype=float), np.asarray(losses, dtype=float)
+    target = groups.max() if budget is None else budget
+    at = np.flatnonzero(np.isclose(groups, target, rtol=1e-6))
+    if len(at) == 0:
+        raise ValueError(f"no runs at budget {target:.3g}; the table's budgets are {sorted(set(groups.tolist()))}.")
+    return int(at[np.argmin(losses[at])])
+
+
+def crossover_rows(n_params, n_tokens, losses, ref: int, law: ScalingLaw, samples=None) -> list[dict]:
+    """Over-training, measured beside predicted: for every model smaller than run `ref` with
+    runs at two or more token counts, the tokens D* it needs to reach ref's loss and the
+    inference budget I* beyond which it wins at equal lifetime compute (Sardana et al.),
+    measured (D* interpolated between its runs) and from `law` (with a 95% band over the
+    bootstrap laws `samples`, rows of E, A, alpha, B, beta)."""
+    n, d, l = (np.asarray(v, dtype=float) for v in (n_params, n_tokens, losses))
+    n_ref, d_ref, l_ref = n[ref], d[ref], l[ref]
+    rows = []
+    for n_small in sorted(set(n[n < n_ref].tolist())):
+        mine = n == n_small
+        if mine.sum() < 2:
+            continue
+        d_meas = measured_tokens_for_loss(d[mine], l[mine], l_ref)
+        measured = crossover_from_tokens(n_ref, d_ref, l_ref, n_small, d_meas) if math.isfinite(d_meas) else None
+        # The law predicts against its own loss at the reference: its bias at N_ref cancels.
+        predicted = inference_crossover(law, n_ref, d_ref, n_small)
+        band = None
+        if samples is not None:
+            draws = [inference_crossover(ScalingLaw(*s), n_ref, d_ref, n_small)["inference_tokens"] for s in samples]
+            # inverted_cdf picks drawn values, so a band that reaches "never" (inf) says so.
+            band = tuple(float(q) for q in np.quantile(draws, [0.025, 0.975], method="inverted_cdf"))
+        rows.append({"n_small": n_small, "tokens": d[mine].tolist(), "losses": l[mine].tolist(),
+                     "measured_d": d_meas, "measured": measured, "predicted": predicted, "predicted_band": band})
+    return rows
+
+
 def kaplan_optimal(compute: float) -> tuple[float, float]:
     """Kaplan et al. 2020 compute-efficient allocation, for comparison with Chinchilla.
 

@@ -117,10 +117,12 @@ class Job:
                 self.lines.append((t, line.rstrip("\n")))
                 f.write(f"[{t:8.2f}s] {line}")
                 f.flush()
-
-    def wait(self) -> "Job":
+        # Timed here, as the process exits: the jobs are waited for one after another, so a
+        # wall read in wait() would give a job that ended first its partner's wall.
         self.rc = self.proc.wait()
         self.wall = time.perf_counter() - self.t0
+
+    def wait(self) -> "Job":
         self.reader.join()
         if self.rc != 0:
             print(f"  {self.name} failed (exit {self.rc}); see {self.log}: {self.error()}", flush=True)

@@ -65,7 +65,7 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from picollm import fit, sweep  # noqa: E402
+from picollm import fit, scaling, sweep  # noqa: E402
 from picollm.config import ConfigError, load_config  # noqa: E402
 from picollm.hardware import describe  # noqa: E402
 from picollm.train import Interrupted  # noqa: E402
@@ -453,6 +453,44 @@ def fit_lines(fits: Fits, expo: dict) -> list[str]:
     return lines
 
 
+def overtraining(rows: list[dict], fits: Fits) -> list[dict]:
+    """Over-training, measured (Sardana et al.): at each fit budget, every smaller size with
+    default-seed runs at 2+ budgets against that budget's best run, measured beside
+    Approach 3's prediction (scaling.crossover_rows)."""
+    main = primary(rows)
+    budget, n, d, loss = (np.array([r[k] for r in main], dtype=float)
+                          for k in ("budget", "n_params", "n_tokens", "val_loss"))
+    out = []
+    for c in sorted(set(budget.tolist())):
+        ref = scaling.reference_run(budget, loss, c)
+        for row in scaling.crossover_rows(n, d, loss, ref, fits.par.law, fits.par.samples):
+            out.append({"budget": c, "n_ref": n[ref], "d_ref": d[ref], "loss_ref": loss[ref], **row})
+    return out
+
+
+def overtraining_lines(crossovers: list[dict]) -> list[str]:
+    words = lambda x: "never" if x == math.inf else ("not bracketed" if math.isnan(x) else f"{x:.3g}")
+    lines = ["## Over-training, measured", "",
+             "At each fit budget the best run is the reference (N_ref, D_ref); a smaller model trained "
+             "longer matches its loss after D* tokens (measured: interpolated between that size's runs "
+             "at other budgets). Beyond I* inference tokens the smaller model costs less over its "
+             "lifetime, 6ND to train plus 2N per token served (Sardana et al.). Negative I*: it is "
+             "cheaper even to train. Predicted: Approach 3's law, 95% band over its bootstrap laws.", ""]
+    if not crossovers:
+        return lines + ["No smaller size has runs at two or more budgets.", ""]
+    lines += ["| budget | N_ref (loss) | N small | N/N_ref | D* measured | D* predicted | I* measured | "
+              "I* predicted [95%] |", "|---|---|---|---|---|---|---|---|"]
+    for r in crossovers:
+        meas = words(r["measured"]["inference_tokens"]) if r["measured"] else words(r["measured_d"])
+        band = r["predicted_band"]
+        band = f" [{words(band[0])}, {words(band[1])}]" if band else ""
+        lines.append(f"| {r['budget']:.3g} | {r['n_ref']:,.0f} ({r['loss_ref']:.3f}) | {r['n_small']:,.0f} | "
+                     f"{r['n_small'] / r['n_ref']:.2f} | {words(r['measured_d'])} | "
+                     f"{words(r['predicted']['d_small'])} | {meas} | {words(r['predicted']['inference_tokens'])}"
+                     f"{band} |")
+    return lines + [""]
+
+
 def report(spec: dict, decisions: list[dict], rows: list[dict], fits: Fits, pred: dict, measured: float | None,
            out: Path, est: dict, timing: dict) -> str:
     expo = exponents(fits)
@@ -490,7 +528,8 @@ def report(spec: dict, decisions: list[dict], rows: list[dict], fits: Fits, pred
                      + ("inside" if inside else "outside") + " the 95% interval)")
     if timing.get("epochs") is not None:
         lines.append(f"- the held-out run reads the corpus {timing['epochs']:.2f} times")
-    lines += ["", "![predicted vs measured](prediction.png)", "", "## Time", "",
+    lines += ["", "![predicted vs measured](prediction.png)", ""] + overtraining_lines(overtraining(rows, fits)) + [
+              "## Time", "",
               f"- sweep {timing.get('sweep_minutes', float('nan')):.1f} min, held-out "
               f"{timing.get('held_out_minutes', float('nan')):.1f} min with {timing.get('held_out_threads')} "
               "thread(s) (this invocation; a resumed run counts only what it ran)",
@@ -584,6 +623,7 @@ def main(argv: list[str] | None = None) -> int:
     plot_fits(decisions, rows, fits, pred, measured, out)
     (out / "results.json").write_text(json.dumps(
         {"decisions": decisions, "exponents": exponents(fits), "prediction": pred, "measured": measured,
+         "overtraining": overtraining(rows, fits),
          "timing": timing, "estimate": est, "notes": fits.notes}, indent=2, default=float))
     (out / "capstone.md").write_text(report(spec, decisions, rows, fits, pred, measured, out, est, timing))
     print((out / "capstone.md").read_text())

@@ -21,46 +21,10 @@ import sys
 import warnings
 from pathlib import Path
 
-import numpy as np
-
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from picollm.fit import fit_parametric, load_results  # noqa: E402
-from picollm.scaling import ScalingLaw, crossover_from_tokens, inference_crossover, load_law, \
-    measured_tokens_for_loss  # noqa: E402
-
-
-def reference_run(table, budget: float | None) -> int:
-    """Index of the lowest-loss run at `budget` (default the largest nominal budget)."""
-    groups = table.budget if table.budget is not None else table.compute
-    target = groups.max() if budget is None else budget
-    at = np.flatnonzero(np.isclose(groups, target, rtol=1e-6))
-    if len(at) == 0:
-        raise ValueError(f"no runs at budget {target:.3g}; the table's budgets are {sorted(set(groups.tolist()))}.")
-    return int(at[np.argmin(table.val_loss[at])])
-
-
-def crossover_rows(table, ref: int, law: ScalingLaw, samples: np.ndarray | None = None) -> list[dict]:
-    """Per smaller model: measured and predicted D_s* and I* (predicted with a 95% band)."""
-    n_ref, d_ref, l_ref = table.n_params[ref], table.n_tokens[ref], table.val_loss[ref]
-    rows = []
-    for n_small in sorted(set(table.n_params[table.n_params < n_ref].tolist())):
-        mine = table.n_params == n_small
-        if mine.sum() < 2:
-            continue
-        d_meas = measured_tokens_for_loss(table.n_tokens[mine], table.val_loss[mine], l_ref)
-        measured = crossover_from_tokens(n_ref, d_ref, l_ref, n_small, d_meas) if math.isfinite(d_meas) else None
-        # The law predicts against its own loss at the reference: its bias at N_ref cancels.
-        predicted = inference_crossover(law, n_ref, d_ref, n_small)
-        band = None
-        if samples is not None:
-            draws = [inference_crossover(ScalingLaw(*s), n_ref, d_ref, n_small)["inference_tokens"] for s in samples]
-            # inverted_cdf picks drawn values, so a band that reaches "never" (inf) says so.
-            band = tuple(float(q) for q in np.quantile(draws, [0.025, 0.975], method="inverted_cdf"))
-        rows.append({"n_small": n_small, "tokens": table.n_tokens[mine].tolist(),
-                     "losses": table.val_loss[mine].tolist(),
-                     "measured_d": d_meas, "measured": measured, "predicted": predicted, "predicted_band": band})
-    return rows
+from picollm.scaling import crossover_rows, load_law, reference_run  # noqa: E402
 
 
 def _fmt(x: float) -> str:
@@ -84,8 +48,9 @@ def main(argv: list[str] | None = None) -> int:
             else:
                 fit = fit_parametric(table.n_params, table.n_tokens, table.val_loss, bootstrap=args.bootstrap)
                 law, samples = fit.law, fit.samples
-        ref = reference_run(table, args.budget)
-        rows = crossover_rows(table, ref, law, samples)
+        groups = table.budget if table.budget is not None else table.compute
+        ref = reference_run(groups, table.val_loss, args.budget)
+        rows = crossover_rows(table.n_params, table.n_tokens, table.val_loss, ref, law, samples)
     except (OSError, ValueError, RuntimeError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 1

@@ -161,6 +161,34 @@ def test_isoflop_bootstrap_and_actual_tokens():
     assert np.allclose(res.d_opt, 0.9 * res.compute / (6 * res.n_opt), rtol=1e-6)
 
 
+def test_isoflop_bootstrap_is_calibrated_on_a_small_design():
+    """A capstone-sized design (4 budgets spanning 30x, 5 sizes each, 1% run scatter),
+    simulated 40 times: the 95% interval of a covers the true exponent in most of them, and
+    its width matches the spread of a across the simulations (a whole-run resampling
+    bootstrap gave intervals several times too wide on such designs)."""
+    budgets = np.geomspace(1e17, 3e18, 4)
+    estimates, widths, covered = [], [], 0
+    for k in range(40):
+        c, n, d, loss = _isoflop_sweep(TRUE, budgets, width=0.5, sizes=5, noise=0.01, seed=100 + k)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            res = fit_isoflop(c, n, loss, bootstrap=200, seed=k)
+        lo, hi = res.a_interval
+        estimates.append(res.a)
+        widths.append(hi - lo)
+        covered += lo <= TRUE.a <= hi
+    assert "residuals" in res.interval_method
+    spread = 2 * 1.96 * np.std(estimates)  # the width an exact 95% interval would have
+    assert covered >= 32, f"covered the true a in {covered} of 40"
+    assert 0.6 * spread < np.median(widths) < 1.8 * spread, (np.median(widths), spread)
+
+
+def test_isoflop_with_three_sizes_per_budget_falls_back_to_the_regression_error():
+    c, n, d, loss = _isoflop_sweep(TRUE, np.geomspace(1e17, 1e21, 4), sizes=3, noise=0.002, seed=2)
+    res = fit_isoflop(c, n, loss, bootstrap=30)
+    assert res.samples is None and "standard error" in res.interval_method and "more than 3 sizes" in res.interval_method
+
+
 def test_isoflop_edge_warning_when_grid_misses_minimum():
     budgets = np.geomspace(1e17, 1e20, 4)
     # Every size tried is 10x-1000x below the optimum: the profile's minimum is off the grid.

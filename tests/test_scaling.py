@@ -17,12 +17,14 @@ from picollm.scaling import (
     compute_for_time,
     cost,
     crossover_from_tokens,
+    crossover_rows,
     inference_crossover,
     inference_optimal,
     kaplan_optimal,
     lifetime_compute,
     measured_tokens_for_loss,
     overtraining_crossover,
+    reference_run,
 )
 
 
@@ -272,8 +274,8 @@ def test_overtraining_script_measured_beside_predicted(tmp_path, capsys):
     # At 1e19 the law's best of the four sizes is 5e8 (its optimum is 5.5e8).
     assert "reference: N=5e+08" in text
     runs = script.load_results(table)
-    ref = script.reference_run(runs, 1e19)
-    got = {r["n_small"]: r for r in script.crossover_rows(runs, ref, law)}
+    ref = reference_run(runs.budget, runs.val_loss, 1e19)
+    got = {r["n_small"]: r for r in crossover_rows(runs.n_params, runs.n_tokens, runs.val_loss, ref, law)}
     assert set(got) == {2e8, 3e8}
     for r in got.values():
         # Linear interpolation in log-log across a 3.3x step in D of a curve that bends

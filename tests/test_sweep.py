@@ -191,9 +191,7 @@ def test_wsd_branches_cool_down_from_the_trunk_and_workers_do_not_change_numbers
         {n: r["val_loss"] for n, r in rows.items()}
 
 
-def test_capstone_plan_spans_30x_and_holds_out_10x(capsys):
-    """--estimate plans without training: the grid spans >= 30x, the held-out run is 10x the
-    largest budget, and WSD trains less than the cosine grid."""
+def _capstone_script():
     import importlib.util
     from pathlib import Path
 
@@ -201,6 +199,15 @@ def test_capstone_plan_spans_30x_and_holds_out_10x(capsys):
     spec = importlib.util.spec_from_file_location("capstone", path)
     capstone = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(capstone)
+    return capstone
+
+
+def test_capstone_plan_spans_30x_and_holds_out_10x(capsys):
+    """--estimate plans without training: the grid spans >= 30x, the held-out run is 10x the
+    largest budget, and WSD trains less than the cosine grid."""
+    from pathlib import Path
+
+    capstone = _capstone_script()
     full = capstone.FULL
     assert max(full["budgets"]) / min(full["budgets"]) >= 30 and capstone.HELD_OUT_FACTOR == 10
     est = capstone.estimate(full, Path("unused"), gflops=10.0)
@@ -210,6 +217,32 @@ def test_capstone_plan_spans_30x_and_holds_out_10x(capsys):
     assert est["sweep_flops"] == pytest.approx(est["cosine_grid_flops"]) and "one family" in est["family"]
     assert capstone.main(["--estimate", "--gflops", "10"]) == 0
     assert "held-out" in capsys.readouterr().out
+
+
+def test_capstone_reports_overtraining_measured_beside_predicted():
+    """Runs drawn from a known law in the capstone's shape (the same sizes at several budgets):
+    the report's over-training table has, at each budget, every smaller size that reaches the
+    reference's loss within its runs, with a measured D* near the law's."""
+    from picollm.scaling import ScalingLaw
+
+    capstone = _capstone_script()
+    law = ScalingLaw(E=1.8, A=400.0, alpha=0.33, B=1500.0, beta=0.37)
+    rows = []
+    for budget in (1e19, 3e19, 1e20, 3e20):
+        for size in (2e8, 3e8, 5e8, 8e8):
+            d = budget / (6 * size)
+            rows.append({"name": f"C{budget:.0e}_{size:.0e}", "budget": budget, "n_params": size, "n_tokens": d,
+                         "compute": budget, "val_loss": law.loss(size, d), "status": "ok", "seed": None})
+    rows.append(dict(rows[0], name="repeat", seed=7, val_loss=rows[0]["val_loss"] * 1.05))  # never a reference
+    fits = capstone.fit_all(rows, bootstrap=8)
+    got = capstone.overtraining(rows, fits)
+    at_1e19 = {r["n_small"]: r for r in got if r["budget"] == 1e19}
+    assert set(at_1e19) == {2e8, 3e8} and all(r["n_ref"] == 5e8 for r in at_1e19.values())
+    for r in at_1e19.values():  # interpolated across a 3.3x step in D: within 10% (see test_scaling)
+        assert r["measured_d"] == pytest.approx(r["predicted"]["d_small"], rel=0.1)
+        assert r["predicted_band"] is not None
+    text = "\n".join(capstone.overtraining_lines(got))
+    assert "## Over-training, measured" in text and "| 1e+19 | 500,000,000 (" in text
 
 
 def _ladder():
