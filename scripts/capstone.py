@@ -1,7 +1,7 @@
 """The CPU scaling-law capstone: a sequential, shape-consistent WSD IsoFLOP design, fits, and
 one held-out prediction at 10x the largest fit budget, written down before that run trains.
 
-    python scripts/capstone.py             # full: 4 budgets spanning 30x + the held-out run, ~40 min on 2 quiet cores
+    python scripts/capstone.py             # full: 4 budgets spanning 30x, two seeds, + the held-out run: ~55 min on 2 quiet cores
     python scripts/capstone.py --quick     # tiny version for validation, a few minutes
     python scripts/capstone.py --estimate  # planned FLOPs and time (a 1 s throughput probe per shape), trains nothing
 
@@ -27,13 +27,18 @@ Design (decided from --estimate and the fit budgets only, never from a held-out 
   - a profile whose lowest loss is at an edge rung gets the next rung on that side, and
     again, up to 2 per budget, before the next budget starts, so every profile brackets
     its minimum unless the ladder ends (2 layers is its floor).
-- Seed scatter measured inside the capstone: the rung nearest each budget's target (the two
-  nearest after the first budget, filling the workers' last round) trains again with
-  train.seed=SECOND_SEED. Profiles, design decisions and fits use the default-seed runs only
-  (seed 7 came out worse at all 7 repeats of the 2026-11-25 run, so averaging repeats into
-  some sizes bent the profiles); the pooled seed-to-seed scatter and the remaining
-  shape-to-shape scatter enter the held-out prediction interval (fit.measure_scatter,
-  fit.predict_loss).
+- Two seeds everywhere (average_seeds): every size of every budget, its edge extensions and
+  the held-out run train at the default seed and at train.seed=SECOND_SEED, and profiles,
+  design decisions, fits and the held-out measurement use each size's mean over the two.
+  The 2026-11-25 run repeated only 1-2 sizes a budget and fitted the default seed alone
+  (seed 7 came out worse at all 7 repeats, so mixing the repeats into some sizes bent the
+  profiles); its exponent intervals were 0.34-0.36 wide for a target of 0.3, and a seed's
+  scatter from size to size (~1%) is what moves the profile minima. A mean of two halves
+  that scatter's variance; a shift common to all sizes of a seed moves no minimum. A quiet
+  2-core run of that design took ~35 minutes, so the second seed fits in the hour (the
+  held-out pair trains side by side on the two single-thread workers). The pooled
+  seed-to-seed and the remaining shape-to-shape scatter enter the held-out prediction
+  interval, the seed part divided by the seeds averaged (fit.measure_scatter, fit_all).
 - WSD (constant LR, last 20% decayed linearly) for every point and the held-out run, each
   trained from scratch: no trunk reuse. A size recurs across budgets, but a later budget's
   point cannot continue an earlier one's constant-LR phase (a run's data stream is fixed at
@@ -59,6 +64,7 @@ import os
 import sys
 import time
 import warnings
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -77,11 +83,11 @@ COMMON = ["model.head_dim=8", "model.aspect_ratio=8", "train.device=cpu", "train
           "train.report=false", "train.log_every=1000", "train.eval_every=1000000",
           "sweep.schedule=wsd", "sweep.workers=2"]
 # first_* : the first budget; sizes/repeats: every later one; max_extensions: per budget.
-FULL = dict(budgets=[1e11, 3e11, 1e12, 3e12], first_sizes=5, first_repeats=1, sizes=4, repeats=2,
-            max_extensions=2, bootstrap=200,
+FULL = dict(budgets=[1e11, 3e11, 1e12, 3e12], first_sizes=5, first_repeats=5, sizes=4, repeats=4,
+            average_seeds=True, max_extensions=2, bootstrap=200,
             overrides=["model.seq_len=64", "tokenizer.vocab_size=512", "train.eval_tokens=65536"] + COMMON)
-QUICK = dict(budgets=[3e8, 1e9, 3e9], first_sizes=4, first_repeats=1, sizes=3, repeats=1, max_extensions=1,
-             bootstrap=30,
+QUICK = dict(budgets=[3e8, 1e9, 3e9], first_sizes=4, first_repeats=4, sizes=3, repeats=3, average_seeds=True,
+             max_extensions=1, bootstrap=30,
              overrides=["model=tiny", "model.seq_len=32", "tokenizer.vocab_size=300", "tokenizer.train_chars=300000",
                         "data.max_docs=150", "data.val_fraction=0.05", "train.eval_tokens=2048",
                         "train.batch_tokens=256"] + COMMON)
@@ -129,18 +135,26 @@ def held_out_point(ladder: list, settings: sweep.SizeSettings, budget: float, n_
 # ---------------------------------------------------------------- the sequential design
 
 
-def primary(rows) -> list[dict]:
-    """The successful runs with the default seed: one per (N, budget). Profiles and fits use
-    only these. A seed shifts every size it trains alike (seed 7 came out 0.02-0.08 worse than
-    the default at all 5 repeats of this capstone's first three budgets), so averaging repeats
-    into a profile where only some sizes have one bends the profile; the repeats measure the
-    seed-to-seed scatter of a new run instead."""
-    return [r for r in ok_rows(list(rows)) if r.get("seed") is None]
+def primary(rows, average: bool = False) -> list[dict]:
+    """One row per (budget, N) for profiles and fits: the default-seed run, or with `average`
+    (every size trained at both seeds) the mean loss of its seeds. A seed shifts every size
+    it trains by a similar amount (seed 7 came out 0.02-0.12 worse than the default at all 7
+    repeats of the 2026-11-25 run), so a mean over seeds is only fair when every size has
+    both; with repeats at some sizes only they measure the seed-to-seed scatter instead."""
+    ok = ok_rows(list(rows))
+    if not average:
+        return [r for r in ok if r.get("seed") is None]
+    groups: dict = {}
+    for r in ok:
+        groups.setdefault((r["budget"], r["n_params"]), []).append(r)
+    return [{**next((r for r in g if r.get("seed") is None), g[0]), "seed": None, "seeds": len(g),
+             "val_loss": float(np.mean([r["val_loss"] for r in g]))} for g in groups.values()]
 
 
-def profile_losses(rows: dict, budget: float) -> dict[int, float]:
+def profile_losses(rows: dict, budget: float, average: bool = False) -> dict[int, float]:
     """N -> loss of one budget's default-seed points."""
-    return {int(r["n_params"]): float(r["val_loss"]) for r in sorted(primary(rows.values()), key=lambda r: r["n_params"])
+    return {int(r["n_params"]): float(r["val_loss"]) for r in sorted(primary(rows.values(), average),
+                                                                      key=lambda r: r["n_params"])
             if math.isclose(r["budget"], budget, rel_tol=1e-9)}
 
 
@@ -165,7 +179,7 @@ def run_design(spec: dict, out: Path, log=print) -> list[dict]:
         rows = train_points(spec, out, budget_points(design, settings), log)
         extensions = []
         for _ in range(spec["max_extensions"]):
-            losses = profile_losses(rows, c)
+            losses = profile_losses(rows, c, spec["average_seeds"])
             rung = sweep.edge_rung(ladder, losses) if losses else None
             if rung is None:
                 break
@@ -173,8 +187,9 @@ def run_design(spec: dict, out: Path, log=print) -> list[dict]:
             extensions.append({"n_params": rung.num_params(), "side": side})
             log(f"== budget {c:.3g}: lowest loss at the {'largest' if side == 'larger' else 'smallest'} size; adding "
                 f"N={rung.num_params():,}")
-            rows = train_points(spec, out, [make_point(c, rung, settings)], log)
-        losses = profile_losses(rows, c)
+            seeds = [None, SECOND_SEED] if spec["average_seeds"] else [None]
+            rows = train_points(spec, out, [make_point(c, rung, settings, seed) for seed in seeds], log)
+        losses = profile_losses(rows, c, spec["average_seeds"])
         if not losses:
             raise SystemExit(f"error: every point of budget {c:.3g} failed; see {out / 'sweep'} and rerun.")
         n_min, bracketed = fit.profile_minimum(c, list(losses), list(losses.values()))
@@ -200,7 +215,9 @@ class Fits:
         self.par: fit.FitResult | None = None
         self.iso: fit.IsoFlopResult | None = None
         self.env: fit.EnvelopeResult | None = None
-        self.scatter: fit.Scatter | None = None  # of one run about Approach 3's law, repeats included
+        self.scatter: fit.Scatter | None = None  # about Approach 3's law, of what the held-out run reports
+        self.average = False  # profiles and fits on each size's mean over its seeds
+        self.seeds = 1  # the held-out loss is the mean of one run per seed
         self.notes: list[str] = []
 
 
@@ -208,20 +225,28 @@ def ok_rows(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["status"] == "ok" and r.get("val_loss") is not None and math.isfinite(r["val_loss"])]
 
 
-def fit_all(rows: list[dict], bootstrap: int) -> Fits:
-    """On the default-seed runs: Approach 3, Approach 2 on the profiles (grouped by nominal
-    budget) and Approach 1 on each size's end-of-schedule losses across budgets. The scatter
-    of one new run about Approach 3's law is measured on every run, repeats included."""
-    main = primary(rows)
+def fit_all(rows: list[dict], bootstrap: int, average: bool = False) -> Fits:
+    """On the rows `primary` gives (default-seed runs, or with `average` each size's mean over
+    its seeds): Approach 3, Approach 2 on the profiles (grouped by nominal budget) and
+    Approach 1 on each size's end-of-schedule losses across budgets. The scatter about
+    Approach 3's law is measured on every run, repeats included, and is that of what the
+    held-out run reports: one run, or with `average` the mean of one run per seed, whose
+    seed-to-seed part shrinks by the number of seeds."""
+    main = primary(rows, average)
+    fits = Fits()
+    fits.average = average
     budget, n, d, c, loss = (np.array([r[k] for r in main], dtype=float)
                              for k in ("budget", "n_params", "n_tokens", "compute", "val_loss"))
-    fits = Fits()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the results list them
         fits.par = fit.fit_parametric(n, d, loss, bootstrap=bootstrap)
         every = ok_rows(rows)
         fits.scatter = fit.measure_scatter(fits.par.law, *([r[k] for r in every] for k in ("n_params", "n_tokens",
                                                                                           "val_loss")))
+        sc = fits.scatter
+        if average and sc.seed_sd is not None:
+            fits.seeds = len({r.get("seed") for r in every})
+            fits.scatter = replace(sc, total_sd=math.sqrt(sc.shape_sd**2 + sc.seed_sd**2 / fits.seeds))
         try:
             fits.iso = fit.fit_isoflop(budget, n, loss, d, bootstrap=bootstrap)
         except ValueError as err:
@@ -243,12 +268,13 @@ def optimal_n(fits: Fits, c: float) -> tuple[float, str]:
 
 def predict(fits: Fits, n: float, d: float) -> dict:
     """Approach 3's loss at (N, D) with a 95% prediction interval: the bootstrap laws plus the
-    measured scatter of one run about the law (seed-to-seed from the repeats, shape-to-shape
-    from what remains)."""
+    measured scatter about the law (seed-to-seed from the repeats, shape-to-shape from what
+    remains) of one run, or of the mean of fits.seeds runs."""
     p = fit.predict_loss(fits.par.law, n, d, samples=fits.par.samples, scatter=fits.scatter)
     sc = fits.scatter
     return {"loss": p["loss"], "interval": list(p["interval"]), "law_interval": list(p["mean_interval"]),
             "interval_method": "bootstrap laws + measured run scatter (fit.predict_loss)",
+            "seeds": fits.seeds,
             "scatter": {"total_sd": sc.total_sd, "shape_sd": sc.shape_sd, "seed_sd": sc.seed_sd,
                         "seed_dof": sc.seed_dof, "dof": sc.dof, "runs": sc.runs, "groups": sc.groups}}
 
@@ -360,9 +386,10 @@ def plot_prediction(fits: Fits, rows: list[dict], pred: dict, measured: float | 
     ok = ok_rows(rows)
     fig = new_figure(figsize=(5, 5))
     ax = fig.add_subplot()
-    for repeat, style in ((False, dict(s=14, label="sweep points (fitted)")),
+    fitted = " (means fitted)" if fits.average else ""
+    for repeat, style in ((False, dict(s=14, label="sweep points" + (fitted or " (fitted)"))),
                           (True, dict(s=22, marker="^", facecolor="none", edgecolor="C1",
-                                      label="second seed (scatter only)"))):
+                                      label="second seed" + (fitted or " (scatter only)")))):
         pts = [r for r in ok if (r.get("seed") is not None) == repeat]
         ax.scatter([law.loss(r["n_params"], r["n_tokens"]) for r in pts], [r["val_loss"] for r in pts], **style)
     lo, hi = pred["interval"]
@@ -455,9 +482,9 @@ def fit_lines(fits: Fits, expo: dict) -> list[str]:
 
 def overtraining(rows: list[dict], fits: Fits) -> list[dict]:
     """Over-training, measured (Sardana et al.): at each fit budget, every smaller size with
-    default-seed runs at 2+ budgets against that budget's best run, measured beside
-    Approach 3's prediction (scaling.crossover_rows)."""
-    main = primary(rows)
+    runs at 2+ budgets against that budget's best run, measured beside Approach 3's
+    prediction (scaling.crossover_rows), on the rows the fits used."""
+    main = primary(rows, fits.average)
     budget, n, d, loss = (np.array([r[k] for r in main], dtype=float)
                           for k in ("budget", "n_params", "n_tokens", "val_loss"))
     out = []
@@ -507,8 +534,10 @@ def report(spec: dict, decisions: list[dict], rows: list[dict], fits: Fits, pred
              f"(+~{est['extension_seconds'] / 60:.0f} min for one extension per budget), held-out "
              f"~{est['held_out_seconds'] / 60:.0f} min.", "",
              "## Design decisions per budget", "",
-             "Profiles and fits use the default-seed runs; the second-seed repeats measure the seed-to-seed "
-             "scatter of a new run.", ""] + design_table(decisions) + [
+             ("Every size trains at two seeds; profiles, design decisions, fits and the held-out measurement use "
+              "each size's mean over its seeds." if fits.average else
+              "Profiles and fits use the default-seed runs; the second-seed repeats measure the seed-to-seed "
+              "scatter of a new run."), ""] + design_table(decisions) + [
              "", "![design](design.png)", "", "## Runs", "", table, "",
              "## Fits", "", "![IsoFLOP curves](isoflop.png) ![fitted frontier](frontier.png)", ""] + \
         fit_lines(fits, expo) + [
@@ -519,13 +548,15 @@ def report(spec: dict, decisions: list[dict], rows: list[dict], fits: Fits, pred
              f"- predicted (prediction.json, written before training): {pred['loss']:.4f} (95% "
              f"[{pred['interval'][0]:.4f}, {pred['interval'][1]:.4f}]; the law alone [{pred['law_interval'][0]:.4f}, "
              f"{pred['law_interval'][1]:.4f}])",
-             f"- scatter of one run about the law: {100 * sc['total_sd']:.2f}% (shape-to-shape "
-             f"{100 * sc['shape_sd']:.2f}%, {seed})"]
+             f"- scatter about the law of {'the mean of %d seeds' % fits.seeds if fits.seeds > 1 else 'one run'}: "
+             f"{100 * sc['total_sd']:.2f}% (shape-to-shape {100 * sc['shape_sd']:.2f}%, {seed})"]
     if measured is not None:
         err = measured - pred["loss"]
         inside = pred["interval"][0] <= measured <= pred["interval"][1]
         lines.append(f"- measured: {measured:.4f} (error {err:+.4f}, {100 * err / pred['loss']:+.1f}% of the prediction, "
                      + ("inside" if inside else "outside") + " the 95% interval)")
+        if len(timing.get("held_out_losses") or {}) > 1:
+            lines.append("- the mean of " + ", ".join(f"{k} {v:.4f}" for k, v in timing["held_out_losses"].items()))
     if timing.get("epochs") is not None:
         lines.append(f"- the held-out run reads the corpus {timing['epochs']:.2f} times")
     lines += ["", "![predicted vs measured](prediction.png)", ""] + overtraining_lines(overtraining(rows, fits)) + [
@@ -566,15 +597,34 @@ def held_out_threads(point: sweep.Point) -> tuple[int, dict]:
     return max(rates, key=rates.get), {k: round(v / 1e9, 2) for k, v in rates.items()}
 
 
-def train_held_out(spec: dict, out: Path, pred: dict, timing: dict) -> float | None:
-    _, ladder, settings = family(spec, out)
+def held_out_points(spec: dict, pred: dict) -> list[sweep.Point]:
+    """The predicted point, and with spec["average_seeds"] the same at the second seed."""
+    _, ladder, settings = family(spec, Path("."))
     point = held_out_point(ladder, settings, pred["compute"], pred["n_target"])
     assert point.name == pred["name"], "the held-out point must be the one predicted"
-    threads, rates = held_out_threads(point)
-    timing.update(held_out_threads=threads, held_out_probe_gflops=rates)
-    print(f"held-out run: {threads} thread(s) (probe GFLOP/s by threads: {rates})")
-    final = sweep.train_point(spec["overrides"] + [f"train.num_threads={threads}"] + point.overrides(out))
-    return final.get("val_loss")
+    seeds = [SECOND_SEED] if spec["average_seeds"] else []
+    return [point] + [make_point(point.budget, point.shape, settings, seed) for seed in seeds]
+
+
+def train_held_out(spec: dict, out: Path, pred: dict, timing: dict) -> dict:
+    """Train the held-out run; {run name: val_loss}. One run trains with 1 or 2 threads
+    (held_out_threads); one per seed train side by side on the single-thread workers."""
+    points = held_out_points(spec, pred)
+    if len(points) == 1:
+        threads, rates = held_out_threads(points[0])
+        timing.update(held_out_threads=threads, held_out_probe_gflops=rates)
+        print(f"held-out run: {threads} thread(s) (probe GFLOP/s by threads: {rates})")
+        final = sweep.train_point(spec["overrides"] + [f"train.num_threads={threads}"] + points[0].overrides(out))
+        return {points[0].name: final.get("val_loss")}
+    timing.update(held_out_threads=1)
+    held_dir = out / "held_out"
+    sweep.run_sweep(spec["overrides"] + [f"sweep.dir={held_dir}", "sweep.fit=false"], points=points)
+    rows = sweep.read_table(held_dir / sweep.RESULTS)
+    return {p.name: rows.get(p.name, {}).get("val_loss") for p in points}
+
+
+def held_out_dir(spec: dict, out: Path, pred: dict) -> Path:
+    return (out / "held_out" if spec["average_seeds"] else out) / pred["name"]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -607,18 +657,20 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("error: fewer than 5 points succeeded, too few for the parametric fit; see "
                              f"{out / 'sweep'} and rerun.")
         timing.update(sweep_minutes=(time.perf_counter() - start) / 60, load_predicted=os.getloadavg()[0])
-        fits = fit_all(rows, spec["bootstrap"])
+        fits = fit_all(rows, spec["bootstrap"], spec["average_seeds"])
         pred = write_prediction(spec, out, fits, timing)
         print(f"prediction for {pred['name']}: loss {pred['loss']:.4f} {pred['interval']}")
         plot_fits(decisions, rows, fits, pred, None, out)
         (out / "capstone.md").write_text(report(spec, decisions, rows, fits, pred, None, out, est, timing))
         held_start = time.perf_counter()
-        measured = train_held_out(spec, out, pred, timing)
+        held = train_held_out(spec, out, pred, timing)
     except Interrupted as stop:
         print("capstone stopped; rerun the same command to continue where it left off.")
         return 128 + stop.signum
     timing.update(held_out_minutes=(time.perf_counter() - held_start) / 60, load_end=os.getloadavg()[0])
-    plan_file = out / pred["name"] / "plan.json"
+    measured = float(np.mean(list(held.values()))) if held and None not in held.values() else None
+    timing["held_out_losses"] = held
+    plan_file = held_out_dir(spec, out, pred) / "plan.json"
     timing["epochs"] = json.loads(plan_file.read_text()).get("epochs") if plan_file.exists() else None
     plot_fits(decisions, rows, fits, pred, measured, out)
     (out / "results.json").write_text(json.dumps(

@@ -219,6 +219,20 @@ def test_capstone_plan_spans_30x_and_holds_out_10x(capsys):
     assert "held-out" in capsys.readouterr().out
 
 
+def test_capstone_averages_seeds_only_when_asked():
+    """With every size at two seeds the profiles use each size's mean; otherwise the
+    default-seed run alone (a repeat at some sizes only would bend the profile)."""
+    capstone = _capstone_script()
+    row = lambda n, seed, loss, status="ok": {"name": f"{n}_{seed}", "budget": 1e11, "n_params": n, "n_tokens": 1e6,
+                                                "compute": 1e11, "val_loss": loss, "status": status, "seed": seed}
+    rows = [row(100, None, 4.0), row(100, 7, 4.2), row(200, None, 3.9), row(200, 7, 4.1), row(300, None, 3.95),
+            row(300, 7, None, "failed")]
+    assert {r["n_params"]: r["val_loss"] for r in capstone.primary(rows)} == {100: 4.0, 200: 3.9, 300: 3.95}
+    mean = {r["n_params"]: (r["val_loss"], r["seeds"]) for r in capstone.primary(rows, average=True)}
+    assert mean == {100: (pytest.approx(4.1), 2), 200: (pytest.approx(4.0), 2), 300: (3.95, 1)}
+    assert all(r["seed"] is None for r in capstone.primary(rows, average=True))
+
+
 def test_capstone_reports_overtraining_measured_beside_predicted():
     """Runs drawn from a known law in the capstone's shape (the same sizes at several budgets):
     the report's over-training table has, at each budget, every smaller size that reaches the
