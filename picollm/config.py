@@ -130,6 +130,10 @@ class DebugSchema:
     becomes NaN, or one gradient element inf, once (a rollback replays the step cleanly)."""
     nan_loss_at_steps: List[int] = field(default_factory=list)
     inf_grad_at_steps: List[int] = field(default_factory=list)
+    # From this step on each step takes slow_step_seconds longer: a machine that slowed after
+    # the plan's probe, for budget.minutes' deadline.
+    slow_steps_from: Optional[int] = None
+    slow_step_seconds: float = 0.0
 
 
 @dataclass
@@ -384,6 +388,8 @@ RULES: dict[str, Rule] = {
     "sample.seed": SEED,
     "debug.nan_loss_at_steps": each(at_least(0)),
     "debug.inf_grad_at_steps": each(at_least(0)),
+    "debug.slow_steps_from": at_least(0, nullable=True),
+    "debug.slow_step_seconds": at_least(0),
     "wandb.mode": one_of("disabled", "offline", "online"),
     "plan.format": one_of("text", "json"),
     "plan.law": _lazy_one_of("picollm.scaling", "LAWS", path="a path to a fitted law's JSON (a sweep's summary.json)"),

@@ -145,6 +145,15 @@ def any_rank(flag: bool) -> bool:
     return bool(t.item())
 
 
+def max_over_ranks(values: list) -> list:
+    """Each value's maximum over the ranks (every rank gets the same list)."""
+    if not dist.is_initialized():
+        return list(values)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
 def from_main(work: Callable[[], Any], catch: tuple = (), raise_as: type = RuntimeError) -> Any:
     """Rank 0 does ``work`` and every rank gets its result (a plan, a path, a flag). If it
     raises one of ``catch``, every rank raises ``raise_as`` with that sentence, so all ranks

@@ -37,7 +37,7 @@ from picollm.data.sources import validate_source
 from picollm.plan import DataFacts, Plan, defining_settings, final_plan, plan_for_run, save_plan
 from picollm.run_lock import RunLock, RunLockedError
 from picollm.train_log import console_log, log
-from picollm.trainer import Interrupted, StopOnSignal, Trainer, TrainError, close_finished_run
+from picollm.trainer import Interrupted, StopOnSignal, Trainer, TrainError, close_finished_run, last_step
 
 
 def run(cfg: DictConfig) -> dict:
@@ -76,7 +76,8 @@ def _train_in(run_dir: Path, cfg: DictConfig, rank_info: dist.DistInfo, hw: hard
     if rank_info.is_main:
         save_plan(run_dir, cfg, plan)  # the run's inputs, the prepared data's place included
         _copy_tokenizer(data, run_dir)
-    if resume_state is not None and resume_state["step"] >= plan.steps and ckpt.list_checkpoints(run_dir):
+    if (resume_state is not None and resume_state["step"] >= last_step(plan, resume_state.get("stats", {}))
+            and ckpt.list_checkpoints(run_dir)):
         return close_finished_run(run_dir, plan, resume_state, rank_info, hw.device)
     trainer = Trainer(cfg, rank_info, hw, plan, data, run_dir)
     if resume_state is not None:

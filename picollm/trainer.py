@@ -18,7 +18,7 @@ import math
 import signal
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Optional
 
@@ -42,7 +42,12 @@ from picollm.units import duration
 SAVED_AT = "saved_at"
 MIN_LOSS_SCALE = 1.0  # below this, gradients overflow fp16 even unscaled: the run is diverging
 FRESH_STATS = {"skipped_steps": 0, "best_val_loss": None, "best_step": None, "train_seconds": 0.0,
-               "lr_scale": 1.0, "rollbacks": 0, "scaler_skips": 0}
+               "lr_scale": 1.0, "rollbacks": 0, "scaler_skips": 0, "deadline": None}
+# budget.minutes: the loop checks its pace DEADLINE_CHECKS times over the run and shortens the
+# schedule once the steps left would end more than DEADLINE_SLACK past the training time planned.
+# A shared machine that slowed by 15-20% after the probe made a 10-minute run take 11.9 minutes.
+DEADLINE_CHECKS = 20
+DEADLINE_SLACK = 1.02
 
 
 class TrainError(RuntimeError):
@@ -133,17 +138,20 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.spikes = SpikeDetector(t.spike_sigmas)
         self.peak = hardware.combined_peak(hw, rank_info.world_size) or 0  # this machine's, not the plan's
-        if cfg.debug.nan_loss_at_steps or cfg.debug.inf_grad_at_steps:
+        if cfg.debug.nan_loss_at_steps or cfg.debug.inf_grad_at_steps or cfg.debug.slow_steps_from is not None:
             FaultDrill(cfg.debug).install(self)
+        self.pace_mark = (0, 0.0)  # (step, train_seconds) at the last deadline check
 
     # ---------------------------------------------------------------- the loop
     def train(self, stopper: "StopOnSignal") -> dict:
         """From the current step to the plan's last; returns final.json's numbers."""
         plan = self.plan
+        self.cadence = replace(self.cadence, last=last_step(plan, self.stats))  # a resumed deadline's
+        self.pace_mark = (self.step, self.stats["train_seconds"])
         last_val = self.evaluate() if self.step == 0 else None
         progress = ProgressLine(plan, self.peak, self.rank_info)
-        batches = self.loader.batches(self.step, plan.steps)
-        while self.step < plan.steps:
+        batches = self.loader.batches(self.step, self.cadence.last)
+        while self.step < self.cadence.last:
             lr = self.apply_lr()
             started = time.perf_counter()
             result = self.train_step(batches)
@@ -156,9 +164,10 @@ class Trainer:
             self.check(result)
             if result.bad and self.roll_back_if_due():
                 batches.close()  # stop the old prefetch thread before restarting at the rollback step
-                batches = self.loader.batches(self.step, plan.steps)
+                batches = self.loader.batches(self.step, self.cadence.last)
                 continue
-            progress.step_done(self.step, self.cadence.print(self.step), result, lr, tok_s)
+            progress.step_done(self.step, self.cadence.last, self.cadence.print(self.step), result, lr, tok_s)
+            self.keep_deadline()  # before the cadence: a step the deadline makes the last evaluates and saves
             if self.cadence.evaluate(self.step):
                 last_val = self.evaluate()
             # Every rank stops at the same step, whichever received the signal.
@@ -169,16 +178,43 @@ class Trainer:
                 self.save(self.run_dir / SAVED_AT, keep=0)
             if stop:
                 self.stop(stopper.signum)
+        batches.close()  # a deadline can end the run before the loader's last step
         return self.finish(last_val)
 
     def apply_lr(self) -> float:
         """This step's LR from the schedule, times the rollbacks' scale, set on every group
         (each at its own multiple: Muon's differs from AdamW's)."""
         plan, t = self.plan, self.t
-        lr = self.stats["lr_scale"] * lr_at(self.step, plan.lr, plan.warmup_steps, plan.steps, t.min_lr_ratio,
+        lr = self.stats["lr_scale"] * lr_at(self.step, plan.lr, plan.warmup_steps, self.cadence.last, t.min_lr_ratio,
                                             t.schedule, t.decay_frac, t.decay_shape)
         set_lr(self.optimizer, lr)
         return lr
+
+    def keep_deadline(self) -> None:
+        """budget.minutes: when the pace since the last check would end training more than
+        DEADLINE_SLACK past the time the plan left for it (the machine slowed after the
+        probe), the run ends at the step that fits instead, the LR decaying over the new
+        length. Checked DEADLINE_CHECKS times a run, after the warmup, on every rank at the
+        same steps with the slowest rank's numbers, so all ranks cut alike."""
+        plan, last = self.plan, self.cadence.last
+        if (plan.time_budget is None or self.step >= last or self.step < plan.warmup_steps
+                or self.step % max(1, plan.steps // DEADLINE_CHECKS)):
+            return
+        spent = self.stats["train_seconds"]
+        pace = (spent - self.pace_mark[1]) / max(1, self.step - self.pace_mark[0])
+        self.pace_mark = (self.step, spent)
+        spent, pace = dist.max_over_ranks([spent, pace])
+        allowed = plan.time_budget["train_s"]
+        if spent + pace * (last - self.step) <= DEADLINE_SLACK * allowed:
+            return
+        new_last = min(last, self.step + max(0, int((allowed - spent) / pace)))
+        self.stats["deadline"] = {"planned": plan.steps, "last": new_last}
+        self.cadence = replace(self.cadence, last=new_last)
+        self.event("deadline", planned_steps=plan.steps, last_step=new_last, train_seconds=spent,
+                   seconds_per_step=pace, planned_train_seconds=allowed)
+        log(f"step {self.step}: at {pace:.3g} s/step training would end {spent + pace * (last - self.step) - allowed:.0f} s "
+            f"past the {allowed:.0f} s planned; the run now ends at step {new_last} (the LR decays over that length)",
+            self.rank_info)
 
     def record(self, result: StepResult, lr: float, dt: float) -> float:
         """The step's record in metrics.jsonl; returns its tokens per second."""
@@ -282,7 +318,8 @@ class Trainer:
             raise TrainError(f"{self.bad_streak} non-finite steps in a row at step {self.step} ({why}); stopping. "
                              "Lower train.lr, check the data, or resume from an earlier checkpoint.")
         state = ckpt.load_checkpoint(latest, tensors=not self.sharded)
-        self.restore(state, keep_stats=("skipped_steps", "scaler_skips", "rollbacks", "lr_scale", "train_seconds"))
+        self.restore(state, keep_stats=("skipped_steps", "scaler_skips", "rollbacks", "lr_scale", "train_seconds",
+                                        "deadline"))
         self.stats["rollbacks"] += 1
         self.stats["lr_scale"] *= t.rollback_lr_scale
         self.bad_streak = 0
@@ -403,9 +440,17 @@ class Trainer:
                 self.rank_info)
 
 
+def last_step(plan: Plan, stats: dict) -> int:
+    """The run's last step: the plan's, or the earlier one budget.minutes' deadline moved it
+    to (Trainer.keep_deadline), as long as the plan's step count is the one it cut."""
+    cut = stats.get("deadline")
+    return cut["last"] if cut and cut["planned"] == plan.steps else plan.steps
+
+
 def final_numbers(plan: Plan, stats: dict, device: torch.device, last_val: Optional[dict]) -> dict:
     """final.json: the run's totals and its last evaluation."""
-    return {"steps": plan.steps, "skipped_steps": stats["skipped_steps"], "rollbacks": stats["rollbacks"],
+    return {"steps": last_step(plan, stats), "planned_steps": plan.steps,
+            "skipped_steps": stats["skipped_steps"], "rollbacks": stats["rollbacks"],
             "scaler_skips": stats["scaler_skips"], "train_seconds": stats["train_seconds"],
             "best_val_loss": stats["best_val_loss"], "best_step": stats["best_step"],
             "peak_memory_mib": hardware.peak_memory_mib(device), **(last_val or {})}
@@ -415,7 +460,7 @@ def close_finished_run(run_dir: Path, plan: Plan, state: dict, rank_info: dist.D
     """A finished run started again: nothing to train, so no model, optimizer or loader is
     built. What a first session stopped after its last save did not write (the exported
     weights, final.json) comes from the checkpoint; returns final.json's numbers."""
-    log(f"run in {run_dir} is already complete ({plan.steps} steps); nothing to train. "
+    log(f"run in {run_dir} is already complete ({last_step(plan, state.get('stats', {}))} steps); nothing to train. "
         "For a new run, set run_dir (or raise train.steps to extend this one).", rank_info)
 
     def close() -> dict:
@@ -445,15 +490,15 @@ class ProgressLine:
         self.plan, self.peak, self.rank_info = plan, peak, rank_info
         self.since, self.steps = time.perf_counter(), 0
 
-    def step_done(self, step: int, now: bool, result: StepResult, lr: float, tok_s: float) -> None:
+    def step_done(self, step: int, last: int, now: bool, result: StepResult, lr: float, tok_s: float) -> None:
         self.steps += 1
         if not now:
             return
         plan = self.plan
         rate = (time.perf_counter() - self.since) / self.steps
         mfu = f" | MFU {tok_s * plan.flops_per_token / self.peak:.1%}" if self.peak else ""
-        log(f"step {step}/{plan.steps} | loss {result.loss:.4f} | lr {lr:.2e} | gnorm {result.grad_norm:.2f} "
-            f"| {tok_s / 1e3:.1f}k tok/s{mfu} | ETA {duration(rate * (plan.steps - step))}", self.rank_info)
+        log(f"step {step}/{last} | loss {result.loss:.4f} | lr {lr:.2e} | gnorm {result.grad_norm:.2f} "
+            f"| {tok_s / 1e3:.1f}k tok/s{mfu} | ETA {duration(rate * (last - step))}", self.rank_info)
         self.since, self.steps = time.perf_counter(), 0
 
 
@@ -508,6 +553,7 @@ class FaultDrill:
 
     def __init__(self, debug: DictConfig) -> None:
         self.nan_loss, self.inf_grad = set(debug.nan_loss_at_steps), set(debug.inf_grad_at_steps)
+        self.slow_from, self.slow_seconds = debug.slow_steps_from, debug.slow_step_seconds
         self.done: set = set()
 
     def install(self, trainer: Trainer) -> None:
@@ -518,6 +564,8 @@ class FaultDrill:
             return loss * float("nan") if self._due(trainer.step, self.nan_loss) else loss
 
         def inf_accumulate(batches):
+            if self.slow_from is not None and trainer.step >= self.slow_from:
+                time.sleep(self.slow_seconds)  # a machine that slowed down: the step's time counts it
             loss_sum = accumulate(batches)
             if self._due(trainer.step, self.inf_grad):
                 parallel.local_shard(trainer.params[0].grad).view(-1)[0] = float("inf")

@@ -347,7 +347,7 @@ def _write(out: Path, args, info: dict, fit: dict, rows: list, tokens) -> dict:
 
 def summary(res: dict) -> str:
     rows = res["rows"]
-    lines = [f"# Time to loss: picollm vs nanoGPT's README CPU recipe",
+    lines = ["# Time to loss: picollm vs nanoGPT's README CPU recipe",
              "",
              f"Same data (pystdlib, BPE {VOCAB}), both scored in fp32 on the same {res['held_out_tokens_scored']:,} "
              f"held-out tokens (picollm's validation split), each at its own context length. "

@@ -284,3 +284,16 @@ def test_two_nodes_without_a_shared_cache_each_prepare_the_same_data(tmp_path, s
     a, b = losses(single), losses(run_dir)
     for step in a:
         assert b[step] == pytest.approx(a[step], rel=1e-5)
+
+
+def test_budget_minutes_deadline_cuts_every_rank_at_the_same_step(tmp_path):
+    """Both processes slow down after the probe: the deadline shortens the run on both ranks
+    at the same step (ranks that disagreed would hang in the last step's checkpoint)."""
+    run_dir = tmp_path / "deadline"
+    torchrun(2, BASE + [f"run_dir={run_dir}", "budget.minutes=0.4", "debug.slow_steps_from=1",
+                        "debug.slow_step_seconds=0.05"])
+    plan = json.loads((run_dir / "plan.json").read_text())
+    final = json.loads((run_dir / "final.json").read_text())
+    cuts = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines() if '"deadline"' in line]
+    assert cuts and final["steps"] == cuts[-1]["last_step"] < plan["steps"] == final["planned_steps"]
+    assert ckpt.list_checkpoints(run_dir)[-1] == final["steps"]

@@ -296,3 +296,37 @@ def test_auto_dtype_is_measured_once_and_a_resume_keeps_it(tiny, monkeypatch):
     _, _, steps, _ = train(tiny + ["train.steps=3", "train.batch_tokens=128", "train.dtype=auto"])
     assert [s["step"] for s in steps][-1] == 3
     assert json.loads((run_dir / "plan.json").read_text())["dtype"] == "fp32"
+
+
+@pytest.mark.slow
+def test_budget_minutes_keeps_its_deadline_when_the_machine_slows(tmp_path):
+    """From the first step on every step takes 0.2 s longer than the probe measured (a
+    machine that slowed after planning): the planned steps would take several times the
+    training time planned, so the run shortens its schedule, decays the LR over the new
+    length, evaluates and saves at its new last step, and ends near the time planned. Run
+    again, it is complete: the cut is part of the checkpoint."""
+    import sys
+
+    from picollm.trainer import DEADLINE_SLACK
+
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "picollm.train", *TINY, f"run_dir={run_dir}", "budget.minutes=0.4",
+           "train.dtype=fp32", "debug.slow_steps_from=1", "debug.slow_step_seconds=0.2"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    plan = json.loads((run_dir / "plan.json").read_text())
+    final = json.loads((run_dir / "final.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    allowed = plan["time_budget"]["train_s"]
+    assert plan["steps"] * 0.2 > 2 * allowed  # without the cut training would take over twice the time planned
+    cuts = [r for r in records if r.get("event") == "deadline"]
+    assert cuts and final["planned_steps"] == plan["steps"] and final["steps"] == cuts[-1]["last_step"] < plan["steps"]
+    assert final["train_seconds"] < 1.15 * DEADLINE_SLACK * allowed, (final["train_seconds"], allowed)
+    steps = [r for r in records if r["kind"] == "train"]
+    assert steps[-1]["step"] == final["steps"] and steps[-1]["lr"] < 0.2 * plan["lr"]  # decayed over the new length
+    assert [r for r in records if r["kind"] == "eval"][-1]["step"] == final["steps"]
+    assert list_checkpoints(run_dir)[-1] == final["steps"]
+
+    again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert again.returncode == 0 and "already complete" in again.stdout + again.stderr, again.stderr[-2000:]
+    assert len((run_dir / "metrics.jsonl").read_text().splitlines()) == len(records)
