@@ -138,18 +138,14 @@ def all_reduce_mean(t: torch.Tensor) -> torch.Tensor:
 
 def any_rank(flag: bool) -> bool:
     """True on every rank if it is True on any (e.g. a signal reached one rank)."""
-    if not dist.is_initialized():
-        return flag
-    t = torch.tensor([1.0 if flag else 0.0])  # CPU: the gloo half of the backend
-    dist.all_reduce(t, op=dist.ReduceOp.MAX)
-    return bool(t.item())
+    return max_over_ranks([1.0 if flag else 0.0])[0] > 0
 
 
 def max_over_ranks(values: list) -> list:
     """Each value's maximum over the ranks (every rank gets the same list)."""
     if not dist.is_initialized():
         return list(values)
-    t = torch.tensor([float(v) for v in values], dtype=torch.float64)
+    t = torch.tensor([float(v) for v in values], dtype=torch.float64)  # CPU: the gloo half of the backend
     dist.all_reduce(t, op=dist.ReduceOp.MAX)
     return t.tolist()
 
