@@ -350,11 +350,11 @@ def estimate(spec: dict, out: Path, gflops: float | None) -> dict:
             rates[key] = gflops * 1e9 if gflops else shape_rate(shape, settings, threads)
         return rates[key]
 
-    def seconds(point: sweep.Point, threads=1) -> float:
+    def seconds(shape, train_flops: float, threads=1) -> float:
         """Training, the final evaluation (forward only, 2N FLOPs a token, at most eval_tokens) and
         the fixed per-point cost."""
-        evaluation = 2 * point.shape.num_params() * cfg.train.eval_tokens
-        return (point.spent + evaluation) / rate(point.shape, threads) + PER_POINT_SECONDS
+        evaluation = 2 * shape.num_params() * cfg.train.eval_tokens
+        return (train_flops + evaluation) / rate(shape, threads) + PER_POINT_SECONDS
 
     sweep_s = ext_s = flops = 0.0
     points = 0
@@ -362,15 +362,15 @@ def estimate(spec: dict, out: Path, gflops: float | None) -> dict:
         pts = budget_points(design, settings)
         points += len(pts)
         flops += sum(p.spent for p in pts)
-        sweep_s += _packed_seconds([seconds(p) for p in pts],
+        sweep_s += _packed_seconds([seconds(p.shape, p.spent) for p in pts],
                                    sweep.worker_count(cfg, len(pts)))
         ends = [i for i, s in enumerate(ladder) if s in (design.sizes[0], design.sizes[-1])]
         beside = [ladder[j] for j in (ends[0] - 1, ends[-1] + 1) if 0 <= j < len(ladder)]
-        ext_s += max([seconds(make_point(design.budget, s, settings)) for s in beside], default=0.0)
+        ext_s += max([seconds(s, design.budget) for s in beside], default=0.0)
     c_held = HELD_OUT_FACTOR * max(spec["budgets"])
     n_plan = sweep.extrapolate_n_opt([(d.budget, d.target) for d in designs], c_held)[0]
     held = [held_out_point(ladder, settings, c_held, n) for n in (n_plan, n_plan / 3)]
-    held_s = [seconds(h, HELD_OUT_THREADS) for h in held]
+    held_s = [seconds(h.shape, h.spent, HELD_OUT_THREADS) for h in held]
     slow = int(np.argmax(held_s))
     return {"points": points, "family": sweep.family_text(cfg),
             "design": [[s.num_params() for s in d.sizes] for d in designs],

@@ -215,6 +215,10 @@ def test_capstone_plan_spans_30x_and_holds_out_10x(capsys):
     # The sequential design trains every point from scratch (no WSD trunk reuse; see the
     # capstone's docstring), so its sweep costs exactly the cosine-equivalent grid.
     assert est["sweep_flops"] == pytest.approx(est["cosine_grid_flops"]) and "one family" in est["family"]
+    # The final evaluation on the whole held-out split is planned too: forward passes only.
+    no_eval = dict(full, overrides=full["overrides"] + ["train.eval_tokens=1"])
+    lean = capstone.estimate(no_eval, Path("unused"), gflops=10.0)
+    assert est["sweep_seconds"] > lean["sweep_seconds"] and est["held_out_seconds"] > lean["held_out_seconds"]
     assert capstone.main(["--estimate", "--gflops", "10"]) == 0
     assert "held-out" in capsys.readouterr().out
 
