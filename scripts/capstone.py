@@ -4,6 +4,7 @@ one held-out prediction at 10x the largest fit budget, written down before that 
     python scripts/capstone.py             # full: 4 budgets spanning 30x, two seeds, + the held-out run: ~55 min on 2 quiet cores
     python scripts/capstone.py --quick     # tiny version for validation, a few minutes
     python scripts/capstone.py --estimate  # planned FLOPs and time (a 1 s throughput probe per shape), trains nothing
+    python scripts/capstone.py --scan-lr 0.003,0.006,0.012,0.024  # how FULL_LR was chosen: ~6 min
 
 Steps: the budgets in increasing order, each budget's points in parallel on 2 single-thread
 workers (picollm.sweep, resumable) -> Approaches 1, 2 and 3 with bootstrap intervals -> the
@@ -54,8 +55,14 @@ Design (decided from --estimate and the fit budgets only, never from a held-out 
   its own length, so an extension would repeat data), and a trunk trained to the largest
   budget up front would need the sizes before the design picks them. The cost: the
   cosine-equivalent grid, which was 1.24x the WSD trunk grid last time.
-- ONE LR, batch and warmup for every point and the held-out run (the planner's for the
-  smallest rung at the smallest budget): per-size settings biased the first run (a = 0.07).
+- ONE LR, batch and warmup for every point and the held-out run (batch and warmup the
+  planner's for the smallest rung at the smallest budget): per-size settings biased the first
+  run (a = 0.07). The LR is FULL_LR = 1.2e-2, chosen by `--scan-lr` on two fit points (33k
+  and 190k at 1e12; BENCHMARKS.md): the planner's 3e-3 was ~4x below both optima, costing the
+  larger size more (4.6% against 3.1%), which biases N_opt down. A capstone on another corpus,
+  vocabulary or sequence length should scan again before its first run.
+- Approach 3 fits with a Huber threshold of A3_HUBER_DELTA = 0.02 (1.345x the ~1.5% noise of
+  seed-averaged points), not Chinchilla's 1e-3: see the constant.
 - Held out at 10x the largest budget (3e13), on the rung nearest Approach 2's N_opt (Approach
   3's when a profile is not bracketed). The corpus (pystdlib, 14.6M train tokens) is the one
   installed; at the optimum the sequential fit found (2026-11-25: N = 190k) the held-out
@@ -95,11 +102,20 @@ COMMON = ["model.head_dim=8", "model.aspect_ratio=8", "train.device=cpu", "train
 # EVAL_ALL caps the evaluation above the held-out split's size (656,621 tokens of pystdlib on
 # Python 3.11), so every point is scored on the whole split; see the docstring.
 EVAL_ALL = 1 << 20
+# The one peak LR of every FULL point: the best of `--scan-lr 0.003,0.006,0.012,0.024` at both
+# scan points (1e12 x 33k and 1e12 x 190k); the planner's 3e-3 cost them 3.1% and 4.6%.
+FULL_LR = 0.012
+# Approach 3's Huber threshold on log loss: Huber's 95%-efficiency choice of 1.345 x the noise,
+# for the ~1.5% rms scatter of the seed-averaged points about the law (two runs, 2026-11-25).
+# Chinchilla's 1e-3 is ~0.07 of that noise here, a least-absolute-deviations fit, whose
+# exponent interval on those runs' fit points was 25-55% wider (0.55 and 0.49 vs 0.44, 0.31).
+A3_HUBER_DELTA = 0.02
 FULL = dict(budgets=[1e11, 3e11, 1e12, 3e12], first_sizes=5, first_repeats=5, sizes=5, repeats=5,
-            average_seeds=True, max_extensions=2, bootstrap=200,
-            overrides=["model.seq_len=64", "tokenizer.vocab_size=512", f"train.eval_tokens={EVAL_ALL}"] + COMMON)
+            average_seeds=True, max_extensions=2, bootstrap=200, scan=[(1e12, 3), (1e12, 6)],
+            overrides=["model.seq_len=64", "tokenizer.vocab_size=512", f"train.eval_tokens={EVAL_ALL}",
+                       f"train.lr={FULL_LR!r}"] + COMMON)
 QUICK = dict(budgets=[3e8, 1e9, 3e9], first_sizes=4, first_repeats=4, sizes=3, repeats=3, average_seeds=True,
-             max_extensions=1, bootstrap=30,
+             max_extensions=1, bootstrap=30, scan=[(1e9, 2), (1e9, 3)],
              overrides=["model=tiny", "model.seq_len=32", "tokenizer.vocab_size=300", "tokenizer.train_chars=300000",
                         "data.max_docs=150", "data.val_fraction=0.05", "train.eval_tokens=2048",
                         "train.batch_tokens=256"] + COMMON)
@@ -251,7 +267,7 @@ def fit_all(rows: list[dict], bootstrap: int, average: bool = False) -> Fits:
                              for k in ("budget", "n_params", "n_tokens", "compute", "val_loss"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the results list them
-        fits.par = fit.fit_parametric(n, d, loss, bootstrap=bootstrap)
+        fits.par = fit.fit_parametric(n, d, loss, delta=A3_HUBER_DELTA, bootstrap=bootstrap)
         every = ok_rows(rows)
         fits.scatter = fit.measure_scatter(fits.par.law, *([r[k] for r in every] for k in ("n_params", "n_tokens",
                                                                                           "val_loss")))
@@ -587,6 +603,44 @@ def report(spec: dict, decisions: list[dict], rows: list[dict], fits: Fits, pred
     return "\n".join(lines) + "\n"
 
 
+# ---------------------------------------------------------------- choosing the one LR
+
+
+def scan_lr(spec: dict, out: Path, lrs: list[float], log=print) -> dict:
+    """Train spec["scan"]'s (budget, n_layer) points at each peak LR in `lrs`, everything else
+    as the capstone trains them (seed, batch, warmup, WSD, whole-split scoring); the losses and
+    each point's best LR, also in out/lr_scan.json. Choose FULL_LR from this, before any
+    held-out run; each LR trains in its own folder, so a rerun resumes."""
+    _, ladder, settings = family(spec, out)
+    rung = {s.n_layer: s for s in ladder}
+    missing = sorted({layers for _, layers in spec["scan"]} - set(rung))
+    if missing:
+        raise ConfigError(f"the scan asks for n_layer {missing}, which the ladder lacks; use depths of "
+                          f"{sorted(rung)}.")
+    losses: dict[str, dict[float, float | None]] = {}
+    for lr in lrs:
+        points = [make_point(c, rung[layers], replace(settings, lr=lr)) for c, layers in spec["scan"]]
+        rows = train_points(spec, out / "lr_scan" / f"lr_{lr:g}", points, log)
+        for point in points:
+            losses.setdefault(point.name, {})[lr] = rows.get(point.name, {}).get("val_loss")
+    best = {name: min((lr for lr in by_lr if by_lr[lr] is not None), key=by_lr.get, default=None)
+            for name, by_lr in losses.items()}
+    result = {"losses": {name: {repr(lr): v for lr, v in by_lr.items()} for name, by_lr in losses.items()},
+              "best": best}
+    (out / "lr_scan.json").write_text(json.dumps(result, indent=2))
+    return result
+
+
+def print_scan(result: dict) -> None:
+    names = list(result["losses"])
+    lrs = sorted({lr for by_lr in result["losses"].values() for lr in by_lr}, key=float)
+    print("| peak LR | " + " | ".join(names) + " |\n|---|" + "---|" * len(names))
+    for lr in lrs:
+        cells = [result["losses"][n].get(lr) for n in names]
+        print(f"| {lr} | " + " | ".join("failed" if v is None else f"{v:.4f}" for v in cells) + " |")
+    print("best: " + ", ".join(f"{n} at {lr}" for n, lr in result["best"].items()))
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -655,10 +709,24 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", type=float, default=1.0,
                    help="multiply every budget (span and held-out factor unchanged) to fit the time "
                         "--estimate reports; choose it before the first run, never after a held-out result")
+    p.add_argument("--scan-lr", default=None, metavar="LRS",
+                   help="comma-separated peak LRs: train the scan points at each and print their losses "
+                        "(how FULL_LR was chosen), then stop")
     args = p.parse_args(argv)
     spec = dict(QUICK if args.quick else FULL)
     spec["budgets"] = [args.scale * c for c in spec["budgets"]]
+    spec["scan"] = [(args.scale * c, layers) for c, layers in spec["scan"]]
     out = Path(args.dir or ("runs/capstone-quick" if args.quick else "runs/capstone"))
+    if args.scan_lr:
+        try:
+            lrs = [float(v) for v in args.scan_lr.split(",")]
+            if not all(lr > 0 for lr in lrs):
+                raise ValueError
+        except ValueError:
+            raise SystemExit(f"error: --scan-lr {args.scan_lr!r} is not a comma-separated list of positive numbers; "
+                             "e.g. --scan-lr 0.003,0.006,0.012") from None
+        print_scan(scan_lr(spec, out, lrs))
+        return 0
     timing = {"load_start": os.getloadavg()[0]}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")

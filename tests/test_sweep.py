@@ -4,6 +4,7 @@ import json
 import math
 import warnings
 
+import numpy as np
 import pytest
 
 from conftest import TINY
@@ -221,6 +222,43 @@ def test_capstone_plan_spans_30x_and_holds_out_10x(capsys):
     assert est["sweep_seconds"] > lean["sweep_seconds"] and est["held_out_seconds"] > lean["held_out_seconds"]
     assert capstone.main(["--estimate", "--gflops", "10"]) == 0
     assert "held-out" in capsys.readouterr().out
+
+
+def test_capstone_trains_at_its_scanned_lr_and_the_scan_trains_each_lr(tmp_path, capsys):
+    """Every FULL point trains at FULL_LR (a set train.lr wins over the planner's rule), and
+    --scan-lr trains the scan points at each LR it is given (the LR reaches the run) and names
+    the one with the lower loss."""
+    capstone = _capstone_script()
+    assert capstone.family(capstone.FULL, tmp_path)[2].lr == capstone.FULL_LR
+    assert capstone.family(capstone.QUICK, tmp_path)[2].lr != capstone.FULL_LR  # the planner's, untouched
+    spec = dict(capstone.QUICK, scan=[(3e8, 2)])
+    got = capstone.scan_lr(spec, tmp_path, [3e-3, 3e-2], log=lambda *_: None)
+    (name, by_lr), = got["losses"].items()
+    assert set(by_lr) == {"0.003", "0.03"} and all(math.isfinite(v) for v in by_lr.values())
+    assert by_lr["0.003"] != by_lr["0.03"] and got["best"][name] == min((0.003, 0.03), key=lambda lr: by_lr[repr(lr)])
+    for lr in (0.003, 0.03):
+        assert sweep.read_table(tmp_path / "lr_scan" / f"lr_{lr:g}" / "sweep" / sweep.RESULTS)[name]["lr"] == lr
+    assert json.loads((tmp_path / "lr_scan.json").read_text()) == json.loads(json.dumps(got))
+    capstone.print_scan(got)
+    assert f"best: {name} at {got['best'][name]}" in capsys.readouterr().out
+
+
+def test_capstone_fits_approach_3_with_its_huber_threshold():
+    """The capstone's Approach 3 is fit_parametric with A3_HUBER_DELTA, not the library's
+    Chinchilla default (1e-3), which differs on noisy points."""
+    capstone = _capstone_script()
+    rng = np.random.default_rng(0)
+    rows = []
+    for budget in (1e11, 3e11, 1e12, 3e12):
+        for n in (2e4, 4e4, 8e4, 1.6e5, 3.2e5):
+            d = budget / (6 * n)
+            loss = (1.8 + 300 / n**0.55 + 60 / d**0.3) * math.exp(rng.normal(0, 0.015))
+            rows.append({"name": f"{budget:g}_{n:g}", "budget": budget, "n_params": n, "n_tokens": d,
+                         "compute": budget, "val_loss": loss, "status": "ok", "seed": None})
+    n, d, loss = ([r[k] for r in rows] for k in ("n_params", "n_tokens", "val_loss"))
+    ours = capstone.fit_all(rows, bootstrap=0).par.law
+    assert ours == fit.fit_parametric(n, d, loss, delta=capstone.A3_HUBER_DELTA).law
+    assert ours != fit.fit_parametric(n, d, loss).law
 
 
 def test_capstone_averages_seeds_only_when_asked():
