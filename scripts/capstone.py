@@ -149,9 +149,13 @@ def make_point(budget: float, shape, settings: sweep.SizeSettings, seed: int | N
     return point
 
 
-def budget_points(design: sweep.BudgetDesign, settings: sweep.SizeSettings) -> list[sweep.Point]:
+def budget_points(spec: dict, design: sweep.BudgetDesign, settings: sweep.SizeSettings) -> list[sweep.Point]:
     return ([make_point(design.budget, s, settings) for s in design.sizes]
-            + [make_point(design.budget, s, settings, SECOND_SEED) for s in design.repeats])
+            + [make_point(design.budget, s, settings, second_seed(spec)) for s in design.repeats])
+
+
+def second_seed(spec: dict) -> int:
+    return spec.get("second_seed", SECOND_SEED)
 
 
 def held_out_point(ladder: list, settings: sweep.SizeSettings, budget: float, n_target: float) -> sweep.Point:
@@ -204,7 +208,7 @@ def run_design(spec: dict, out: Path, log=print) -> list[dict]:
         design = sweep.design_budget(ladder, c, minima, sizes, repeats)
         log(f"== budget {c:.3g}: sizes {[s.num_params() for s in design.sizes]} centred on N_opt ~{design.target:,.0f} "
             f"({design.reason}); second seed for {[s.num_params() for s in design.repeats]}")
-        rows = train_points(spec, out, budget_points(design, settings), log)
+        rows = train_points(spec, out, budget_points(spec, design, settings), log)
         extensions = []
         for _ in range(spec["max_extensions"]):
             losses = profile_losses(rows, c, spec["average_seeds"])
@@ -215,7 +219,7 @@ def run_design(spec: dict, out: Path, log=print) -> list[dict]:
             extensions.append({"n_params": rung.num_params(), "side": side})
             log(f"== budget {c:.3g}: lowest loss at the {'largest' if side == 'larger' else 'smallest'} size; adding "
                 f"N={rung.num_params():,}")
-            seeds = [None, SECOND_SEED] if spec["average_seeds"] else [None]
+            seeds = [None, second_seed(spec)] if spec["average_seeds"] else [None]
             rows = train_points(spec, out, [make_point(c, rung, settings, seed) for seed in seeds], log)
         losses = profile_losses(rows, c, spec["average_seeds"])
         if not losses:
@@ -375,7 +379,7 @@ def estimate(spec: dict, out: Path, gflops: float | None) -> dict:
     sweep_s = ext_s = flops = 0.0
     points = 0
     for design in designs:
-        pts = budget_points(design, settings)
+        pts = budget_points(spec, design, settings)
         points += len(pts)
         flops += sum(p.spent for p in pts)
         sweep_s += _packed_seconds([seconds(p.shape, p.spent) for p in pts],
@@ -674,7 +678,7 @@ def held_out_points(spec: dict, pred: dict) -> list[sweep.Point]:
     _, ladder, settings = family(spec, Path("."))
     point = held_out_point(ladder, settings, pred["compute"], pred["n_target"])
     assert point.name == pred["name"], "the held-out point must be the one predicted"
-    seeds = [SECOND_SEED] if spec["average_seeds"] else []
+    seeds = [second_seed(spec)] if spec["average_seeds"] else []
     return [point] + [make_point(point.budget, point.shape, settings, seed) for seed in seeds]
 
 
@@ -709,6 +713,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--scale", type=float, default=1.0,
                    help="multiply every budget (span and held-out factor unchanged) to fit the time "
                         "--estimate reports; choose it before the first run, never after a held-out result")
+    p.add_argument("--seeds", default=None, metavar="FIRST,SECOND",
+                   help=f"the two train.seed values (default: the config's 1337 and {SECOND_SEED}); other seeds "
+                        "replicate the whole capstone on new draws")
     p.add_argument("--scan-lr", default=None, metavar="LRS",
                    help="comma-separated peak LRs: train the scan points at each and print their losses "
                         "(how FULL_LR was chosen), then stop")
@@ -716,6 +723,15 @@ def main(argv: list[str] | None = None) -> int:
     spec = dict(QUICK if args.quick else FULL)
     spec["budgets"] = [args.scale * c for c in spec["budgets"]]
     spec["scan"] = [(args.scale * c, layers) for c, layers in spec["scan"]]
+    if args.seeds:
+        try:
+            first, second = (int(v) for v in args.seeds.split(","))
+        except ValueError:
+            raise SystemExit(f"error: --seeds {args.seeds!r} must be two integers, e.g. --seeds 1,2") from None
+        if first == second:
+            raise SystemExit(f"error: --seeds {args.seeds!r} repeats one seed; give two different ones.")
+        spec["overrides"] = spec["overrides"] + [f"train.seed={first}"]
+        spec["second_seed"] = second
     out = Path(args.dir or ("runs/capstone-quick" if args.quick else "runs/capstone"))
     if args.scan_lr:
         try:

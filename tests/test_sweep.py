@@ -243,6 +243,20 @@ def test_capstone_trains_at_its_scanned_lr_and_the_scan_trains_each_lr(tmp_path,
     assert f"best: {name} at {got['best'][name]}" in capsys.readouterr().out
 
 
+def test_capstone_seeds_replace_both_seeds_of_every_point(tmp_path):
+    """--seeds A,B trains the first seed through train.seed and the repeats at B; one seed
+    twice is refused before anything trains."""
+    capstone = _capstone_script()
+    spec = dict(capstone.QUICK, second_seed=12, overrides=capstone.QUICK["overrides"] + ["train.seed=11"])
+    _, ladder, settings = capstone.family(spec, tmp_path)
+    design = sweep.design_budget(ladder, spec["budgets"][0], [], 3, 3)
+    points = capstone.budget_points(spec, design, settings)
+    assert sorted({p.seed for p in points}, key=str) == [12, None] and all(p.name.endswith("_s12") for p in points[3:])
+    assert load_config(spec["overrides"]).train.seed == 11
+    with pytest.raises(SystemExit, match="repeats one seed"):
+        capstone.main(["--quick", "--seeds", "5,5", "--estimate", "--dir", str(tmp_path)])
+
+
 def test_capstone_fits_approach_3_with_its_huber_threshold():
     """The capstone's Approach 3 is fit_parametric with A3_HUBER_DELTA, not the library's
     Chinchilla default (1e-3), which differs on noisy points."""
