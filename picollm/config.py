@@ -103,7 +103,7 @@ class TrainSchema:
     activation_checkpointing: bool = False
     parallel: str = "ddp"  # ddp | fsdp (FSDP2: parameters, gradients and AdamW state sharded over processes)
     optimizer: str = "adamw"  # adamw | muon (Muon for the blocks' matrices, AdamW for the rest; picollm/optim.py)
-    muon_lr_ratio: float = 10.0  # Muon's LR as a multiple of the AdamW LR (measured; picollm/optim.py)
+    muon_lr_ratio: float = 3.0  # Muon's LR as a multiple of the AdamW LR (measured; picollm/optim.py)
     seed: int = 1337
     eval_every: Optional[int] = None  # steps; default about ten evaluations per run
     eval_tokens: int = 262_144

@@ -10,7 +10,7 @@ Rules (README "How N and D are derived"):
   machine's training FLOP/s, C = FLOP/s * 60 M, then as for compute.  No budget and an
   explicit model: D = r N.
 - Global batch (tokens) ~ 0.292 C^0.3271 and peak LR ~ 0.3118 C^-0.125 (the compute-
-  optimal hyperparameter fits of DeepSeek LLM, Bi et al. 2024), LR capped at 3e-3; batch
+  optimal hyperparameter fits of DeepSeek LLM, Bi et al. 2024), LR capped at 1e-2; batch
   rounded to a power of two in sequences and halved while the run would have < 50 steps.
 - Warmup: warmup_frac of the steps. Cosine decay to min_lr_ratio * peak at the last step.
 make_plan runs these as named steps (docs/conventions.md, "The plan's derivations"). The
@@ -48,7 +48,12 @@ NAMED_VOCABS = {"gpt2": 50257, "r50k_base": 50257, "p50k_base": 50281, "cl100k_b
 #   B_opt = 0.2920 · C^0.3271 tokens        eta_opt = 0.3118 · C^−0.1250
 DEEPSEEK_BATCH_COEF, DEEPSEEK_BATCH_EXP = 0.292, 0.3271
 DEEPSEEK_LR_COEF, DEEPSEEK_LR_EXP = 0.3118, -0.125
-LR_CAP = 3e-3  # small budgets: the LR fit extrapolates far below the compute DeepSeek measured
+# Below ~9e11 FLOPs the LR fit, extrapolated far below the compute DeepSeek measured, passes
+# 1e-2 and keeps rising. Measured on CPU (BENCHMARKS.md, "The planner's LR cap"): from 2.4e12
+# to 2e13 FLOPs the optimum was 6e-3 to 1.2e-2, where the fit itself lands (6.8e-3 to 8.9e-3),
+# and at 1e12 it was 1.2e-2. The old cap of 3e-3 cost 1.7-2.4% of loss at 1-5 CPU minutes,
+# and 3.1-4.6% at 1e12.
+LR_CAP = 1e-2
 MIN_STEPS = 50
 ASSUMED_MFU = {"cuda": 0.35, "cpu": 0.3}  # for the wall-clock estimate when nothing was measured
 UNMEASURED_PEAK = {"cuda": 1e14, "cpu": 1e11}  # the first guess of budget.minutes when no peak is known yet

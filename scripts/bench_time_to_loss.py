@@ -30,8 +30,9 @@ evaluations per run (as 250 of 2000 in the recipe) and always_save_checkpoint=Tr
 ckpt.pt holds the final weights.
 
 --shapes trains picollm alone at each budget with explicit shapes (LxD, optional hH heads
-and sS seq_len; `auto` lets the plan choose), two at a time side by side, scored the same
-way: the measurement behind plan.py's tiny-budget size rule.
+and sS seq_len; `auto` lets the plan choose) and optionally a peak LR (`@0.01`), two at a
+time side by side, scored the same way: the measurement behind plan.py's tiny-budget size
+rule and its LR cap.
 """
 
 from __future__ import annotations
@@ -260,7 +261,7 @@ def picollm_shape(run_dir: Path) -> str:
     g = json.loads((run_dir / "model_config.json").read_text())
     plan = json.loads((run_dir / "plan.json").read_text())
     return (f"{g['n_layer']}x{g['d_model']} h{g['n_head']} seq{g['seq_len']} N={plan['n_params'] / 1e6:.2f}M "
-            f"D={plan['n_tokens'] / 1e6:.2f}M {plan['dtype']}")
+            f"D={plan['n_tokens'] / 1e6:.2f}M {plan['dtype']} lr {plan['lr']:.3g}")
 
 
 # ------------------------------------------------------------------ the comparison
@@ -410,17 +411,24 @@ def plot(res: dict, path: Path) -> None:
 # ------------------------------------------------------------------ shapes (the size rule's evidence)
 
 SHAPE = re.compile(r"^(\d+)x(\d+)(?:h(\d+))?(?:s(\d+))?$")
+LR = re.compile(r"^\d*\.?\d+(?:e-?\d+)?$")
 
 
 def shape_overrides(spec: str) -> list:
-    if spec == "auto":
-        return []
-    m = SHAPE.match(spec)
+    """Overrides for one --shapes entry: SHAPE[@LR], SHAPE being auto or LxD[hH][sS]."""
+    shape, _, lr = spec.partition("@")
+    if lr and not LR.match(lr):
+        raise SystemExit(f"--shapes entry {spec!r}: the peak LR after @ must be a number, e.g. auto@0.01.")
+    peak = [f"train.lr={lr}"] if lr else []
+    if shape == "auto":
+        return peak
+    m = SHAPE.match(shape)
     if not m:
-        raise SystemExit(f"--shapes entry {spec!r} is not LxD[hH][sS] (e.g. 4x128h4s64) or auto.")
+        raise SystemExit(f"--shapes entry {spec!r} is not LxD[hH][sS][@LR] (e.g. 4x128h4s64 or 2x128@0.01) or "
+                         "auto[@LR].")
     layers, width, heads, seq = m.groups()
     return ([f"model.n_layer={layers}", f"model.d_model={width}"] + ([f"model.n_head={heads}"] if heads else [])
-            + ([f"model.seq_len={seq}"] if seq else []))
+            + ([f"model.seq_len={seq}"] if seq else []) + peak)
 
 
 def shapes(args, info: dict, out: Path) -> dict:
@@ -458,7 +466,8 @@ def main() -> None:
     p.add_argument("--minutes", default="2,5,10", help="budgets in minutes, comma-separated (each M also runs M/2)")
     p.add_argument("--out", required=True, help="output directory (runs, logs, summary.md, results.json, the plot)")
     p.add_argument("--calib-iters", type=int, default=200, help="iterations of nanoGPT's calibration run")
-    p.add_argument("--shapes", default=None, help="picollm shapes to compare instead, e.g. auto,2x128,4x128h4s64")
+    p.add_argument("--shapes", default=None,
+                   help="picollm shapes (and peak LRs) to compare instead, e.g. auto,2x128,4x128h4s64 or auto,auto@0.01")
     p.add_argument("--picollm-args", default="", help="extra picollm overrides, space-separated")
     args = p.parse_args()
     args.minutes = [float(x) for x in args.minutes.split(",")]

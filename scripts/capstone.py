@@ -5,6 +5,7 @@ one held-out prediction at 10x the largest fit budget, written down before that 
     python scripts/capstone.py --quick     # tiny version for validation, a few minutes
     python scripts/capstone.py --estimate  # planned FLOPs and time (a 1 s throughput probe per shape), trains nothing
     python scripts/capstone.py --scan-lr 0.003,0.006,0.012,0.024  # how FULL_LR was chosen: ~6 min
+    python scripts/capstone.py --seeds 2026,11  # a replication on two other seeds
 
 Steps: the budgets in increasing order, each budget's points in parallel on 2 single-thread
 workers (picollm.sweep, resumable) -> Approaches 1, 2 and 3 with bootstrap intervals -> the
