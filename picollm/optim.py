@@ -14,8 +14,9 @@ Liu et al. 2025), which makes its update's RMS about AdamW's, so the AdamW rule 
 over up to that constant ratio. Measured on CPU (llama 2 x 128, vocab 2048, 98 steps at the
 LR 3e-3 the old cap gave): ratio 1, 3, 10, 30 gave validation loss 5.64, 5.42, 5.37, 5.55
 (AdamW 5.50), so the best Muon LR was 3e-2. The derived LR at that budget (8e11 FLOPs) is now
-1e-2 (plan.LR_CAP), so the default ratio is 3: the same Muon LR of 3e-2. Muon's weight decay is ``train.weight_decay`` too, decoupled as torch applies it:
-each step shrinks a matrix by lr_muon * wd (so ratio times AdamW's shrink).
+1e-2 (plan.LR_CAP), so the default ratio is 3: the same Muon LR of 3e-2. Muon's weight decay
+is ``train.weight_decay`` too, decoupled as torch applies it: each step shrinks a matrix by
+lr_muon * wd (so ratio times AdamW's shrink).
 
 adamw is the default: Muon reaches a lower loss for the same tokens, but its update
 (Newton-Schulz in bf16, fixed cost per step) makes small-batch CPU steps ~20% slower, and at

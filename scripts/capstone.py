@@ -5,7 +5,7 @@ one held-out prediction at 10x the largest fit budget, written down before that 
     python scripts/capstone.py --quick     # tiny version for validation, a few minutes
     python scripts/capstone.py --estimate  # planned FLOPs and time (a 1 s throughput probe per shape), trains nothing
     python scripts/capstone.py --scan-lr 0.003,0.006,0.012,0.024  # how FULL_LR was chosen: ~6 min
-    python scripts/capstone.py --seeds 2026,11  # a replication on two other seeds
+    python scripts/capstone.py --seeds 2026,11 --dir runs/capstone-b  # a replication on two other seeds
 
 Steps: the budgets in increasing order, each budget's points in parallel on 2 single-thread
 workers (picollm.sweep, resumable) -> Approaches 1, 2 and 3 with bootstrap intervals -> the
@@ -157,6 +157,25 @@ def budget_points(spec: dict, design: sweep.BudgetDesign, settings: sweep.SizeSe
 
 def second_seed(spec: dict) -> int:
     return spec.get("second_seed", SECOND_SEED)
+
+
+def claim_seeds(spec: dict, out: Path) -> None:
+    """Record the two seeds in out/seeds.json, or refuse seeds other than those recorded: the
+    first seed's points are named without it, so a rerun on other seeds would silently reuse
+    the finished points of the old ones. A folder from before the record holds the defaults."""
+    seeds = [int(load_config(spec["overrides"]).train.seed), second_seed(spec)]
+    record = out / "seeds.json"
+    if record.exists():
+        before = json.loads(record.read_text())
+    elif (out / "sweep").exists() or (out / "lr_scan").exists():
+        before = [int(load_config([]).train.seed), SECOND_SEED]
+    else:
+        before = None
+    if before is not None and before != seeds:
+        raise SystemExit(f"error: {out} holds runs with seeds {before[0]},{before[1]}, not {seeds[0]},{seeds[1]}; "
+                         f"rerun with --seeds {before[0]},{before[1]} or give a new --dir.")
+    out.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(seeds))
 
 
 def held_out_point(ladder: list, settings: sweep.SizeSettings, budget: float, n_target: float) -> sweep.Point:
@@ -742,6 +761,7 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             raise SystemExit(f"error: --scan-lr {args.scan_lr!r} is not a comma-separated list of positive numbers; "
                              "e.g. --scan-lr 0.003,0.006,0.012") from None
+        claim_seeds(spec, out)
         print_scan(scan_lr(spec, out, lrs))
         return 0
     timing = {"load_start": os.getloadavg()[0]}
@@ -752,6 +772,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.estimate:
         return 0
 
+    claim_seeds(spec, out)
     start = time.perf_counter()
     try:
         decisions = run_design(spec, out)

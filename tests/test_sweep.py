@@ -257,6 +257,23 @@ def test_capstone_seeds_replace_both_seeds_of_every_point(tmp_path):
         capstone.main(["--quick", "--seeds", "5,5", "--estimate", "--dir", str(tmp_path)])
 
 
+def test_capstone_refuses_to_mix_seeds_in_one_folder(tmp_path):
+    """The first seed's points carry no seed in their names, so a folder keeps the seeds it
+    was started with: other seeds are refused with the way out, and nothing is rewritten."""
+    capstone = _capstone_script()
+    ours = dict(capstone.QUICK, second_seed=12, overrides=capstone.QUICK["overrides"] + ["train.seed=11"])
+    capstone.claim_seeds(ours, tmp_path / "new")
+    capstone.claim_seeds(ours, tmp_path / "new")  # the same seeds again: a resume
+    with pytest.raises(SystemExit, match="--seeds 11,12 or give a new --dir"):
+        capstone.claim_seeds(capstone.QUICK, tmp_path / "new")
+    assert json.loads((tmp_path / "new" / "seeds.json").read_text()) == [11, 12]
+    (tmp_path / "old" / "sweep").mkdir(parents=True)  # a folder from before the record: the defaults
+    with pytest.raises(SystemExit, match="seeds 1337,7, not 11,12"):
+        capstone.claim_seeds(ours, tmp_path / "old")
+    assert not (tmp_path / "old" / "seeds.json").exists()
+    capstone.claim_seeds(capstone.QUICK, tmp_path / "old")
+
+
 def test_capstone_fits_approach_3_with_its_huber_threshold():
     """The capstone's Approach 3 is fit_parametric with A3_HUBER_DELTA, not the library's
     Chinchilla default (1e-3), which differs on noisy points."""

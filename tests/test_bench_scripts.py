@@ -1,0 +1,26 @@
+"""The benchmark scripts' own argument handling (their measurements live in BENCHMARKS.md)."""
+
+import importlib.util
+from pathlib import Path
+
+import pytest
+
+
+def _script(name: str):
+    path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_time_to_loss_shapes_take_an_optional_peak_lr():
+    bench = _script("bench_time_to_loss")
+    assert bench.shape_overrides("auto") == []
+    assert bench.shape_overrides("auto@0.006") == ["train.lr=0.006"]
+    assert bench.shape_overrides("4x128h4s64@1.2e-2") == ["model.n_layer=4", "model.d_model=128", "model.n_head=4",
+                                                          "model.seq_len=64", "train.lr=1.2e-2"]
+    with pytest.raises(SystemExit, match="the peak LR after @ must be a number"):
+        bench.shape_overrides("auto@fast")
+    with pytest.raises(SystemExit, match="is not LxD"):
+        bench.shape_overrides("wide@0.01")
