@@ -64,6 +64,10 @@ class DataSchema:
     val_fraction: float = 0.01
     val_tokens: int = 1_000_000
     max_docs: Optional[int] = None
+    # A run draws its sequences at random from the first max(D, pool_tokens) tokens of the
+    # shuffled corpus (all of it when smaller): whole files are large, so the first D tokens
+    # alone would be a few dozen documents for a short run. 0: exactly the first D tokens.
+    pool_tokens: int = 1 << 24
     workers: Optional[int] = None  # processes for tokenization; None: all cores
     cache_dir: str = "${oc.env:PICOLLM_CACHE,${oc.env:HOME,.}/.cache/picollm}/data"
 
@@ -341,6 +345,7 @@ RULES: dict[str, Rule] = {
     "data.val_fraction": number(0, 1, lo_open=True, hi_open=True),
     "data.val_tokens": at_least(1),
     "data.max_docs": number(2, nullable=True, text="at least 2 (one document for validation)"),
+    "data.pool_tokens": at_least(0),
     "data.workers": at_least(1, nullable=True),
     "budget.compute": positive(nullable=True),
     "budget.params": positive(nullable=True),

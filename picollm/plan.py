@@ -296,7 +296,7 @@ def make_plan(cfg: DictConfig, device_info, world_size: int = 1,
         est_seconds=float(est), est_source=source, budget=sizing.budget, device=device_info.name,
         dtype=device_info.dtype, peak_flops=device_info.peak_flops, memory=memory, dtype_reason=device_info.dtype_reason,
         time_budget=sizing.time_budget,
-        memory_available=device_info.memory_bytes, stream_tokens=n_tokens + seq + 1,
+        memory_available=device_info.memory_bytes, stream_tokens=max(n_tokens + seq + 1, int(cfg.data.pool_tokens)),
         optimizer=optimizer_label(t), schedule=schedule_label(t),
     )
 
@@ -311,7 +311,7 @@ DEFINING = {
     "model": None,
     "tokenizer": None,
     "data": ("source", "paths", "format", "text_field", "hf_name", "hf_config", "hf_split", "streaming",
-             "val_fraction", "val_tokens", "max_docs", "workers"),
+             "val_fraction", "val_tokens", "max_docs", "workers", "pool_tokens"),
     "budget": ("compute", "params", "tokens", "minutes", "tokens_per_param"),
     "train": ("steps", "batch_tokens", "micro_batch", "lr", "min_lr_ratio", "schedule", "decay_frac", "decay_shape",
               "warmup_steps", "warmup_frac", "weight_decay", "beta1", "beta2", "grad_clip", "dtype",
@@ -326,6 +326,8 @@ def defining_settings(config: dict) -> dict:
         node = config.get(group)
         if isinstance(node, dict):
             out[group] = {k: v for k, v in node.items() if names is None or k in names}
+    if "data" in out:  # a run saved before data.pool_tokens existed read exactly its first D tokens
+        out["data"].setdefault("pool_tokens", 0)
     return json.loads(json.dumps(out))
 
 

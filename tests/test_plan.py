@@ -48,6 +48,18 @@ def test_tokens_budget_is_exact_in_whole_steps():
     assert p.n_tokens == 65536 and p.steps == 16
 
 
+def test_a_short_run_samples_from_a_pool_larger_than_its_tokens():
+    """The loader's stream (stream_tokens) is max(D + seq_len + 1, data.pool_tokens): a run of
+    D tokens draws its sequences at random from the pool, and data.pool_tokens=0 reads exactly
+    its first D tokens; a run longer than the pool reads its own D."""
+    short = plan("model=tiny", "budget.tokens=65536", "train.batch_tokens=4096")
+    assert short.stream_tokens == 1 << 24 > short.n_tokens
+    exact = plan("model=tiny", "budget.tokens=65536", "train.batch_tokens=4096", "data.pool_tokens=0")
+    assert exact.stream_tokens == 65536 + short.model["seq_len"] + 1
+    long = plan("model=tiny", "budget.tokens=65536", "train.batch_tokens=4096", "data.pool_tokens=1000")
+    assert long.stream_tokens == exact.stream_tokens
+
+
 def test_explicit_model_defaults_to_twenty_tokens_per_param():
     p = plan("model=reference")
     assert p.n_params == 13_762_560  # 6 * (4*384^2 + 3*384*1024) + 384*8192
@@ -305,7 +317,7 @@ def test_the_plan_is_made_once_and_never_changed():
     import dataclasses
 
     from picollm.plan import DataFacts, final_plan
-    draft = plan("model=tiny", "budget.tokens=1e6", "train.batch_tokens=2048", world_size=2)
+    draft = plan("model=tiny", "budget.tokens=1e6", "train.batch_tokens=2048", "data.pool_tokens=0", world_size=2)
     with pytest.raises(dataclasses.FrozenInstanceError):
         draft.steps = 1
     facts = DataFacts("/data/x", "key", train_tokens=draft.stream_tokens // 8, corpus_exhausted=True)

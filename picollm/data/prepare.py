@@ -3,8 +3,8 @@
 Layout of the dir: `tokenizer.json` (trained bpe only), `train_000.bin ...`,
 `val_000.bin ...`, `meta.json` (the same settings always give the same bytes) and
 `stats.json` (timings). Each document becomes `[BOS] + tokens(doc)`, in a seeded
-shuffled order of the whole corpus, so a run that reads only the first tokens still
-sees documents from all of it.
+shuffled order of the whole corpus, so the first tokens come from all of it; a run then
+samples its sequences from the first `data.pool_tokens` of them (see plan.stream_tokens).
 
 Preparation is idempotent (a matching dir is reused), atomic (built in a hidden sibling,
 `.<name>.build-<key>`, and renamed into place only when complete) and resumable: an
