@@ -138,6 +138,9 @@ class DebugSchema:
     # the plan's probe, for budget.minutes' deadline.
     slow_steps_from: Optional[int] = None
     slow_step_seconds: float = 0.0
+    # Seconds the trainer sleeps before its first step: work after the plan that it could not
+    # foresee (a first run preparing its data), for budget.minutes' deadline.
+    slow_start_seconds: float = 0.0
 
 
 @dataclass
@@ -395,6 +398,7 @@ RULES: dict[str, Rule] = {
     "debug.inf_grad_at_steps": each(at_least(0)),
     "debug.slow_steps_from": at_least(0, nullable=True),
     "debug.slow_step_seconds": at_least(0),
+    "debug.slow_start_seconds": at_least(0),
     "wandb.mode": one_of("disabled", "offline", "online"),
     "plan.format": one_of("text", "json"),
     "plan.law": _lazy_one_of("picollm.scaling", "LAWS", path="a path to a fitted law's JSON (a sweep's summary.json)"),

@@ -33,7 +33,7 @@ from picollm.evaluate import evaluate, token_byte_lengths
 from picollm.export import export_weights
 from picollm.model import GPT
 from picollm.optim import lr_at, make_optimizer, set_lr
-from picollm.plan import Plan
+from picollm.plan import Plan, process_age
 from picollm.throughput import autocast
 from picollm.train_log import MetricsLog, log
 from picollm.units import duration
@@ -140,7 +140,10 @@ class Trainer:
         self.peak = hardware.combined_peak(hw, rank_info.world_size) or 0  # this machine's, not the plan's
         if cfg.debug.nan_loss_at_steps or cfg.debug.inf_grad_at_steps or cfg.debug.slow_steps_from is not None:
             FaultDrill(cfg.debug).install(self)
+        if cfg.debug.slow_start_seconds:
+            time.sleep(cfg.debug.slow_start_seconds)  # FaultDrill's late start: counted by late_start below
         self.pace_mark = (0, 0.0)  # (step, train_seconds) at the last deadline check
+        self.late_start = 0.0  # budget.minutes: seconds between the plan and the first step it did not foresee
 
     # ---------------------------------------------------------------- the loop
     def train(self, stopper: "StopOnSignal") -> dict:
@@ -148,6 +151,8 @@ class Trainer:
         plan = self.plan
         self.cadence = replace(self.cadence, last=last_step(plan, self.stats))  # a resumed deadline's
         self.pace_mark = (self.step, self.stats["train_seconds"])
+        if self.step == 0 and plan.time_budget is not None:
+            self.late_start = late_start(plan.time_budget, process_age())
         last_val = self.evaluate() if self.step == 0 else None
         progress = ProgressLine(plan, self.peak, self.rank_info)
         batches = self.loader.batches(self.step, self.cadence.last)
@@ -193,9 +198,10 @@ class Trainer:
     def keep_deadline(self) -> None:
         """budget.minutes: when the pace since the last check would end training more than
         DEADLINE_SLACK past the time the plan left for it (the machine slowed after the
-        probe), the run ends at the step that fits instead, the LR decaying over the new
-        length. Checked DEADLINE_CHECKS times a run, after the warmup, on every rank at the
-        same steps with the slowest rank's numbers, so all ranks cut alike."""
+        probe), less what the process spent after the plan before its first step
+        (late_start), the run ends at the step that fits instead, the LR decaying over the
+        new length. Checked DEADLINE_CHECKS times a run, after the warmup, on every rank at
+        the same steps with the slowest rank's numbers, so all ranks cut alike."""
         plan, last = self.plan, self.cadence.last
         if (plan.time_budget is None or self.step >= last or self.step < plan.warmup_steps
                 or self.step % max(1, plan.steps // DEADLINE_CHECKS)):
@@ -203,17 +209,18 @@ class Trainer:
         spent = self.stats["train_seconds"]
         pace = (spent - self.pace_mark[1]) / max(1, self.step - self.pace_mark[0])
         self.pace_mark = (self.step, spent)
-        spent, pace = dist.max_over_ranks([spent, pace])
-        allowed = plan.time_budget["train_s"]
+        spent, pace, late = dist.max_over_ranks([spent, pace, self.late_start])
+        allowed = plan.time_budget["train_s"] - late
         if spent + pace * (last - self.step) <= DEADLINE_SLACK * allowed:
             return
         new_last = min(last, self.step + max(0, int((allowed - spent) / pace)))
         self.stats["deadline"] = {"planned": plan.steps, "last": new_last}
         self.cadence = replace(self.cadence, last=new_last)
         self.event("deadline", planned_steps=plan.steps, last_step=new_last, train_seconds=spent,
-                   seconds_per_step=pace, planned_train_seconds=allowed)
+                   seconds_per_step=pace, planned_train_seconds=allowed, late_start_seconds=late)
         log(f"step {self.step}: at {pace:.3g} s/step training would end {spent + pace * (last - self.step) - allowed:.0f} s "
-            f"past the {allowed:.0f} s planned; the run now ends at step {new_last} (the LR decays over that length)",
+            f"past the {allowed:.0f} s left for it{f' ({late:.0f} s went to a late start)' if late >= 1 else ''}; "
+            f"the run now ends at step {new_last} (the LR decays over that length)",
             self.rank_info)
 
     def record(self, result: StepResult, lr: float, dt: float) -> float:
@@ -438,6 +445,14 @@ class Trainer:
         except Exception as err:  # the training result is already safe on disk
             log(f"warning: could not write the report ({err}); run python -m picollm.report run_dir={self.run_dir}",
                 self.rank_info)
+
+
+def late_start(time_budget: dict, age: float) -> float:
+    """budget.minutes: the seconds this process (``age`` old) spent between planning and its
+    first step beyond what the plan took out (start-up and probes): preparing data on a first
+    run, building the model. They come out of training, so the whole process ends on time."""
+    planned = sum(time_budget.get(k, 0.0) for k in ("startup_s", "dtype_probe_s", "throughput_probe_s"))
+    return max(0.0, age - planned)
 
 
 def last_step(plan: Plan, stats: dict) -> int:

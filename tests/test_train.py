@@ -299,6 +299,33 @@ def test_auto_dtype_is_measured_once_and_a_resume_keeps_it(tiny, monkeypatch):
 
 
 @pytest.mark.slow
+def test_budget_minutes_takes_a_late_start_out_of_training(tmp_path):
+    """12 s pass between the plan and the first step that the plan did not foresee (a first
+    run preparing its data does this): the deadline takes them out of the training time, so
+    training ends that much earlier, with the LR decayed, and the whole process stays on time."""
+    import sys
+
+    from picollm.trainer import DEADLINE_SLACK
+
+    LATE = 12.0
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "picollm.train", *TINY, f"run_dir={run_dir}", "budget.minutes=0.75",
+           "train.dtype=fp32", f"debug.slow_start_seconds={LATE}"]
+    out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    plan = json.loads((run_dir / "plan.json").read_text())
+    final = json.loads((run_dir / "final.json").read_text())
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    cuts = [r for r in records if r.get("event") == "deadline"]
+    assert cuts and cuts[-1]["late_start_seconds"] >= LATE, cuts
+    left = plan["time_budget"]["train_s"] - cuts[-1]["late_start_seconds"]
+    assert final["steps"] == cuts[-1]["last_step"] < plan["steps"]
+    assert final["train_seconds"] < 1.15 * DEADLINE_SLACK * left, (final["train_seconds"], left)
+    steps = [r for r in records if r["kind"] == "train"]
+    assert steps[-1]["lr"] < 0.2 * plan["lr"]  # decayed over the shortened run
+
+
+@pytest.mark.slow
 def test_budget_minutes_keeps_its_deadline_when_the_machine_slows(tmp_path):
     """From the first step on every step takes 0.3 s longer than the probe measured (a
     machine that slowed after planning): the planned steps would take several times the
