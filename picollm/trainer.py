@@ -138,10 +138,9 @@ class Trainer:
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.spikes = SpikeDetector(t.spike_sigmas)
         self.peak = hardware.combined_peak(hw, rank_info.world_size) or 0  # this machine's, not the plan's
-        if cfg.debug.nan_loss_at_steps or cfg.debug.inf_grad_at_steps or cfg.debug.slow_steps_from is not None:
-            FaultDrill(cfg.debug).install(self)
-        if cfg.debug.slow_start_seconds:
-            time.sleep(cfg.debug.slow_start_seconds)  # FaultDrill's late start: counted by late_start below
+        d = cfg.debug
+        if d.nan_loss_at_steps or d.inf_grad_at_steps or d.slow_steps_from is not None or d.slow_start_seconds:
+            FaultDrill(d).install(self)
         self.pace_mark = (0, 0.0)  # (step, train_seconds) at the last deadline check
         self.late_start = 0.0  # budget.minutes: seconds between the plan and the first step it did not foresee
 
@@ -561,17 +560,20 @@ class StopOnSignal:
 
 
 class FaultDrill:
-    """debug.nan_loss_at_steps / debug.inf_grad_at_steps, for tests and drills. Installed
-    only when set, around the trainer's forward and accumulation, so the loop itself
-    knows nothing of it: the first time a listed step runs, its loss becomes NaN or one
-    gradient element inf (a rollback replays the step cleanly)."""
+    """The debug group's drills, for tests. Installed only when set, around the trainer's
+    forward and accumulation, so the loop itself knows nothing of it: the first time a
+    listed step runs, its loss becomes NaN or one gradient element inf (a rollback replays
+    the step cleanly); steps from slow_steps_from on take longer; and installing it waits
+    slow_start_seconds (a late start before the first step)."""
 
     def __init__(self, debug: DictConfig) -> None:
         self.nan_loss, self.inf_grad = set(debug.nan_loss_at_steps), set(debug.inf_grad_at_steps)
         self.slow_from, self.slow_seconds = debug.slow_steps_from, debug.slow_step_seconds
+        self.slow_start = debug.slow_start_seconds
         self.done: set = set()
 
     def install(self, trainer: Trainer) -> None:
+        time.sleep(self.slow_start)  # after the plan, before the first step: Trainer.late_start counts it
         forward, accumulate = trainer.forward, trainer.accumulate
 
         def nan_forward(x, y):

@@ -580,10 +580,10 @@ def test_a_short_run_trains_on_sequences_from_the_whole_pool(tmp_path: Path) -> 
     data = prepare_data(cfg, tok_cfg(), n_train_tokens=1 << 24, out_dir=tmp_path / "a")
     assert data.corpus_exhausted
     seq, batch, steps = 16, 8, 24  # 3,072 tokens, ~10% of the stream
+    stream = _stream(data.train_shards)
 
     def files_read(max_tokens: int) -> set[int]:
         loader = PackedLoader(data.train_shards, seq, batch, batch, seed=3, max_tokens=max_tokens)
-        stream = _stream(data.train_shards)
         files = set()
         for step in range(steps):
             for j in loader.sequence_ids(step, 0):

@@ -60,6 +60,21 @@ def test_a_short_run_samples_from_a_pool_larger_than_its_tokens():
     assert long.stream_tokens == exact.stream_tokens
 
 
+def test_a_run_saved_before_the_pool_existed_resumes_as_pool_zero():
+    """A config saved before data.pool_tokens existed read exactly its first D tokens: it
+    matches data.pool_tokens=0, and the new default is a change the resume refuses."""
+    from omegaconf import OmegaConf
+
+    from picollm.plan import config_changes
+
+    now = OmegaConf.to_container(load_config(["model=tiny"]), resolve=True)
+    old = json.loads(json.dumps(now))
+    del old["data"]["pool_tokens"]
+    exact = OmegaConf.to_container(load_config(["model=tiny", "data.pool_tokens=0"]), resolve=True)
+    assert config_changes(old, exact) == []
+    assert config_changes(old, now) == ["data.pool_tokens"]
+
+
 def test_explicit_model_defaults_to_twenty_tokens_per_param():
     p = plan("model=reference")
     assert p.n_params == 13_762_560  # 6 * (4*384^2 + 3*384*1024) + 384*8192
