@@ -147,7 +147,7 @@ class _RMSNormFunction(torch.autograd.Function):
 class _ChunkedHeadLoss(torch.autograd.Function):
     """Mean cross-entropy of ``h @ weight.T`` over the first ``vocab_size`` columns, a few
     hundred rows at a time, with the gradients taken on the spot (softmax minus one-hot is
-    known as soon as a chunk's logits are). The (tokens x vocab) logits, their log-softmax
+    known as soon as a chunk's logits are). The (tokens x vocab) logits, their softmax
     and its gradient are never held whole: at the reference shape those are 67-134 MB
     tensors that a CPU page-faults in afresh every step and streams through memory several
     times. Same math as the plain path, in the same dtypes (matmuls in ``dtype``, softmax
@@ -166,10 +166,15 @@ class _ChunkedHeadLoss(torch.autograd.Function):
                 h_rows, t = h_c[start:start + rows], targets[start:start + rows, None]
                 logits = torch.mm(h_rows, w_c.t()).float()
                 logits[:, vocab_size:] = float("-inf")  # padding columns get zero probability
-                logp = torch.log_softmax(logits, dim=-1)
-                loss -= logp.gather(1, t).sum()
-                dlogits = logp.exp_().scatter_add_(1, t, torch.full(t.shape, -1.0, device=h.device))
-                dlogits = dlogits.mul_(1.0 / n).to(dtype)
+                # -log softmax at the target = log(sum exp(logits - peak)) + peak - target logit; the
+                # softmax is made in place: about half the time of log_softmax then exp (BENCHMARKS.md).
+                target = logits.gather(1, t)
+                peak = logits.amax(dim=-1, keepdim=True)
+                probs = logits.sub_(peak).exp_()
+                total = probs.sum(dim=-1, keepdim=True)
+                loss += (total.log() + peak - target).sum()
+                dlogits = probs.mul_(total.reciprocal().div_(n))  # (softmax - one-hot) / n
+                dlogits = dlogits.scatter_add_(1, t, torch.full(t.shape, -1.0 / n, device=h.device)).to(dtype)
                 torch.mm(dlogits, w_c, out=grad_h[start:start + rows])
                 if dtype == torch.float32:  # (addmm_ would be invisible to FlopCounterMode)
                     torch.addmm(grad_w, dlogits.t(), h_rows, out=grad_w)
