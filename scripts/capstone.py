@@ -63,10 +63,10 @@ Design (decided from --estimate and the fit budgets only, never from a held-out 
   larger size more (4.6% against 3.1%), which biases N_opt down. A capstone on another corpus,
   vocabulary or sequence length should scan again before its first run.
 - Approach 3 fits with a Huber threshold of A3_HUBER_DELTA = 0.02 (1.345x the ~1.5% noise of
-  seed-averaged points), not Chinchilla's 1e-3: see the constant.
-- Approach 3 fits the rungs of 3+ layers (FULL_A3_MIN_LAYERS, 2026-12-07): the 2-layer rung is
-  half LM head, which the law's N counts as capacity, and sat 2.2% above the law; it still
-  trains and stays in Approaches 1 and 2, where it brackets the smallest budget's minimum.
+  seed-averaged points), not Chinchilla's 1e-3: see the constant. It fits every rung: leaving
+  out the 2-layer one (half LM head; 2.2% above the law in the 2026-11-25 pool run) was
+  decided before the 2026-12-07 run on seeds 2028,13 and made that run worse (Approach 3 0.385
+  with a 0.53-wide interval, against 0.414 and 0.42 with it; Approach 2 0.510), so it was dropped.
 - Held out at 10x the largest budget (3e13), on the rung nearest Approach 2's N_opt (Approach
   3's when a profile is not bracketed). The corpus (pystdlib, 14.6M train tokens) is the one
   installed; at the optimum the sequential fit found (2026-11-25: N = 190k) the held-out
@@ -114,20 +114,12 @@ FULL_LR = 0.012
 # Chinchilla's 1e-3 is ~0.07 of that noise here, a least-absolute-deviations fit, whose
 # exponent interval on those runs' fit points was 25-55% wider (0.55 and 0.49 vs 0.44, 0.31).
 A3_HUBER_DELTA = 0.02
-# Approach 3 fits the rungs of at least this many layers (a3_min_layers in the specs); the
-# 2-layer rung still trains and stays in Approaches 1 and 2 (it brackets the 1e11 minimum).
-# Decided 2026-12-07 from the fit points of the 2026-11-25 pool run, before the run on seeds
-# 2028,13: that rung (N 16k) is half LM head (37% at 33k, at most 20% from 82k), the law's N
-# counts the head as capacity like any block weight, and it sat 2.2% above the law at 1e12;
-# without it that run's Approach 3 gave a = 0.565 against Approach 2's 0.587 (0.451 with it).
-FULL_A3_MIN_LAYERS = 3
 FULL = dict(budgets=[1e11, 3e11, 1e12, 3e12], first_sizes=5, first_repeats=5, sizes=5, repeats=5,
             average_seeds=True, max_extensions=2, bootstrap=200, scan=[(1e12, 3), (1e12, 6)],
-            a3_min_layers=FULL_A3_MIN_LAYERS,
             overrides=["model.seq_len=64", "tokenizer.vocab_size=512", f"train.eval_tokens={EVAL_ALL}",
                        f"train.lr={FULL_LR!r}"] + COMMON)
 QUICK = dict(budgets=[3e8, 1e9, 3e9], first_sizes=4, first_repeats=4, sizes=3, repeats=3, average_seeds=True,
-             max_extensions=1, bootstrap=30, scan=[(1e9, 2), (1e9, 3)], a3_min_layers=2,
+             max_extensions=1, bootstrap=30, scan=[(1e9, 2), (1e9, 3)],
              overrides=["model=tiny", "model.seq_len=32", "tokenizer.vocab_size=300", "tokenizer.train_chars=300000",
                         "data.max_docs=150", "data.val_fraction=0.05", "train.eval_tokens=2048",
                         "train.batch_tokens=256"] + COMMON)
@@ -288,30 +280,22 @@ def ok_rows(rows: list[dict]) -> list[dict]:
     return [r for r in rows if r["status"] == "ok" and r.get("val_loss") is not None and math.isfinite(r["val_loss"])]
 
 
-def fit_all(rows: list[dict], bootstrap: int, average: bool = False, a3_min_layers: int = 1) -> Fits:
+def fit_all(rows: list[dict], bootstrap: int, average: bool = False) -> Fits:
     """On the rows `primary` gives (default-seed runs, or with `average` each size's mean over
-    its seeds): Approach 3 on the sizes of at least `a3_min_layers` layers, Approach 2 on the
-    profiles (grouped by nominal budget) and Approach 1 on each size's end-of-schedule losses
-    across budgets, both with every size. The scatter about Approach 3's law is measured on
-    every run it covers, repeats included, and is that of what the held-out run reports: one
-    run, or with `average` the mean of one run per seed, whose seed-to-seed part shrinks by
-    the number of seeds."""
+    its seeds): Approach 3, Approach 2 on the profiles (grouped by nominal budget) and
+    Approach 1 on each size's end-of-schedule losses across budgets. The scatter about
+    Approach 3's law is measured on every run, repeats included, and is that of what the
+    held-out run reports: one run, or with `average` the mean of one run per seed, whose
+    seed-to-seed part shrinks by the number of seeds."""
     main = primary(rows, average)
     fits = Fits()
     fits.average = average
     budget, n, d, c, loss = (np.array([r[k] for r in main], dtype=float)
                              for k in ("budget", "n_params", "n_tokens", "compute", "val_loss"))
-    in_law = lambda r: r.get("n_layer", a3_min_layers) >= a3_min_layers
-    left_out = sorted({int(r["n_params"]) for r in main if not in_law(r)})
-    if left_out:
-        fits.notes.append(f"Approach 3 fits sizes of {a3_min_layers}+ layers; left out of it (kept in Approaches "
-                          f"1 and 2): N = {', '.join(f'{x:,}' for x in left_out)}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the results list them
-        fits.par = fit.fit_parametric(*(np.array([r[k] for r in main if in_law(r)], dtype=float)
-                                        for k in ("n_params", "n_tokens", "val_loss")),
-                                      delta=A3_HUBER_DELTA, bootstrap=bootstrap)
-        every = [r for r in ok_rows(rows) if in_law(r)]
+        fits.par = fit.fit_parametric(n, d, loss, delta=A3_HUBER_DELTA, bootstrap=bootstrap)
+        every = ok_rows(rows)
         fits.scatter = fit.measure_scatter(fits.par.law, *([r[k] for r in every] for k in ("n_params", "n_tokens",
                                                                                           "val_loss")))
         sc = fits.scatter
@@ -800,7 +784,7 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit("error: fewer than 5 points succeeded, too few for the parametric fit; see "
                              f"{out / 'sweep'} and rerun.")
         timing.update(sweep_minutes=(time.perf_counter() - start) / 60, load_predicted=os.getloadavg()[0])
-        fits = fit_all(rows, spec["bootstrap"], spec["average_seeds"], spec["a3_min_layers"])
+        fits = fit_all(rows, spec["bootstrap"], spec["average_seeds"])
         pred = write_prediction(spec, out, fits, timing)
         print(f"prediction for {pred['name']}: loss {pred['loss']:.4f} {pred['interval']}")
         plot_fits(decisions, rows, fits, pred, None, out)

@@ -292,30 +292,6 @@ def test_capstone_fits_approach_3_with_its_huber_threshold():
     assert ours != fit.fit_parametric(n, d, loss).law
 
 
-def test_capstone_fits_approach_3_on_its_deeper_rungs_only():
-    """With a3_min_layers=3 the 2-layer rung (here 10% above the law) is left out of Approach 3
-    and of the scatter about it, is named in the notes, and still shapes Approach 2's profiles."""
-    capstone = _capstone_script()
-    rng = np.random.default_rng(1)
-    rows = []
-    for budget in (1e11, 3e11, 1e12):
-        for layers, n in ((2, 1.6e4), (3, 3.3e4), (4, 8.2e4), (5, 1.3e5), (6, 1.9e5)):
-            d = budget / (6 * n)
-            loss = (1.8 + 300 / n**0.55 + 60 / d**0.3) * math.exp(rng.normal(0, 0.01)) * (1.1 if layers == 2 else 1)
-            rows.append({"name": f"{budget:g}_{n:g}", "budget": budget, "n_params": n, "n_tokens": d, "n_layer": layers,
-                         "compute": budget, "val_loss": loss, "status": "ok", "seed": None})
-    deep = [r for r in rows if r["n_layer"] >= 3]
-    fits = capstone.fit_all(rows, bootstrap=0, a3_min_layers=3)
-    n, d, loss = ([r[k] for r in deep] for k in ("n_params", "n_tokens", "val_loss"))
-    assert fits.par.law == fit.fit_parametric(n, d, loss, delta=capstone.A3_HUBER_DELTA).law
-    assert fits.scatter.runs == len(deep)
-    assert any("left out of it" in note and "16,000" in note for note in fits.notes)
-    assert sum(len(curve["n_params"]) for curve in fits.iso.curves) == len(rows)  # Approach 2 keeps every size
-    everything = capstone.fit_all(rows, bootstrap=0)
-    assert everything.par.law != fits.par.law and not any("left out" in note for note in everything.notes)
-    assert capstone.FULL["a3_min_layers"] == 3
-
-
 def test_capstone_averages_seeds_only_when_asked():
     """With every size at two seeds the profiles use each size's mean; otherwise the
     default-seed run alone (a repeat at some sizes only would bend the profile)."""
