@@ -130,7 +130,7 @@ def matmul_peak(dtype: str, clock: str) -> float:
         return measure_matmul_peak.__wrapped__(dtype)
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--nanogpt", required=True, help="folder of a nanoGPT checkout (holds model.py)")
     p.add_argument("--shape", choices=sorted(SHAPES), default="reference")
@@ -147,8 +147,11 @@ def main() -> None:
     p.add_argument("--baseline", default=None,
                    help="another picollm checkout whose model.py is timed beside this one")
     p.add_argument("--out", default=None, help="also write the results as JSON here")
-    args = p.parse_args()
+    args = p.parse_args(argv)
 
+    dtypes = args.dtypes.split(",")
+    if "fp32" not in dtypes or set(dtypes) - {"fp32", "bf16"}:
+        sys.exit(f"--dtypes takes fp32 (nanoGPT's CPU default, the yardstick) and optionally bf16, got {args.dtypes!r}.")
     if args.clock == "cpu" and args.threads != 1:
         sys.exit("--clock cpu times the calling thread only, so it needs --threads 1; add --clock wall.")
     torch.set_num_threads(args.threads)
@@ -156,9 +159,6 @@ def main() -> None:
     nanogpt = load_module("nanogpt_model", Path(args.nanogpt) / "model.py")
     torch.manual_seed(0)
     x = torch.randint(0, shape["vocab_size"], (args.micro_batch, shape["seq_len"] + 1))
-    dtypes = args.dtypes.split(",")
-    if "fp32" not in dtypes or set(dtypes) - {"fp32", "bf16"}:
-        sys.exit(f"--dtypes takes fp32 (nanoGPT's CPU default, the yardstick) and optionally bf16, got {args.dtypes!r}.")
     variants = []
     for dtype in dtypes:
         variants.append(nanogpt_variant(nanogpt, shape, dtype, x))

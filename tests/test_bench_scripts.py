@@ -1,6 +1,7 @@
 """The benchmark scripts' own argument handling (their measurements live in BENCHMARKS.md)."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +11,7 @@ def _script(name: str):
     path = Path(__file__).resolve().parent.parent / "scripts" / f"{name}.py"
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up while the file runs
     spec.loader.exec_module(module)
     return module
 
@@ -24,3 +26,14 @@ def test_time_to_loss_shapes_take_an_optional_peak_lr():
         bench.shape_overrides("auto@fast")
     with pytest.raises(SystemExit, match="is not LxD"):
         bench.shape_overrides("wide@0.01")
+
+
+def test_nanogpt_bench_refuses_dtypes_without_its_fp32_yardstick(tmp_path):
+    """--dtypes must include fp32 (the comparison is against nanoGPT's fp32 CPU default) and
+    nothing but fp32 and bf16; refused before nanoGPT is even looked for."""
+    bench = _script("bench_nanogpt")
+    for bad in ("bf16", "fp32,fp16"):
+        with pytest.raises(SystemExit, match="--dtypes takes fp32"):
+            bench.main(["--nanogpt", str(tmp_path / "absent"), "--dtypes", bad])
+    with pytest.raises(SystemExit, match="does not exist"):  # fp32 alone passes the check
+        bench.main(["--nanogpt", str(tmp_path / "absent"), "--dtypes", "fp32"])
