@@ -154,9 +154,9 @@ def main(argv: list[str] | None = None) -> None:
         sys.exit(f"--dtypes takes fp32 (nanoGPT's CPU default, the yardstick) and optionally bf16, got {args.dtypes!r}.")
     if args.clock == "cpu" and args.threads != 1:
         sys.exit("--clock cpu times the calling thread only, so it needs --threads 1; add --clock wall.")
-    torch.set_num_threads(args.threads)
     shape = SHAPES[args.shape]
     nanogpt = load_module("nanogpt_model", Path(args.nanogpt) / "model.py")
+    torch.set_num_threads(args.threads)  # after every check, so a refused call changes nothing
     torch.manual_seed(0)
     x = torch.randint(0, shape["vocab_size"], (args.micro_batch, shape["seq_len"] + 1))
     variants = []

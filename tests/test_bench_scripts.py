@@ -5,6 +5,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import torch
 
 
 def _script(name: str):
@@ -35,5 +36,7 @@ def test_nanogpt_bench_refuses_dtypes_without_its_fp32_yardstick(tmp_path):
     for bad in ("bf16", "fp32,fp16"):
         with pytest.raises(SystemExit, match="--dtypes takes fp32"):
             bench.main(["--nanogpt", str(tmp_path / "absent"), "--dtypes", bad])
+    threads = torch.get_num_threads()
     with pytest.raises(SystemExit, match="does not exist"):  # fp32 alone passes the check
-        bench.main(["--nanogpt", str(tmp_path / "absent"), "--dtypes", "fp32"])
+        bench.main(["--nanogpt", str(tmp_path / "absent"), "--dtypes", "fp32", "--threads", "1"])
+    assert torch.get_num_threads() == threads  # a refused call leaves this process's threads alone
