@@ -17,8 +17,9 @@ The two architectures differ (picollm: RMSNorm, rotary, QK-norm, SwiGLU, untied 
 nanoGPT: LayerNorm, learned positions, GELU, tied head), so both tokens/s and model FLOP/s
 are reported, each from the model's own FLOPs per token (picollm: flops_per_token();
 nanoGPT: 6N + 12 L H Q T from its estimate_mfu). MFU is against the best square matmul of
-the same dtype measured in this run (picollm.hardware.measure_matmul_peak, after every
-round, by the same clock as the steps; the best is kept).
+the same dtype, or of fp32 where that is faster, measured in this run
+(picollm.hardware.cpu_peak, after every round, by the same clock as the steps; the best
+is kept).
 """
 
 from __future__ import annotations
@@ -39,7 +40,7 @@ from unittest import mock
 import torch
 
 from picollm import hardware
-from picollm.hardware import measure_matmul_peak
+from picollm.hardware import cpu_peak
 from picollm.model import GPT, GPTConfig
 from picollm.optim import make_optimizer
 
@@ -122,12 +123,12 @@ def timed(step: Callable[[], None]) -> tuple[float, float]:
 
 
 def matmul_peak(dtype: str, clock: str) -> float:
-    """picollm's yardstick (best square matmul), measured afresh (it caches per process) and
-    timed by the benchmark's clock so MFU compares like with like."""
+    """picollm's yardstick (``hardware.cpu_peak``), measured afresh (training caches it per
+    process) and timed by the benchmark's clock so MFU compares like with like."""
     if clock == "wall":
-        return measure_matmul_peak.__wrapped__(dtype)
+        return cpu_peak(dtype)
     with mock.patch.object(hardware.time, "perf_counter", time.thread_time):
-        return measure_matmul_peak.__wrapped__(dtype)
+        return cpu_peak(dtype)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -30,9 +30,9 @@ evaluations per run (as 250 of 2000 in the recipe) and always_save_checkpoint=Tr
 ckpt.pt holds the final weights.
 
 --shapes trains picollm alone at each budget with explicit shapes (LxD, optional hH heads
-and sS seq_len; `auto` lets the plan choose) and optionally a peak LR (`@0.01`), two at a
-time side by side, scored the same way: the measurement behind plan.py's tiny-budget size
-rule and its LR cap.
+and sS seq_len; `auto` lets the plan choose), optionally a peak LR (`@0.01`) and an
+optimizer (`+muon`), two at a time side by side, scored the same way: the measurement
+behind plan.py's tiny-budget size rule, its LR cap, and Muon against AdamW.
 """
 
 from __future__ import annotations
@@ -415,20 +415,26 @@ LR = re.compile(r"^\d*\.?\d+(?:e-?\d+)?$")
 
 
 def shape_overrides(spec: str) -> list:
-    """Overrides for one --shapes entry: SHAPE[@LR], SHAPE being auto or LxD[hH][sS]."""
+    """Overrides for one --shapes entry: SHAPE[@LR][+OPTIMIZER], SHAPE being auto or LxD[hH][sS]."""
+    from picollm.optim import OPTIMIZERS
+
+    spec, _, optimizer = spec.partition("+")
+    if optimizer and optimizer not in OPTIMIZERS:
+        raise SystemExit(f"--shapes entry {spec}+{optimizer}: the optimizer after + must be one of "
+                         f"{', '.join(OPTIMIZERS)}, e.g. auto+muon.")
     shape, _, lr = spec.partition("@")
     if lr and not LR.match(lr):
         raise SystemExit(f"--shapes entry {spec!r}: the peak LR after @ must be a number, e.g. auto@0.01.")
-    peak = [f"train.lr={lr}"] if lr else []
+    extra = ([f"train.lr={lr}"] if lr else []) + ([f"train.optimizer={optimizer}"] if optimizer else [])
     if shape == "auto":
-        return peak
+        return extra
     m = SHAPE.match(shape)
     if not m:
-        raise SystemExit(f"--shapes entry {spec!r} is not LxD[hH][sS][@LR] (e.g. 4x128h4s64 or 2x128@0.01) or "
-                         "auto[@LR].")
+        raise SystemExit(f"--shapes entry {spec!r} is not LxD[hH][sS][@LR][+OPTIMIZER] (e.g. 4x128h4s64 or "
+                         "2x128@0.01+muon) or auto[@LR][+OPTIMIZER].")
     layers, width, heads, seq = m.groups()
     return ([f"model.n_layer={layers}", f"model.d_model={width}"] + ([f"model.n_head={heads}"] if heads else [])
-            + ([f"model.seq_len={seq}"] if seq else []) + peak)
+            + ([f"model.seq_len={seq}"] if seq else []) + extra)
 
 
 def shapes(args, info: dict, out: Path) -> dict:
@@ -467,7 +473,8 @@ def main() -> None:
     p.add_argument("--out", required=True, help="output directory (runs, logs, summary.md, results.json, the plot)")
     p.add_argument("--calib-iters", type=int, default=200, help="iterations of nanoGPT's calibration run")
     p.add_argument("--shapes", default=None,
-                   help="picollm shapes (and peak LRs) to compare instead, e.g. auto,2x128,4x128h4s64 or auto,auto@0.01")
+                   help="picollm shapes (peak LRs, optimizers) to compare instead, e.g. auto,2x128,4x128h4s64, "
+                        "auto,auto@0.01 or auto,auto+muon")
     p.add_argument("--picollm-args", default="", help="extra picollm overrides, space-separated")
     args = p.parse_args()
     args.minutes = [float(x) for x in args.minutes.split(",")]

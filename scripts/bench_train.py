@@ -5,7 +5,7 @@
 
 Each variant runs in a fresh subprocess (so its peak RSS is its own) and reports model
 FLOP/s (flops_per_token x tokens / median step time, docs/conventions.md) as a fraction of the best
-of square matmuls in the same dtype (picollm.hardware.measure_matmul_peak, the same
+of square matmuls in the same dtype, or fp32 where faster (picollm.hardware.cpu_peak, the same
 yardstick the trainer's MFU uses), measured in the same process just before. Prints a markdown table and writes JSON next to it with --out.
 """
 

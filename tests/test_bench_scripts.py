@@ -17,14 +17,19 @@ def _script(name: str):
     return module
 
 
-def test_time_to_loss_shapes_take_an_optional_peak_lr():
+def test_time_to_loss_shapes_take_an_optional_peak_lr_and_optimizer():
     bench = _script("bench_time_to_loss")
     assert bench.shape_overrides("auto") == []
     assert bench.shape_overrides("auto@0.006") == ["train.lr=0.006"]
     assert bench.shape_overrides("4x128h4s64@1.2e-2") == ["model.n_layer=4", "model.d_model=128", "model.n_head=4",
                                                           "model.seq_len=64", "train.lr=1.2e-2"]
+    assert bench.shape_overrides("auto+muon") == ["train.optimizer=muon"]
+    assert bench.shape_overrides("2x128@0.01+muon") == ["model.n_layer=2", "model.d_model=128", "train.lr=0.01",
+                                                        "train.optimizer=muon"]
     with pytest.raises(SystemExit, match="the peak LR after @ must be a number"):
         bench.shape_overrides("auto@fast")
+    with pytest.raises(SystemExit, match="the optimizer after \\+ must be one of adamw, muon"):
+        bench.shape_overrides("auto+sgd")
     with pytest.raises(SystemExit, match="is not LxD"):
         bench.shape_overrides("wide@0.01")
 

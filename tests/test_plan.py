@@ -123,6 +123,26 @@ def test_mfu_yardstick_is_the_current_device_counted_once_per_device():
     assert combined_peak(DeviceInfo(torch.device("cpu"), "x", "fp32", None, "unknown", 1), 1) is None
 
 
+def test_cpu_yardstick_of_a_half_dtype_is_never_below_fp32s_peak():
+    """A forced bf16 run on a CPU without bf16 units once reported MFU near 400%: its thin
+    products beat its own (slow) square ones. fp32 is always there to widen bf16 into."""
+    from picollm.hardware import cpu_peak, square_matmul_flops
+
+    measured = []
+
+    def fake(rates):
+        def measure(dtype):
+            measured.append(dtype)
+            return rates[dtype]
+        return measure
+    assert cpu_peak("bf16", fake({"fp32": 9e10, "bf16": 1e9})) == 9e10  # no bf16 units: fp32's peak
+    assert cpu_peak("bf16", fake({"fp32": 9e10, "bf16": 3e11})) == 3e11  # bf16 units: its own
+    measured.clear()
+    assert cpu_peak("fp32", fake({"fp32": 9e10, "bf16": 3e11})) == 9e10 and measured == ["fp32"]
+    # The real measurement stops after the first size once the next cannot fit its budget.
+    assert cpu_peak("fp32", lambda dtype: square_matmul_flops(dtype, budget_s=0.0)) > 0
+
+
 def test_derived_hyperparameters_follow_the_documented_rules():
     p = plan("budget.compute=1e18", "tokenizer.vocab_size=32768", "model.seq_len=1024")
     assert p.lr == pytest.approx(0.3118 * p.compute ** -0.125)  # far above the cap's reach (~9e11)
