@@ -18,8 +18,13 @@ LR 3e-3 the old cap gave): ratio 1, 3, 10, 30 gave validation loss 5.64, 5.42, 5
 is ``train.weight_decay`` too, decoupled as torch applies it: each step shrinks a matrix by
 lr_muon * wd (so ratio times AdamW's shrink).
 
+Muon orthogonalizes each update with a few Newton-Schulz iterations, matmuls that torch
+always runs in bf16. A run that trains in fp32 runs them in fp32 instead: ``train.dtype=auto``
+picks fp32 on a CPU only where bf16 is slower, and on a CPU without bf16 units (AVX2 only)
+torch's bf16 iterations made a 2 x 128 Muon step ~5x an AdamW step.
+
 adamw is the default: Muon reaches a lower loss for the same tokens, but its update
-(Newton-Schulz in bf16, fixed cost per step) makes small-batch CPU steps ~20% slower, and at
+(Newton-Schulz, fixed cost per step) makes small-batch CPU steps ~20% slower, and at
 the smallest budget measured AdamW got the lower loss for the same training time."""
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ import math
 
 import torch
 import torch.nn as nn
+import torch.optim._muon as torch_muon
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
@@ -57,14 +63,34 @@ def muon_matrices(model: nn.Module) -> list[torch.Tensor]:
     return [p for p in model.blocks.parameters() if p.requires_grad and p.dim() == 2]
 
 
+def newton_schulz_fp32(update: torch.Tensor, ns_coefficients: tuple[float, float, float], ns_steps: int,
+                       eps: float) -> torch.Tensor:
+    """torch.optim.Muon's orthogonalization (the same quintic iteration and coefficients),
+    with its matmuls in fp32 rather than bf16."""
+    a, b, c = ns_coefficients
+    tall = update.size(0) > update.size(1)
+    x = update.float().T if tall else update.float()
+    x = x / x.norm().clamp(min=eps)  # spectral norm at most 1
+    for _ in range(ns_steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x.T if tall else x
+
+
 class MuonWithAdamW(torch.optim.Optimizer):
     """Muon for some parameters and AdamW for the rest, seen as one optimizer: one list of
     param_groups (Muon's first), one state and one state_dict, so checkpoints (by parameter
     name), the LR schedule, gradient clipping and the GradScaler handle it like any other.
-    The two torch optimizers do the updates on the groups and state held here."""
+    The two torch optimizers do the updates on the groups and state held here.
+    ``fp32_newton_schulz`` swaps torch's bf16 orthogonalization for ``newton_schulz_fp32``
+    while Muon steps (torch offers no option for it)."""
 
-    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW) -> None:
+    def __init__(self, muon: torch.optim.Muon, adamw: torch.optim.AdamW, fp32_newton_schulz: bool = False) -> None:
         self.muon, self.adamw = muon, adamw
+        self.orthogonalize = newton_schulz_fp32 if fp32_newton_schulz else None
+        if self.orthogonalize and not callable(getattr(torch_muon, "_zeropower_via_newtonschulz", None)):
+            raise RuntimeError("this torch's Muon has no _zeropower_via_newtonschulz to run in fp32; "
+                               "train in bf16 or use train.optimizer=adamw.")
         super().__init__(muon.param_groups + adamw.param_groups, defaults={})
         self._share()
 
@@ -82,14 +108,24 @@ class MuonWithAdamW(torch.optim.Optimizer):
             with torch.enable_grad():
                 loss = closure()
         self._share()
-        self.muon.step()
+        if self.orthogonalize is None:
+            self.muon.step()
+        else:
+            torchs = torch_muon._zeropower_via_newtonschulz
+            torch_muon._zeropower_via_newtonschulz = self.orthogonalize
+            try:
+                self.muon.step()
+            finally:
+                torch_muon._zeropower_via_newtonschulz = torchs
         self.adamw.step()
         return loss
 
 
 def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tuple[float, float],
-                   device: torch.device, kind: str = "adamw", muon_lr_ratio: float = 10.0) -> torch.optim.Optimizer:
-    """The optimizer ``kind`` names (OPTIMIZERS); ``lr`` is the AdamW LR (see the module's LR rules)."""
+                   device: torch.device, kind: str = "adamw", muon_lr_ratio: float = 10.0,
+                   dtype: str = "bf16") -> torch.optim.Optimizer:
+    """The optimizer ``kind`` names (OPTIMIZERS); ``lr`` is the AdamW LR (see the module's LR
+    rules). ``dtype`` is the run's training dtype: fp32 runs Muon's Newton-Schulz in fp32."""
     if kind not in OPTIMIZERS:
         raise ValueError(f"train.optimizer={kind!r} is unknown; use one of {', '.join(OPTIMIZERS)}.")
     hidden = {id(p) for p in muon_matrices(model)} if kind == "muon" else set()
@@ -101,7 +137,7 @@ def make_optimizer(model: nn.Module, lr: float, weight_decay: float, betas: tupl
         return adamw
     muon = torch.optim.Muon([{"params": muon_matrices(model), "lr_ratio": muon_lr_ratio}], lr=lr * muon_lr_ratio,
                             weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
-    return MuonWithAdamW(muon, adamw)
+    return MuonWithAdamW(muon, adamw, fp32_newton_schulz=dtype == "fp32")
 
 
 def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:

@@ -29,7 +29,7 @@ def _training_step(gcfg: GPTConfig, micro_batch: int, hw: DeviceInfo, compile: b
     torch.manual_seed(0)
     model = GPT(gcfg).to(hw.device)
     model.activation_checkpointing = activation_checkpointing
-    opt = make_optimizer(model, 1e-4, 0.1, (0.9, 0.95), hw.device, kind=optimizer)  # Muon's step costs more
+    opt = make_optimizer(model, 1e-4, 0.1, (0.9, 0.95), hw.device, kind=optimizer, dtype=hw.dtype)  # Muon's step costs more
     params = [p for p in model.parameters() if p.requires_grad]
     run = torch.compile(model) if compile else model
     host = torch.randint(0, gcfg.vocab_size, (micro_batch, gcfg.seq_len + 1))

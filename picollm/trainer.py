@@ -123,7 +123,7 @@ class Trainer:
         self.forward = self.train_model  # a micro-batch's loss (FaultDrill may wrap it)
         # The optimizer comes after wrapping: FSDP replaces the parameters with sharded ones.
         self.optimizer = make_optimizer(self.model, plan.lr, t.weight_decay, (t.beta1, t.beta2), self.torch_device,
-                                        t.optimizer, t.muon_lr_ratio)
+                                        t.optimizer, t.muon_lr_ratio, hw.dtype)
         # fp16 (GPUs without bf16; also runs on CPU): the scaler skips steps whose scaled
         # gradients overflow and lowers the scale. That is its job, not a bad step.
         self.scaler = torch.amp.GradScaler(self.torch_device.type) if hw.dtype == "fp16" else None

@@ -173,6 +173,52 @@ def test_muon_update_is_orthogonalized_and_scaled_like_adamw():
     assert singular.max() < 1.5 and 0.7 < singular.median() < 1.3
 
 
+
+def test_fp32_runs_orthogonalize_in_fp32_and_bf16_runs_as_torch_does():
+    """torch's Muon runs Newton-Schulz in bf16, ~5x an AdamW step on a CPU without bf16
+    units; an fp32 run swaps in the same iteration in fp32 for its steps only. Checked
+    against the iteration done independently in float64: the fp32 path lands within fp32
+    rounding of it, torch's bf16 path only within bf16's."""
+    import torch.optim._muon as torch_muon
+
+    from picollm.optim import newton_schulz_fp32
+
+    torchs = torch_muon._zeropower_via_newtonschulz
+    g = torch.randn(48, 32, generator=torch.Generator().manual_seed(0))
+    coefficients = (3.4445, -4.7750, 2.0315)
+
+    def float64_reference(update):
+        tall = update.shape[0] > update.shape[1]
+        x = update.double().T if tall else update.double()
+        x = x / x.norm()
+        for _ in range(5):
+            gram = x @ x.T
+            x = 3.4445 * x + (-4.7750 * gram + 2.0315 * gram @ gram) @ x
+        return (x.T if tall else x).float()
+    expected = float64_reference(g)
+    ours = newton_schulz_fp32(g, coefficients, 5, 1e-7)
+    assert ours.dtype == torch.float32 and ours.shape == g.shape
+    assert (ours - expected).abs().max() < 1e-5
+    assert (torchs(g, coefficients, 5, 1e-7).float() - expected).abs().max() > 1e-3  # bf16 rounding
+
+    lr, moved = 1e-2, {}
+    for dtype in ("fp32", "bf16"):
+        model = tiny("llama")
+        opt = make_optimizer(model, lr=lr, weight_decay=0.0, betas=(0.9, 0.95), device=CPU, kind="muon",
+                             muon_lr_ratio=1.0, dtype=dtype)
+        w = model.blocks[0].mlp.up.weight
+        before = w.detach().clone()
+        train_steps(model, opt, 1)
+        moved[dtype] = (before - w.detach()) / (lr * 0.2 * math.sqrt(max(w.shape)))
+        assert torch_muon._zeropower_via_newtonschulz is torchs  # restored after the step
+    # Step one with momentum 0.95 and Nesterov is (1 - 0.95**2) g + 0.95 (1 - 0.95) g: a
+    # multiple of g, which the normalisation removes, so the update is NS(g) itself.
+    model = tiny("llama")
+    train_steps(model, torch.optim.SGD(model.parameters(), lr=0.0), 1)  # the same first gradient
+    expected = float64_reference(model.blocks[0].mlp.up.weight.grad)
+    assert (moved["fp32"] - expected).abs().max() < 1e-4
+    assert (moved["bf16"] - expected).abs().max() > 1e-3
+
 @pytest.mark.parametrize("ratio", [1.0, 1.5])
 def test_muon_weight_decay_is_adamws_at_its_own_lr_on_zero_gradients(ratio):
     """Zero gradients leave only the decoupled decay: Muon's matrices shrink by
