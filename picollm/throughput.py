@@ -75,15 +75,25 @@ def measure_train_flops(gcfg: GPTConfig, micro_batch: int, hw: DeviceInfo, secon
 
 
 def time_dtypes(gcfg: GPTConfig, micro_batch: int, hw: DeviceInfo, dtypes=("fp32", "bf16"),
-                seconds: float = 2.0, rounds: int = 3) -> dict:
+                seconds: float = 2.0, rounds: int = 3, decisive: float = 4.0, decisive_s: float = 1.0) -> dict:
     """Seconds per training step in each dtype on this shape and micro-batch: one model,
     the dtypes interleaved (a neighbour's load hits both alike), best of ``rounds`` after a
-    warm-up step each. Stops adding rounds once ``seconds`` have passed (at least one)."""
+    warm-up step each. Stops adding rounds once ``seconds`` have passed (at least one),
+    and times none when a warm-up step was already ``decisive``x the other's and over
+    ``decisive_s``: bf16 without bf16 units takes ~10x fp32, seconds a step on the CPU
+    speedrun's model, and a round more would not change the answer."""
     start = time.perf_counter()
     step = _training_step(gcfg, micro_batch, hw)
     variants = {d: replace(hw, dtype=d) for d in dtypes}
-    for v in variants.values():
-        step(v)  # warm-up: first-call allocations and kernel selection
+    warm = {}
+    for d, v in variants.items():  # warm-up: first-call allocations and kernel selection
+        t0 = time.perf_counter()
+        step(v)
+        _sync(hw)
+        warm[d] = time.perf_counter() - t0
+    slowest, fastest = max(warm.values()), min(warm.values())
+    if len(warm) > 1 and slowest > decisive * fastest and slowest > decisive_s:
+        return {"step_seconds": warm, "seconds": time.perf_counter() - start, "rounds": 0}
     best = {d: float("inf") for d in dtypes}
     for r in range(rounds):
         for d, v in variants.items():
@@ -93,7 +103,7 @@ def time_dtypes(gcfg: GPTConfig, micro_batch: int, hw: DeviceInfo, dtypes=("fp32
             best[d] = min(best[d], time.perf_counter() - t0)
         if time.perf_counter() - start > seconds:
             break
-    return {"step_seconds": best, "seconds": time.perf_counter() - start}
+    return {"step_seconds": best, "seconds": time.perf_counter() - start, "rounds": r + 1}
 
 
 def _sync(hw: DeviceInfo) -> None:

@@ -263,6 +263,20 @@ def timings(fp32, bf16, cost=2.0):
     return measure_dtypes, calls
 
 
+def test_dtype_probe_stops_at_the_warm_up_when_it_already_decides():
+    """Real steps of a tiny model in both dtypes. A warm-up gap past the thresholds ends the
+    probe there (bf16 on a CPU without bf16 units: ~10x, seconds a step); otherwise rounds
+    are timed as before."""
+    from picollm.model import GPTConfig
+    from picollm.throughput import time_dtypes
+
+    gcfg, cpu = GPTConfig(n_layer=2, n_head=2, d_model=32, seq_len=16, vocab_size=61), CPU
+    decided = time_dtypes(gcfg, 2, cpu, decisive=1.0, decisive_s=0.0)  # any gap decides
+    assert decided["rounds"] == 0 and set(decided["step_seconds"]) == {"fp32", "bf16"}
+    timed = time_dtypes(gcfg, 2, cpu, decisive=float("inf"))
+    assert timed["rounds"] >= 1 and all(0 < s < float("inf") for s in timed["step_seconds"].values())
+
+
 @pytest.mark.parametrize("fp32, bf16, winner", [(1.8, 1.0, "bf16"), (1.0, 3.0, "fp32")])
 def test_auto_dtype_on_cpu_is_the_measured_faster_one(monkeypatch, fp32, bf16, winner):
     measure_dtypes, calls = timings(fp32, bf16)
