@@ -134,9 +134,11 @@ class DebugSchema:
     becomes NaN, or one gradient element inf, once (a rollback replays the step cleanly)."""
     nan_loss_at_steps: List[int] = field(default_factory=list)
     inf_grad_at_steps: List[int] = field(default_factory=list)
-    # From this step on each step takes slow_step_seconds longer: a machine that slowed after
-    # the plan's probe, for budget.minutes' deadline.
+    # From this step on (until slow_steps_until, if set) each step takes slow_step_seconds
+    # longer: a machine that slowed after the plan's probe (and recovered), for
+    # budget.minutes' deadline.
     slow_steps_from: Optional[int] = None
+    slow_steps_until: Optional[int] = None
     slow_step_seconds: float = 0.0
     # Seconds the trainer sleeps before its first step: work after the plan that it could not
     # foresee (a first run preparing its data), for budget.minutes' deadline.
@@ -397,6 +399,7 @@ RULES: dict[str, Rule] = {
     "debug.nan_loss_at_steps": each(at_least(0)),
     "debug.inf_grad_at_steps": each(at_least(0)),
     "debug.slow_steps_from": at_least(0, nullable=True),
+    "debug.slow_steps_until": at_least(0, nullable=True),
     "debug.slow_step_seconds": at_least(0),
     "debug.slow_start_seconds": at_least(0),
     "wandb.mode": one_of("disabled", "offline", "online"),

@@ -199,8 +199,11 @@ class Trainer:
         DEADLINE_SLACK past the time the plan left for it (the machine slowed after the
         probe), less what the process spent after the plan before its first step
         (late_start), the run ends at the step that fits instead, the LR decaying over the
-        new length. Checked DEADLINE_CHECKS times a run, after the warmup, on every rank at
-        the same steps with the slowest rank's numbers, so all ranks cut alike."""
+        new length. When the pace comes back after such a cut (the end would fall over two
+        slacks inside), the end moves out again to a slack inside, never past the plan's
+        last step: a neighbour's burst at the start once cut 7% of a 5-minute run that
+        then ended 18 s early. Checked DEADLINE_CHECKS times a run, after the warmup, on
+        every rank at the same steps with the slowest rank's numbers, so all ranks cut alike."""
         plan, last = self.plan, self.cadence.last
         if (plan.time_budget is None or self.step >= last or self.step < plan.warmup_steps
                 or self.step % max(1, plan.steps // DEADLINE_CHECKS)):
@@ -210,15 +213,24 @@ class Trainer:
         self.pace_mark = (self.step, spent)
         spent, pace, late = dist.max_over_ranks([spent, pace, self.late_start])
         allowed = plan.time_budget["train_s"] - late
-        if spent + pace * (last - self.step) <= DEADLINE_SLACK * allowed:
+        end = spent + pace * (last - self.step)
+        if end > DEADLINE_SLACK * allowed:  # cut to the step that ends on time
+            new_last, why = min(last, self.step + max(0, int((allowed - spent) / pace))), "past"
+        elif last < plan.steps and end < allowed / DEADLINE_SLACK**2:
+            # Out again to end a slack inside: a cut now needs the pace 4% slower, so the
+            # noise between checks does not move the end back and forth.
+            fits = self.step + max(0, int((allowed / DEADLINE_SLACK - spent) / pace))
+            new_last, why = min(plan.steps, fits), "inside"
+            if new_last <= last:
+                return
+        else:
             return
-        new_last = min(last, self.step + max(0, int((allowed - spent) / pace)))
         self.stats["deadline"] = {"planned": plan.steps, "last": new_last}
         self.cadence = replace(self.cadence, last=new_last)
         self.event("deadline", planned_steps=plan.steps, last_step=new_last, train_seconds=spent,
                    seconds_per_step=pace, planned_train_seconds=allowed, late_start_seconds=late)
-        log(f"step {self.step}: at {pace:.3g} s/step training would end {spent + pace * (last - self.step) - allowed:.0f} s "
-            f"past the {allowed:.0f} s left for it{f' ({late:.0f} s went to a late start)' if late >= 1 else ''}; "
+        log(f"step {self.step}: at {pace:.3g} s/step training would end {abs(end - allowed):.0f} s {why} "
+            f"the {allowed:.0f} s left for it{f' ({late:.0f} s went to a late start)' if late >= 1 else ''}; "
             f"the run now ends at step {new_last} (the LR decays over that length)",
             self.rank_info)
 
@@ -563,12 +575,13 @@ class FaultDrill:
     """The debug group's drills, for tests. Installed only when set, around the trainer's
     forward and accumulation, so the loop itself knows nothing of it: the first time a
     listed step runs, its loss becomes NaN or one gradient element inf (a rollback replays
-    the step cleanly); steps from slow_steps_from on take longer; and installing it waits
-    slow_start_seconds (a late start before the first step)."""
+    the step cleanly); steps from slow_steps_from on (until slow_steps_until) take longer;
+    and installing it waits slow_start_seconds (a late start before the first step)."""
 
     def __init__(self, debug: DictConfig) -> None:
         self.nan_loss, self.inf_grad = set(debug.nan_loss_at_steps), set(debug.inf_grad_at_steps)
-        self.slow_from, self.slow_seconds = debug.slow_steps_from, debug.slow_step_seconds
+        self.slow_from, self.slow_until = debug.slow_steps_from, debug.slow_steps_until
+        self.slow_seconds = debug.slow_step_seconds
         self.slow_start = debug.slow_start_seconds
         self.done: set = set()
 
@@ -581,7 +594,7 @@ class FaultDrill:
             return loss * float("nan") if self._due(trainer.step, self.nan_loss) else loss
 
         def inf_accumulate(batches):
-            if self.slow_from is not None and trainer.step >= self.slow_from:
+            if self.slow_from is not None and self.slow_from <= trainer.step < (self.slow_until or float("inf")):
                 time.sleep(self.slow_seconds)  # a machine that slowed down: the step's time counts it
             loss_sum = accumulate(batches)
             if self._due(trainer.step, self.inf_grad):
