@@ -94,16 +94,17 @@ def time_dtypes(gcfg: GPTConfig, micro_batch: int, hw: DeviceInfo, dtypes=("fp32
     slowest, fastest = max(warm.values()), min(warm.values())
     if len(warm) > 1 and slowest > decisive * fastest and slowest > decisive_s:
         return {"step_seconds": warm, "seconds": time.perf_counter() - start, "rounds": 0}
-    best = {d: float("inf") for d in dtypes}
-    for r in range(rounds):
+    best, timed = {d: float("inf") for d in dtypes}, 0
+    while timed < max(1, rounds):
         for d, v in variants.items():
             t0 = time.perf_counter()
             step(v)
             _sync(hw)
             best[d] = min(best[d], time.perf_counter() - t0)
+        timed += 1
         if time.perf_counter() - start > seconds:
             break
-    return {"step_seconds": best, "seconds": time.perf_counter() - start, "rounds": r + 1}
+    return {"step_seconds": best, "seconds": time.perf_counter() - start, "rounds": timed}
 
 
 def _sync(hw: DeviceInfo) -> None:

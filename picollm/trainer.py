@@ -154,7 +154,9 @@ class Trainer:
             self.late_start = late_start(plan.time_budget, process_age())
         last_val = self.evaluate() if self.step == 0 else None
         progress = ProgressLine(plan, self.peak, self.rank_info)
-        batches = self.loader.batches(self.step, self.cadence.last)
+        # To the plan's last step, not the deadline's: a resumed or rolled-back run that was
+        # cut may move its end out again (keep_deadline); close() stops the prefetch early.
+        batches = self.loader.batches(self.step, plan.steps)
         while self.step < self.cadence.last:
             lr = self.apply_lr()
             started = time.perf_counter()
@@ -168,7 +170,8 @@ class Trainer:
             self.check(result)
             if result.bad and self.roll_back_if_due():
                 batches.close()  # stop the old prefetch thread before restarting at the rollback step
-                batches = self.loader.batches(self.step, self.cadence.last)
+                batches = self.loader.batches(self.step, plan.steps)
+                self.pace_mark = (self.step, self.stats["train_seconds"])  # the deadline's pace restarts here
                 continue
             progress.step_done(self.step, self.cadence.last, self.cadence.print(self.step), result, lr, tok_s)
             self.keep_deadline()  # before the cadence: a step the deadline makes the last evaluates and saves
@@ -200,8 +203,8 @@ class Trainer:
         probe), less what the process spent after the plan before its first step
         (late_start), the run ends at the step that fits instead, the LR decaying over the
         new length. When the pace comes back after such a cut (the end would fall over two
-        slacks inside), the end moves out again to a slack inside, never past the plan's
-        last step: a neighbour's burst at the start once cut 7% of a 5-minute run that
+        slacks inside) in the first half of the plan's steps, the end moves out again to a
+        slack inside, never past the plan's last step: a neighbour's burst at the start once cut 7% of a 5-minute run that
         then ended 18 s early. Checked DEADLINE_CHECKS times a run, after the warmup, on
         every rank at the same steps with the slowest rank's numbers, so all ranks cut alike."""
         plan, last = self.plan, self.cadence.last
@@ -216,9 +219,11 @@ class Trainer:
         end = spent + pace * (last - self.step)
         if end > DEADLINE_SLACK * allowed:  # cut to the step that ends on time
             new_last, why = min(last, self.step + max(0, int((allowed - spent) / pace))), "past"
-        elif last < plan.steps and end < allowed / DEADLINE_SLACK**2:
+        elif last < plan.steps and end < allowed / DEADLINE_SLACK**2 and self.step <= plan.steps // 2:
             # Out again to end a slack inside: a cut now needs the pace 4% slower, so the
-            # noise between checks does not move the end back and forth.
+            # noise between checks does not move the end back and forth. A longer schedule
+            # raises the LR again, never above the plan's own for this step; only in the
+            # plan's first half, so a run near its end keeps its decay.
             fits = self.step + max(0, int((allowed / DEADLINE_SLACK - spent) / pace))
             new_last, why = min(plan.steps, fits), "inside"
             if new_last <= last:
@@ -594,7 +599,8 @@ class FaultDrill:
             return loss * float("nan") if self._due(trainer.step, self.nan_loss) else loss
 
         def inf_accumulate(batches):
-            if self.slow_from is not None and self.slow_from <= trainer.step < (self.slow_until or float("inf")):
+            until = float("inf") if self.slow_until is None else self.slow_until
+            if self.slow_from is not None and self.slow_from <= trainer.step < until:
                 time.sleep(self.slow_seconds)  # a machine that slowed down: the step's time counts it
             loss_sum = accumulate(batches)
             if self._due(trainer.step, self.inf_grad):

