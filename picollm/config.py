@@ -79,7 +79,7 @@ class BudgetSchema:
     tokens: Optional[float] = None  # D
     minutes: Optional[float] = None  # wall clock for the training stage on this machine
     tokens_per_param: float = 20.0  # r in D = r * N
-    probe_seconds: float = 10.0  # how long the throughput probe of budget.minutes runs
+    probe_seconds: float = 10.0  # how long the throughput probe of budget.minutes runs (at most 5% of it)
 
 
 @dataclass

@@ -839,10 +839,23 @@ def _pow2(x: float) -> int:
     return 2 ** max(0, int(round(math.log2(x))))
 
 
+# A probe takes at most this share of budget.minutes (and at least PROBE_MIN_SECONDS): at the
+# full 10 s, the probes and start-up took ~30% of a 1-minute run on the AVX2 EPYC.
+PROBE_SHARE, PROBE_MIN_SECONDS = 0.05, 2.0
+
+
+def probe_seconds(budget: DictConfig) -> float:
+    """How long one throughput probe runs: budget.probe_seconds, or less on short budgets."""
+    if budget.minutes is None:
+        return budget.probe_seconds
+    return min(budget.probe_seconds, max(PROBE_MIN_SECONDS, PROBE_SHARE * 60 * budget.minutes))
+
+
 def throughput_probe(cfg: DictConfig) -> Callable:
     from picollm.throughput import measure_train_flops
 
-    return lambda gcfg, micro, device: measure_train_flops(gcfg, micro, device, cfg.budget.probe_seconds,
+    seconds = probe_seconds(cfg.budget)
+    return lambda gcfg, micro, device: measure_train_flops(gcfg, micro, device, seconds,
                                                            optimizer=cfg.train.optimizer)
 
 

@@ -317,6 +317,18 @@ def test_minutes_probe_runs_in_the_chosen_dtype_at_the_planned_micro_batch(monke
     assert (p.micro_batch, p.model["n_layer"], p.model["d_model"]) in [(m, l, d) for _, m, l, d in probed]
 
 
+def test_throughput_probe_takes_at_most_5_percent_of_a_short_budget():
+    from picollm.plan import probe_seconds
+
+    def seconds(*overrides):
+        return probe_seconds(load_config(["model=tiny", *overrides]).budget)
+    assert seconds("budget.minutes=10") == 10.0  # budget.probe_seconds, the default
+    assert seconds("budget.minutes=1") == pytest.approx(3.0)  # 5% of 60 s
+    assert seconds("budget.minutes=0.2") == 2.0  # never under 2 s
+    assert seconds("budget.minutes=1", "budget.probe_seconds=1") == 1.0  # an explicit shorter probe stands
+    assert seconds("budget.tokens=1e6") == 10.0
+
+
 def test_minutes_budget_takes_out_start_up_probes_evals_and_the_report(monkeypatch):
     """Injected timings: start-up 7 s, every clock reading 3 s after the last, so each
     probe costs 3 s; the rest of the budget, less planned evaluations and the end of
