@@ -60,6 +60,9 @@ UNMEASURED_PEAK = {"cuda": 1e14, "cpu": 1e11}  # the first guess of budget.minut
 # budget.minutes: what besides the training steps the run spends inside its wall clock.
 EVALS_PER_RUN = 12  # at step 0, ~10 on the default interval (steps // 10), and the final one
 EVAL_SHARE = 0.05  # of budget.minutes the default evaluation interval may spend (fewer evals when short)
+# ... and when even the first and the last would spend more, fewer tokens each, down to this
+# (two evaluations of train.eval_tokens took 19 s of a 1-minute run on the AVX2 EPYC).
+EVAL_MIN_TOKENS = 32_768
 CHECKPOINT_BYTES_PER_S = 200e6  # fp32 weights + AdamW state to disk, a conservative local-disk rate
 REPORT_SECONDS = 5.0  # report.md with samples after the last step (train.report), planned
 
@@ -627,16 +630,22 @@ def _time_budget(seconds: float, startup: float, probes: dict, gcfg: GPTConfig, 
     """budget.minutes is the whole training process's wall clock: take out what was spent
     before and during planning (measured) and what evaluations, checkpoints and the end of
     the run will spend (planned at the measured rate); the rest is training."""
-    one_eval_s = t.eval_tokens * gcfg.flops_per_token() / 3 / rate  # forward only: 1/3 of a step's FLOPs
+    eval_tokens = t.eval_tokens
+    one_eval_s = eval_tokens * gcfg.flops_per_token() / 3 / rate  # forward only: 1/3 of a step's FLOPs
     if t.eval_every is None:  # as many as EVAL_SHARE of the budget pays for: at least the first and the last
         evals = int(min(EVALS_PER_RUN, max(2, EVAL_SHARE * seconds // one_eval_s)))
+        if evals * one_eval_s > EVAL_SHARE * seconds:  # even those two: fewer tokens each, down to a floor
+            eval_tokens = max(min(t.eval_tokens, EVAL_MIN_TOKENS),
+                              int(eval_tokens * EVAL_SHARE * seconds / (evals * one_eval_s)))
+            one_eval_s = eval_tokens * gcfg.flops_per_token() / 3 / rate
     else:  # an explicit interval: as many as the steps allow, estimated from the rate
         steps_guess = max(1.0, seconds * rate / gcfg.flops_per_token() / (t.batch_tokens or 2**16))
         evals = int(2 + steps_guess // t.eval_every)
     eval_s = evals * one_eval_s
     saves = 11 if t.save_every is None else 1 + seconds / 60  # one a minute at most, as a bound
     save_s = saves * 16 * gcfg.num_params(total=True) / CHECKPOINT_BYTES_PER_S
-    parts = {"budget_s": seconds, "evals": evals, "startup_s": startup, "dtype_probe_s": probes["dtype"],
+    parts = {"budget_s": seconds, "evals": evals, "eval_tokens": eval_tokens, "startup_s": startup,
+             "dtype_probe_s": probes["dtype"],
              "throughput_probe_s": probes["throughput"], "evals_s": eval_s + save_s,
              "finish_s": (REPORT_SECONDS if t.report else 0.0) + save_s / saves}  # + the exported weights
     spent = sum(v for k, v in parts.items() if k.endswith("_s") and k != "budget_s")
@@ -648,8 +657,10 @@ def _time_budget(seconds: float, startup: float, probes: dict, gcfg: GPTConfig, 
 
 
 def _overheads(tb: dict) -> str:
+    each = f" of {si(tb['eval_tokens'])} tokens" if "eval_tokens" in tb else ""
     return (f"start-up {tb['startup_s']:.0f} s + dtype probe {tb['dtype_probe_s']:.1f} s"
-            f" + throughput probe {tb['throughput_probe_s']:.1f} s + {tb['evals']} evals/checkpoints ~{tb['evals_s']:.0f} s"
+            f" + throughput probe {tb['throughput_probe_s']:.1f} s + {tb['evals']} evals{each}/checkpoints"
+            f" ~{tb['evals_s']:.0f} s"
             f" + export/report ~{tb['finish_s']:.0f} s")
 
 

@@ -353,8 +353,10 @@ class Trainer:
     # ---------------------------------------------------------------- evaluation
     def evaluate(self) -> dict:
         plan = self.plan
+        # budget.minutes may plan fewer tokens than train.eval_tokens (plan._time_budget)
+        eval_tokens = (plan.time_budget or {}).get("eval_tokens", self.t.eval_tokens)
         result = evaluate(self.model, self.data.val_shards, self.gcfg.seq_len, plan.micro_batch, self.byte_lengths,
-                          lambda: autocast(self.hw), self.t.eval_tokens, self.torch_device, self.rank_info.rank,
+                          lambda: autocast(self.hw), eval_tokens, self.torch_device, self.rank_info.rank,
                           self.rank_info.world_size, lockstep=self.sharded)
         best = self.stats["best_val_loss"]
         if best is None or result["val_loss"] < best:

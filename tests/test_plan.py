@@ -12,6 +12,7 @@ import torch
 from picollm.config import ConfigError, load_config
 from picollm.hardware import DeviceInfo
 from picollm.plan import estimate_memory, make_plan, model_config
+from picollm.units import si
 
 REPO = Path(__file__).resolve().parents[1]
 CPU = DeviceInfo(torch.device("cpu"), "test cpu", "fp32", 1e11, "measured", 16 * 2**30)
@@ -352,6 +353,23 @@ def test_minutes_budget_takes_out_start_up_probes_evals_and_the_report(monkeypat
     assert tb["train_s"] == pytest.approx(300 - spent)
     assert p.compute == pytest.approx(2e10 * tb["train_s"], rel=p.tokens_per_step / p.n_tokens + 1e-6)
     assert "wall clock   5.0 min = start-up 7 s" in p.card() and "+ training" in p.card()
+
+
+def test_minutes_budget_evaluates_fewer_tokens_when_two_evaluations_overrun_their_share():
+    """Two full evaluations (the first and the last) once took 19 s of a 1-minute run: a
+    budget.minutes run evaluates fewer tokens each until they fit 5% of it, down to a floor."""
+    from picollm.plan import EVAL_MIN_TOKENS, EVAL_SHARE
+
+    def budget(minutes, rate):
+        return make_plan(load_config([f"budget.minutes={minutes}", "tokenizer.vocab_size=2048"]), CPU,
+                         measure_flops=lambda g, m, d: rate, startup_seconds=3.0)
+    p = budget(2, 2e10)
+    tb, fpt = p.time_budget, p.flops_per_token
+    assert tb["evals"] == 2 and EVAL_MIN_TOKENS < tb["eval_tokens"] < 262_144
+    assert 2 * tb["eval_tokens"] * fpt / 3 / 2e10 == pytest.approx(EVAL_SHARE * 120, rel=1e-3)
+    assert f"2 evals of {si(tb['eval_tokens'])} tokens/checkpoints" in p.card()
+    assert budget(0.5, 1e10).time_budget["eval_tokens"] == EVAL_MIN_TOKENS  # the floor
+    assert budget(60, 2e10).time_budget["eval_tokens"] == 262_144  # train.eval_tokens when they fit
 
 
 def test_minutes_budget_too_small_for_its_overheads_is_refused(monkeypatch):

@@ -309,8 +309,11 @@ def test_budget_minutes_takes_a_late_start_out_of_training(tmp_path):
 
     LATE = 12.0
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "picollm.train", *TINY, f"run_dir={run_dir}", "budget.minutes=0.75",
-           "train.dtype=fp32", f"debug.slow_start_seconds={LATE}"]
+    # train.eval_tokens far above what 5% of the budget pays for, and a validation split larger
+    # than what it does pay for: the plan evaluates fewer tokens, and training uses its number.
+    tiny = [o for o in TINY if not o.startswith("data.val_fraction")] + ["data.val_fraction=0.5"]
+    cmd = [sys.executable, "-m", "picollm.train", *tiny, f"run_dir={run_dir}", "budget.minutes=0.75",
+           "train.dtype=fp32", f"debug.slow_start_seconds={LATE}", "train.eval_tokens=1000000"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
     plan = json.loads((run_dir / "plan.json").read_text())
@@ -323,6 +326,8 @@ def test_budget_minutes_takes_a_late_start_out_of_training(tmp_path):
     assert final["train_seconds"] < 1.15 * DEADLINE_SLACK * left, (final["train_seconds"], left)
     steps = [r for r in records if r["kind"] == "train"]
     assert steps[-1]["lr"] < 0.2 * plan["lr"]  # decayed over the shortened run
+    evals = [r for r in records if r["kind"] == "eval"]
+    assert evals and all(0 < r["val_tokens"] <= plan["time_budget"]["eval_tokens"] < 1_000_000 for r in evals)
 
 
 @pytest.mark.slow
