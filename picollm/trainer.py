@@ -204,9 +204,10 @@ class Trainer:
         (late_start), the run ends at the step that fits instead, the LR decaying over the
         new length. When the pace comes back after such a cut (the end would fall over two
         slacks inside) in the first half of the plan's steps, the end moves out again to a
-        slack inside, never past the plan's last step: a neighbour's burst at the start once cut 7% of a 5-minute run that
-        then ended 18 s early. Checked DEADLINE_CHECKS times a run, after the warmup, on
-        every rank at the same steps with the slowest rank's numbers, so all ranks cut alike."""
+        slack inside, never past the plan's last step: a neighbour's burst at the start once
+        cut 7% of a 5-minute run that then ended 18 s early. Checked DEADLINE_CHECKS times a
+        run, after the warmup, on every rank at the same steps with the slowest rank's
+        numbers, so all ranks cut alike."""
         plan, last = self.plan, self.cadence.last
         if (plan.time_budget is None or self.step >= last or self.step < plan.warmup_steps
                 or self.step % max(1, plan.steps // DEADLINE_CHECKS)):
