@@ -143,6 +143,9 @@ class DebugSchema:
     # Seconds the trainer sleeps before its first step: work after the plan that it could not
     # foresee (a first run preparing its data), for budget.minutes' deadline.
     slow_start_seconds: float = 0.0
+    # The plan's throughput probe reports the machine this many times slower than it measured:
+    # a machine that sped up after planning, for budget.minutes' deadline.
+    probe_slowdown: float = 1.0
 
 
 @dataclass
@@ -402,6 +405,7 @@ RULES: dict[str, Rule] = {
     "debug.slow_steps_until": at_least(0, nullable=True),
     "debug.slow_step_seconds": at_least(0),
     "debug.slow_start_seconds": at_least(0),
+    "debug.probe_slowdown": positive(),
     "wandb.mode": one_of("disabled", "offline", "online"),
     "plan.format": one_of("text", "json"),
     "plan.law": _lazy_one_of("picollm.scaling", "LAWS", path="a path to a fitted law's JSON (a sweep's summary.json)"),

@@ -865,9 +865,9 @@ def probe_seconds(budget: DictConfig) -> float:
 def throughput_probe(cfg: DictConfig) -> Callable:
     from picollm.throughput import measure_train_flops
 
-    seconds = probe_seconds(cfg.budget)
+    seconds, slowdown = probe_seconds(cfg.budget), cfg.debug.probe_slowdown
     return lambda gcfg, micro, device: measure_train_flops(gcfg, micro, device, seconds,
-                                                           optimizer=cfg.train.optimizer)
+                                                           optimizer=cfg.train.optimizer) / slowdown
 
 
 def dtype_probe(gcfg: GPTConfig, micro: int, device) -> dict:

@@ -149,7 +149,7 @@ def happened_section(plan: dict, train: list[dict]) -> list[str]:
     data_tokens = plan.get("data_tokens")
     skipped = sum(1 for r in train if r.get("skipped"))
     return ["## What happened", ""] + table([
-        ("steps done", f"{last['step']:,} of {plan['steps']:,}"),
+        ("steps done", f"{last['step']:,} of {plan['steps']:,} planned"),
         ("tokens", f"{si(last['tokens'])} ({last['tokens']:,})"),
         ("FLOPs", f"{last['flops']:.3e}"),
         ("train wall clock", duration(sum(r["dt"] for r in train))),

@@ -46,8 +46,12 @@ FRESH_STATS = {"skipped_steps": 0, "best_val_loss": None, "best_step": None, "tr
 # budget.minutes: the loop checks its pace DEADLINE_CHECKS times over the run and shortens the
 # schedule once the steps left would end more than DEADLINE_SLACK past the training time planned.
 # A shared machine that slowed by 15-20% after the probe made a 10-minute run take 11.9 minutes.
+# When the machine is faster than the probe measured, the end moves out, up to DEADLINE_STRETCH
+# times the plan's steps: a probe that underrated the machine by 7% once ended a 2-minute run 8 s
+# early with all its planned steps done.
 DEADLINE_CHECKS = 20
 DEADLINE_SLACK = 1.02
+DEADLINE_STRETCH = 1.25
 
 
 class TrainError(RuntimeError):
@@ -154,9 +158,10 @@ class Trainer:
             self.late_start = late_start(plan.time_budget, process_age())
         last_val = self.evaluate() if self.step == 0 else None
         progress = ProgressLine(plan, self.peak, self.rank_info)
-        # To the plan's last step, not the deadline's: a resumed or rolled-back run that was
-        # cut may move its end out again (keep_deadline); close() stops the prefetch early.
-        batches = self.loader.batches(self.step, plan.steps)
+        # To the furthest step the deadline may move the end to, not the current end: a resumed
+        # or rolled-back run may move its end out again (keep_deadline); close() stops the
+        # prefetch early.
+        batches = self.loader.batches(self.step, furthest_step(plan))
         while self.step < self.cadence.last:
             lr = self.apply_lr()
             started = time.perf_counter()
@@ -170,7 +175,7 @@ class Trainer:
             self.check(result)
             if result.bad and self.roll_back_if_due():
                 batches.close()  # stop the old prefetch thread before restarting at the rollback step
-                batches = self.loader.batches(self.step, plan.steps)
+                batches = self.loader.batches(self.step, furthest_step(plan))
                 self.pace_mark = (self.step, self.stats["train_seconds"])  # the deadline's pace restarts here
                 continue
             progress.step_done(self.step, self.cadence.last, self.cadence.print(self.step), result, lr, tok_s)
@@ -202,12 +207,12 @@ class Trainer:
         DEADLINE_SLACK past the time the plan left for it (the machine slowed after the
         probe), less what the process spent after the plan before its first step
         (late_start), the run ends at the step that fits instead, the LR decaying over the
-        new length. When the pace comes back after such a cut (the end would fall over two
-        slacks inside) in the first half of the plan's steps, the end moves out again to a
-        slack inside, never past the plan's last step: a neighbour's burst at the start once
-        cut 7% of a 5-minute run that then ended 18 s early. Checked DEADLINE_CHECKS times a
-        run, after the warmup, on every rank at the same steps with the slowest rank's
-        numbers, so all ranks cut alike."""
+        new length. When the end would fall over two slacks inside (the pace came back after
+        a cut, or the probe underrated the machine) in the first half of the plan's steps, the
+        end moves out to a slack inside, at most to furthest_step: a neighbour's burst at the
+        start once cut 7% of a 5-minute run that then ended 18 s early. Checked
+        DEADLINE_CHECKS times a run, after the warmup, on every rank at the same steps with
+        the slowest rank's numbers, so all ranks cut alike."""
         plan, last = self.plan, self.cadence.last
         if (plan.time_budget is None or self.step >= last or self.step < plan.warmup_steps
                 or self.step % max(1, plan.steps // DEADLINE_CHECKS)):
@@ -220,13 +225,13 @@ class Trainer:
         end = spent + pace * (last - self.step)
         if end > DEADLINE_SLACK * allowed:  # cut to the step that ends on time
             new_last, why = min(last, self.step + max(0, int((allowed - spent) / pace))), "past"
-        elif last < plan.steps and end < allowed / DEADLINE_SLACK**2 and self.step <= plan.steps // 2:
-            # Out again to end a slack inside: a cut now needs the pace 4% slower, so the
-            # noise between checks does not move the end back and forth. A longer schedule
-            # raises the LR again, never above the plan's own for this step; only in the
-            # plan's first half, so a run near its end keeps its decay.
+        elif last < furthest_step(plan) and end < allowed / DEADLINE_SLACK**2 and self.step <= plan.steps // 2:
+            # Out to end a slack inside: a cut now needs the pace 4% slower, so the noise
+            # between checks does not move the end back and forth. A longer schedule raises
+            # the LR at this step (never above the peak); only in the plan's first half, so a
+            # run near its end keeps its decay.
             fits = self.step + max(0, int((allowed / DEADLINE_SLACK - spent) / pace))
-            new_last, why = min(plan.steps, fits), "inside"
+            new_last, why = min(furthest_step(plan), fits), "inside"
             if new_last <= last:
                 return
         else:
@@ -474,9 +479,14 @@ def late_start(time_budget: dict, age: float) -> float:
     return max(0.0, age - planned)
 
 
+def furthest_step(plan: Plan) -> int:
+    """The furthest budget.minutes' deadline may move a run's end (Trainer.keep_deadline)."""
+    return plan.steps if plan.time_budget is None else int(plan.steps * DEADLINE_STRETCH)
+
+
 def last_step(plan: Plan, stats: dict) -> int:
-    """The run's last step: the plan's, or the earlier one budget.minutes' deadline moved it
-    to (Trainer.keep_deadline), as long as the plan's step count is the one it cut."""
+    """The run's last step: the plan's, or the one budget.minutes' deadline moved it to
+    (Trainer.keep_deadline), as long as the plan's step count is the one it moved."""
     cut = stats.get("deadline")
     return cut["last"] if cut and cut["planned"] == plan.steps else plan.steps
 

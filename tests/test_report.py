@@ -284,7 +284,7 @@ def test_report_markdown_and_plots(run_dir: Path, capsys) -> None:
     assert path == run_dir / "report.md"
     assert f"{bpb:.4f}" in text and "eval.json (full validation split)" in text
     assert f"{n_params:,}" in text
-    assert "| steps done | 4 of 4 |" in text and "| skipped steps | 0" in text
+    assert "| steps done | 4 of 4 planned |" in text and "| skipped steps | 0" in text
     assert "````\ndef tricky():\n    ```\n\n````" in text  # fence longer than the sample's backticks
     for name in ("loss.png", "throughput.png", "lr.png"):
         data = (run_dir / name).read_bytes()
