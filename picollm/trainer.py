@@ -13,6 +13,7 @@ The signals and the loss-spike detector live here because the loop is their only
 from __future__ import annotations
 
 import contextlib
+import collections
 import json
 import math
 import signal
@@ -49,9 +50,13 @@ FRESH_STATS = {"skipped_steps": 0, "best_val_loss": None, "best_step": None, "tr
 # When the machine is faster than the probe measured, the end moves out, up to DEADLINE_STRETCH
 # times the plan's steps: a probe that underrated the machine by 7% once ended a 2-minute run 8 s
 # early with all its planned steps done.
+# The pace is measured over the last DEADLINE_WINDOW checks (a fifth of the run): over one
+# check's steps it swings by +-10% on a shared box, and one slow patch once cut a 5-minute run
+# past its first half, where the end no longer moves out, so it ended 19 s early.
 DEADLINE_CHECKS = 20
 DEADLINE_SLACK = 1.02
 DEADLINE_STRETCH = 1.25
+DEADLINE_WINDOW = 4
 
 
 class TrainError(RuntimeError):
@@ -145,7 +150,7 @@ class Trainer:
         d = cfg.debug
         if d.nan_loss_at_steps or d.inf_grad_at_steps or d.slow_steps_from is not None or d.slow_start_seconds:
             FaultDrill(d).install(self)
-        self.pace_mark = (0, 0.0)  # (step, train_seconds) at the last deadline check
+        self.mark_pace()
         self.late_start = 0.0  # budget.minutes: seconds between the plan and the first step it did not foresee
 
     # ---------------------------------------------------------------- the loop
@@ -153,7 +158,7 @@ class Trainer:
         """From the current step to the plan's last; returns final.json's numbers."""
         plan = self.plan
         self.cadence = replace(self.cadence, last=last_step(plan, self.stats))  # a resumed deadline's
-        self.pace_mark = (self.step, self.stats["train_seconds"])
+        self.mark_pace()
         if self.step == 0 and plan.time_budget is not None:
             self.late_start = late_start(plan.time_budget, process_age())
         last_val = self.evaluate() if self.step == 0 else None
@@ -176,7 +181,7 @@ class Trainer:
             if result.bad and self.roll_back_if_due():
                 batches.close()  # stop the old prefetch thread before restarting at the rollback step
                 batches = self.loader.batches(self.step, furthest_step(plan))
-                self.pace_mark = (self.step, self.stats["train_seconds"])  # the deadline's pace restarts here
+                self.mark_pace()  # the deadline's pace restarts here
                 continue
             progress.step_done(self.step, self.cadence.last, self.cadence.print(self.step), result, lr, tok_s)
             self.keep_deadline()  # before the cadence: a step the deadline makes the last evaluates and saves
@@ -202,15 +207,19 @@ class Trainer:
         set_lr(self.optimizer, lr)
         return lr
 
+    def mark_pace(self) -> None:
+        """Start the deadline's pace afresh at this step (a start, resume or rollback)."""
+        self.pace_marks = collections.deque([(self.step, self.stats["train_seconds"])], maxlen=DEADLINE_WINDOW)
+
     def keep_deadline(self) -> None:
-        """budget.minutes: when the pace since the last check would end training more than
-        DEADLINE_SLACK past the time the plan left for it (the machine slowed after the
-        probe), less what the process spent after the plan before its first step
-        (late_start), the run ends at the step that fits instead, the LR decaying over the
-        new length. When the end would fall over two slacks inside (the pace came back after
-        a cut, or the probe underrated the machine) in the first half of the plan's steps, the
-        end moves out to a slack inside, at most to furthest_step: a neighbour's burst at the
-        start once cut 7% of a 5-minute run that then ended 18 s early. Checked
+        """budget.minutes: when the pace over the last DEADLINE_WINDOW checks would end
+        training more than DEADLINE_SLACK past the time the plan left for it (the machine
+        slowed after the probe), less what the process spent after the plan before its first
+        step (late_start), the run ends at the step that fits instead, the LR decaying over
+        the new length. When the end would fall over two slacks inside (the pace came back
+        after a cut, or the probe underrated the machine) in the first half of the plan's
+        steps, the end moves out to a slack inside, at most to furthest_step: a neighbour's
+        burst at the start once cut 7% of a 5-minute run that then ended 18 s early. Checked
         DEADLINE_CHECKS times a run, after the warmup, on every rank at the same steps with
         the slowest rank's numbers, so all ranks cut alike."""
         plan, last = self.plan, self.cadence.last
@@ -218,8 +227,9 @@ class Trainer:
                 or self.step % max(1, plan.steps // DEADLINE_CHECKS)):
             return
         spent = self.stats["train_seconds"]
-        pace = (spent - self.pace_mark[1]) / max(1, self.step - self.pace_mark[0])
-        self.pace_mark = (self.step, spent)
+        since_step, since_spent = self.pace_marks[0]
+        pace = (spent - since_spent) / max(1, self.step - since_step)
+        self.pace_marks.append((self.step, spent))
         spent, pace, late = dist.max_over_ranks([spent, pace, self.late_start])
         allowed = plan.time_budget["train_s"] - late
         end = spent + pace * (last - self.step)
