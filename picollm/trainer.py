@@ -51,12 +51,14 @@ FRESH_STATS = {"skipped_steps": 0, "best_val_loss": None, "best_step": None, "tr
 # times the plan's steps: a probe that underrated the machine by 7% once ended a 2-minute run 8 s
 # early with all its planned steps done.
 # The pace is measured over the last DEADLINE_WINDOW checks (a fifth of the run): over one
-# check's steps it swings by +-10% on a shared box, and one slow patch once cut a 5-minute run
-# past its first half, where the end no longer moves out, so it ended 19 s early.
+# check's steps it swings by +-10% on a shared box. The end moves out until the last
+# DEADLINE_SETTLED of the schedule: when it moved out only in the plan's first half, a cut after
+# it was final, and three runs of 2.5 and 5 minutes ended 6-7% early.
 DEADLINE_CHECKS = 20
 DEADLINE_SLACK = 1.02
 DEADLINE_STRETCH = 1.25
 DEADLINE_WINDOW = 4
+DEADLINE_SETTLED = 0.1
 
 
 class TrainError(RuntimeError):
@@ -217,8 +219,8 @@ class Trainer:
         slowed after the probe), less what the process spent after the plan before its first
         step (late_start), the run ends at the step that fits instead, the LR decaying over
         the new length. When the end would fall over two slacks inside (the pace came back
-        after a cut, or the probe underrated the machine) in the first half of the plan's
-        steps, the end moves out to a slack inside, at most to furthest_step: a neighbour's
+        after a cut, or the probe underrated the machine) before the last DEADLINE_SETTLED of
+        the steps, the end moves out to a slack inside, at most to furthest_step: a neighbour's
         burst at the start once cut 7% of a 5-minute run that then ended 18 s early. Checked
         DEADLINE_CHECKS times a run, after the warmup, on every rank at the same steps with
         the slowest rank's numbers, so all ranks cut alike."""
@@ -235,11 +237,12 @@ class Trainer:
         end = spent + pace * (last - self.step)
         if end > DEADLINE_SLACK * allowed:  # cut to the step that ends on time
             new_last, why = min(last, self.step + max(0, int((allowed - spent) / pace))), "past"
-        elif last < furthest_step(plan) and end < allowed / DEADLINE_SLACK**2 and self.step <= plan.steps // 2:
+        elif (last < furthest_step(plan) and end < allowed / DEADLINE_SLACK**2
+              and self.step <= (1 - DEADLINE_SETTLED) * last):
             # Out to end a slack inside: a cut now needs the pace 4% slower, so the noise
             # between checks does not move the end back and forth. A longer schedule raises
-            # the LR at this step (never above the peak); only in the plan's first half, so a
-            # run near its end keeps its decay.
+            # the LR at this step (never above the peak; by a few % of it for a move of a few %
+            # late in the run); not in the schedule's last tenth, so the run ends its decay.
             fits = self.step + max(0, int((allowed / DEADLINE_SLACK - spent) / pace))
             new_last, why = min(furthest_step(plan), fits), "inside"
             if new_last <= last:

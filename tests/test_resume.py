@@ -725,7 +725,7 @@ def test_a_run_resumed_after_a_deadline_cut_can_move_its_end_out_again(tmp_path)
            "train.dtype=fp32"]
     # 0.05 s more a step: 1.5x a planned step beside another CPU-heavy process, 3x idle here.
     # The first check (at 1/20 of the planned steps) cuts; SIGTERM then saves at once, and the
-    # resumed run checks its pace again at 2/20, in the plan's first half, where the end may
+    # resumed run checks its pace again at 2/20, early in the schedule, where the end may
     # still move out.
     slow = subprocess.Popen(cmd + ["debug.slow_steps_from=1", "debug.slow_step_seconds=0.05"], cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)

@@ -364,7 +364,7 @@ def test_budget_minutes_keeps_its_deadline_when_the_machine_slows_and_recovers(t
     """Steps 1-19 each take 0.1 s longer than the probe measured (a machine that slowed after
     planning, then recovered): at that pace the planned steps would overrun the training
     time planned, so the run shortens its schedule; once the pace is back, a later check in
-    the first half of the plan's steps moves the end out again to the step that now fits.
+    the schedule's first nine tenths moves the end out again to the step that now fits.
     The LR decays over the final length, the run evaluates and saves at its last step, and
     ends near the time planned. Run again, it is complete: the end is part of the
     checkpoint."""
@@ -375,7 +375,7 @@ def test_budget_minutes_keeps_its_deadline_when_the_machine_slows_and_recovers(t
     # A planned step takes ~0.05 s idle (~0.1 s beside another CPU-heavy process), so slow
     # steps are 2-3x that. The deadline checks every 1/20 of the planned steps (8-32 steps,
     # from a 2x slower machine to a 2x faster one): the first check cuts, and the checks
-    # after step 20 in the plan's first half may move the end out again.
+    # after step 20 may move the end out again.
     SLOW, UNTIL = 0.1, 20
     run_dir = tmp_path / "run"
     cmd = [sys.executable, "-m", "picollm.train", *TINY, f"run_dir={run_dir}", "budget.minutes=0.4",
