@@ -26,6 +26,10 @@ TINY = [
     "model=tiny", "model.seq_len=32", "tokenizer.vocab_size=300", "tokenizer.train_chars=300000",
     "data.max_docs=150", "data.val_fraction=0.05", "train.eval_tokens=2048", "train.log_every=1000",
     "budget.probe_seconds=0.5", "train.report=false",  # tests that want the end-of-run report turn it on
+    # fp32 unless a test asks for auto: a run then trains the same way on every CPU (auto picks
+    # bf16 where that measures faster), and skips the dtype probe, ~3 s a process on a CPU
+    # without bf16 units. The tests of auto itself set train.dtype=auto.
+    "train.dtype=fp32",
 ]
 
 
