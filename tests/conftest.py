@@ -33,6 +33,18 @@ TINY = [
 ]
 
 
+def prepare_first(overrides):
+    """Prepare (or reuse) a run's data in this process's cache before a timed budget.minutes
+    run: a run prepares its data after its plan, so a cold cache counts as a late start (many
+    seconds of a half-minute budget on a loaded machine), and the test would depend on which
+    tests ran before it in the same worker."""
+    from picollm.config import load_config
+    from picollm.data.prepare import prepare_data
+
+    cfg = load_config(overrides)
+    prepare_data(cfg.data, cfg.tokenizer, 10**12)  # the whole (small) corpus
+
+
 @pytest.fixture
 def tiny(tmp_path):
     """Overrides for a tiny run in a fresh run_dir."""

@@ -20,7 +20,7 @@ from picollm.config import ConfigError, load_config
 from picollm.export import load_weights
 from picollm.train import TrainError, run
 from picollm.trainer import SpikeDetector
-from tests.conftest import TINY
+from tests.conftest import TINY, prepare_first
 
 REPO = Path(__file__).resolve().parents[1]
 BASE = TINY + ["train.batch_tokens=256", "train.dtype=fp32", "train.warmup_steps=2", "train.eval_every=1000"]
@@ -721,6 +721,7 @@ def test_a_run_resumed_after_a_deadline_cut_can_move_its_end_out_again(tmp_path)
     and the data keeps coming (the loader once stopped at the cut step, and the resumed run
     ended in a StopIteration traceback there)."""
     run_dir = tmp_path / "run"
+    prepare_first(TINY)
     cmd = [sys.executable, "-m", "picollm.train", *TINY, f"run_dir={run_dir}", "budget.minutes=0.4",
            "train.dtype=fp32"]
     # 0.05 s more a step: 1.5x a planned step beside another CPU-heavy process, 3x idle here.

@@ -12,7 +12,7 @@ import torch
 from picollm.checkpoint import ckpt_dir, list_checkpoints, load_checkpoint
 from picollm.config import load_config
 from picollm.train import run
-from tests.conftest import TINY
+from tests.conftest import TINY, prepare_first
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -59,7 +59,7 @@ def test_tiny_run_learns_and_writes_its_outputs(tiny, monkeypatch):
 def test_accumulation_matches_one_big_batch(tmp_path):
     base = ["train.steps=4", "train.batch_tokens=256", "train.dtype=fp32", "train.warmup_steps=1",
             "train.lr=3e-3"]
-    from tests.conftest import TINY
+    from tests.conftest import TINY, prepare_first
     _, run_a, steps_a, _ = train(TINY + base + ["train.micro_batch=8", f"run_dir={tmp_path / 'a'}"])
     _, run_b, steps_b, _ = train(TINY + base + ["train.micro_batch=2", f"run_dir={tmp_path / 'b'}"])
     plan_b = json.loads((run_b / "plan.json").read_text())
@@ -75,7 +75,7 @@ def test_accumulation_matches_one_big_batch(tmp_path):
 def test_gradient_clipping_bounds_the_update(tmp_path):
     """Adam's first step moves each weight by ~lr whatever the gradient scale, unless the
     clipped gradient is far below eps: a clip of 1e-12 must freeze the weights."""
-    from tests.conftest import TINY
+    from tests.conftest import TINY, prepare_first
     base = TINY + ["train.steps=1", "train.batch_tokens=128", "train.dtype=fp32", "train.warmup_steps=0",
                    "train.lr=1e-2", "train.weight_decay=0"]
     _, run_free, steps_free, _ = train(base + ["train.grad_clip=0", f"run_dir={tmp_path / 'free'}"])
@@ -95,7 +95,7 @@ def test_gradient_clipping_bounds_the_update(tmp_path):
 
 
 def test_bf16_autocast_on_cpu(tmp_path):
-    from tests.conftest import TINY
+    from tests.conftest import TINY, prepare_first
     base = TINY + ["train.steps=3", "train.batch_tokens=256", "train.warmup_steps=1"]
     _, _, s32, _ = train(base + ["train.dtype=fp32", f"run_dir={tmp_path / 'a'}"])
     _, run16, s16, _ = train(base + ["train.dtype=bf16", f"run_dir={tmp_path / 'b'}"])
@@ -105,7 +105,7 @@ def test_bf16_autocast_on_cpu(tmp_path):
 
 
 def test_resume_is_bitwise_exact_in_fp32(tmp_path):
-    from tests.conftest import TINY
+    from tests.conftest import TINY, prepare_first
     base = TINY + ["train.steps=6", "train.batch_tokens=256", "train.dtype=fp32", "train.warmup_steps=2"]
     _, run_full, full, _ = train(base + [f"run_dir={tmp_path / 'full'}"])
     part = tmp_path / "part"
@@ -312,6 +312,7 @@ def test_budget_minutes_takes_a_late_start_out_of_training(tmp_path):
     # train.eval_tokens far above what 5% of the budget pays for, and a validation split larger
     # than what it does pay for: the plan evaluates fewer tokens, and training uses its number.
     tiny = [o for o in TINY if not o.startswith("data.val_fraction")] + ["data.val_fraction=0.5"]
+    prepare_first(tiny)  # the only late start is the drilled one
     cmd = [sys.executable, "-m", "picollm.train", *tiny, f"run_dir={run_dir}", "budget.minutes=0.5",
            "train.dtype=fp32", f"debug.slow_start_seconds={LATE}", "train.eval_tokens=1000000"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -342,6 +343,7 @@ def test_budget_minutes_uses_the_time_left_when_the_machine_outpaces_the_probe(t
     from picollm.trainer import DEADLINE_STRETCH
 
     run_dir = tmp_path / "run"
+    prepare_first(TINY)
     cmd = [sys.executable, "-m", "picollm.train", *TINY, f"run_dir={run_dir}", "budget.minutes=0.3",
            "train.dtype=fp32", "debug.probe_slowdown=3"]
     out = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
@@ -378,6 +380,7 @@ def test_budget_minutes_keeps_its_deadline_when_the_machine_slows_and_recovers(t
     # after step 20 may move the end out again.
     SLOW, UNTIL = 0.1, 20
     run_dir = tmp_path / "run"
+    prepare_first(TINY)
     cmd = [sys.executable, "-m", "picollm.train", *TINY, f"run_dir={run_dir}", "budget.minutes=0.4",
            "train.dtype=fp32", "debug.slow_steps_from=1", f"debug.slow_steps_until={UNTIL}",
            f"debug.slow_step_seconds={SLOW}"]
