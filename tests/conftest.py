@@ -53,8 +53,8 @@ def tiny(tmp_path):
 
 # The files that take longest run first: pytest-xdist hands out whole files (--dist loadfile)
 # in collection order, and with test_train.py (~150 s of the ~640 s total) collected last,
-# one worker trained it alone while the other had finished (the suite took ~380 s, against
-# ~320 s evenly spread). Order within a file is kept.
+# one worker trained it alone while the other had finished (the suite took 371-380 s; 357-360 s
+# with these first, against ~310 s if perfectly even). Order within a file is kept.
 LONGEST_FIRST = ("test_dist.py", "test_train.py", "test_resume.py")
 
 

@@ -59,7 +59,7 @@ def test_tiny_run_learns_and_writes_its_outputs(tiny, monkeypatch):
 def test_accumulation_matches_one_big_batch(tmp_path):
     base = ["train.steps=4", "train.batch_tokens=256", "train.dtype=fp32", "train.warmup_steps=1",
             "train.lr=3e-3"]
-    from tests.conftest import TINY, prepare_first
+    from tests.conftest import TINY
     _, run_a, steps_a, _ = train(TINY + base + ["train.micro_batch=8", f"run_dir={tmp_path / 'a'}"])
     _, run_b, steps_b, _ = train(TINY + base + ["train.micro_batch=2", f"run_dir={tmp_path / 'b'}"])
     plan_b = json.loads((run_b / "plan.json").read_text())
@@ -75,7 +75,7 @@ def test_accumulation_matches_one_big_batch(tmp_path):
 def test_gradient_clipping_bounds_the_update(tmp_path):
     """Adam's first step moves each weight by ~lr whatever the gradient scale, unless the
     clipped gradient is far below eps: a clip of 1e-12 must freeze the weights."""
-    from tests.conftest import TINY, prepare_first
+    from tests.conftest import TINY
     base = TINY + ["train.steps=1", "train.batch_tokens=128", "train.dtype=fp32", "train.warmup_steps=0",
                    "train.lr=1e-2", "train.weight_decay=0"]
     _, run_free, steps_free, _ = train(base + ["train.grad_clip=0", f"run_dir={tmp_path / 'free'}"])
@@ -95,7 +95,7 @@ def test_gradient_clipping_bounds_the_update(tmp_path):
 
 
 def test_bf16_autocast_on_cpu(tmp_path):
-    from tests.conftest import TINY, prepare_first
+    from tests.conftest import TINY
     base = TINY + ["train.steps=3", "train.batch_tokens=256", "train.warmup_steps=1"]
     _, _, s32, _ = train(base + ["train.dtype=fp32", f"run_dir={tmp_path / 'a'}"])
     _, run16, s16, _ = train(base + ["train.dtype=bf16", f"run_dir={tmp_path / 'b'}"])
@@ -105,7 +105,7 @@ def test_bf16_autocast_on_cpu(tmp_path):
 
 
 def test_resume_is_bitwise_exact_in_fp32(tmp_path):
-    from tests.conftest import TINY, prepare_first
+    from tests.conftest import TINY
     base = TINY + ["train.steps=6", "train.batch_tokens=256", "train.dtype=fp32", "train.warmup_steps=2"]
     _, run_full, full, _ = train(base + [f"run_dir={tmp_path / 'full'}"])
     part = tmp_path / "part"
