@@ -224,6 +224,31 @@ def test_capstone_plan_spans_30x_and_holds_out_10x(capsys):
     assert "held-out" in capsys.readouterr().out
 
 
+def test_capstone_scale_auto_fits_the_hour_and_a_folder_keeps_its_scale(tmp_path, capsys):
+    """--scale auto picks the largest scale (<= 1, in steps of 0.01) whose estimate fits
+    TARGET_MINUTES; a folder keeps the scale it ran at (auto reuses it) and refuses another,
+    since point names carry their budgets."""
+    from pathlib import Path
+
+    capstone = _capstone_script()
+    planned = lambda scale, gflops: capstone.planned_seconds(
+        capstone.estimate(capstone.scaled(capstone.FULL, scale), Path("unused"), gflops))
+    assert capstone.fitting_scale(capstone.FULL, Path("unused"), 1000.0) == 1.0  # fits already: unchanged
+    slow = 4.0  # GFLOP/s: too slow for the hour at scale 1
+    auto = capstone.fitting_scale(capstone.FULL, Path("unused"), slow)
+    assert 0 < auto < 1 and planned(auto, slow) <= 60 * capstone.TARGET_MINUTES < planned(1.0, slow)
+    assert planned(auto + 0.05, slow) > 60 * capstone.TARGET_MINUTES  # near the largest that fits
+    assert capstone.main(["--estimate", "--gflops", str(slow), "--scale", "auto", "--dir", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert f"--scale auto: {auto:.2f}" in out and "over 60 min" not in out
+    (tmp_path / "scale.json").write_text("0.7")
+    assert capstone.claimed_scale("auto", tmp_path) == 0.7 and capstone.claimed_scale("0.7", tmp_path) == 0.7
+    with pytest.raises(SystemExit, match="was run at --scale 0.7"):
+        capstone.claimed_scale("1", tmp_path)
+    with pytest.raises(SystemExit, match="positive number or 'auto'"):
+        capstone.claimed_scale("big", tmp_path / "new")
+
+
 def test_capstone_trains_at_its_scanned_lr_and_the_scan_trains_each_lr(tmp_path, capsys):
     """Every FULL point trains at FULL_LR (a set train.lr wins over the planner's rule), and
     --scan-lr trains the scan points at each LR it is given (the LR reaches the run) and names
