@@ -68,6 +68,9 @@ Design (decided from --estimate and the fit budgets only, never from a held-out 
   out the 2-layer one (half LM head; 2.2% above the law in the 2026-11-25 pool run) was
   decided before the 2026-12-07 run on seeds 2028,13 and made that run worse (Approach 3 0.385
   with a 0.53-wide interval, against 0.414 and 0.42 with it; Approach 2 0.510), so it was dropped.
+  Leaving out the short runs (under 10x the warmup's steps) brings Approach 3 to Approach 2's
+  exponent but mispredicts the held-out run by 2.5-4.2% (BENCHMARKS.md, "What the gap between
+  Approaches 2 and 3 is not"), so every point stays in.
 - Held out at 10x the largest budget (3e13), on the rung nearest Approach 2's N_opt (Approach
   3's when a profile is not bracketed). The corpus (pystdlib, 14.6M train tokens) is the one
   installed; at the optimum the sequential fit found (2026-11-25: N = 190k) the held-out
