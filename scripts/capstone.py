@@ -193,6 +193,9 @@ def claimed_scale(arg: str, out: Path) -> float | None:
     record = out / "scale.json"
     before = json.loads(record.read_text()) if record.exists() else None
     if arg == "auto":
+        if before is None and (out / "sweep").exists():
+            raise SystemExit(f"error: {out} holds a sweep from before scales were recorded; rerun it with the "
+                             "--scale it started with (1 if none), or give a new --dir.")
         return before
     try:
         scale = float(arg)
@@ -210,13 +213,13 @@ def planned_seconds(est: dict) -> float:
     return est["sweep_seconds"] + est["extension_seconds"] + est["held_out_seconds"]
 
 
-def fitting_scale(spec: dict, out: Path, gflops: float | None, tries: int = 5) -> float:
+def fitting_scale(spec: dict, out: Path, gflops: float | None, rates: dict | None = None, tries: int = 5) -> float:
     """The largest scale, at most 1 and rounded down to 0.01, whose estimate fits
     TARGET_MINUTES. The time is about linear in the budgets, but not exactly (the sizes and the
     held-out rung follow the budgets), so the scale is re-estimated until it fits."""
     scale = 1.0
     for _ in range(tries):
-        total = planned_seconds(estimate(scaled(spec, scale), out, gflops))
+        total = planned_seconds(estimate(scaled(spec, scale), out, gflops, rates))
         if total <= TARGET_MINUTES * 60:
             return scale
         scale = math.floor(100 * scale * TARGET_MINUTES * 60 / total) / 100
@@ -424,7 +427,7 @@ def _packed_seconds(seconds: list[float], workers: int) -> float:
     return max(loads)
 
 
-def estimate(spec: dict, out: Path, gflops: float | None) -> dict:
+def estimate(spec: dict, out: Path, gflops: float | None, rates: dict | None = None) -> dict:
     """Planned FLOPs and wall time: each budget's points packed on the workers at each shape's
     measured single-thread rate (or `gflops` for all), budgets one after another; an allowance
     of one edge extension per budget; the held-out run at the rung nearest the planned N_opt.
@@ -434,7 +437,7 @@ def estimate(spec: dict, out: Path, gflops: float | None) -> dict:
     estimate 1.5x over the measured time: 93 minutes planned, 62.2 run.)"""
     cfg, ladder, settings = family(spec, out)
     designs = planned_design(spec, ladder)
-    rates: dict = {}
+    rates = {} if rates is None else rates  # measured FLOP/s per (layers, width, threads); a caller may share it
 
     def rate(shape, threads=1):
         key = (shape.n_layer, shape.d_model, threads)
@@ -805,10 +808,11 @@ def main(argv: list[str] | None = None) -> int:
         spec["second_seed"] = second
     out = Path(args.dir or ("runs/capstone-quick" if args.quick else "runs/capstone"))
     scale = claimed_scale(args.scale, out)
+    rates: dict = {}  # one probe per shape, shared by --scale auto's estimates and the printed one
     if scale is None:  # auto, on a new folder: from the estimate at scale 1, before anything trains
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            scale = fitting_scale(spec, out, args.gflops)
+            scale = fitting_scale(spec, out, args.gflops, rates)
         print(f"--scale auto: {scale:.2f}, the largest that fits {TARGET_MINUTES} minutes by the estimate")
     spec = scaled(spec, scale)
     if args.scan_lr:
@@ -825,7 +829,7 @@ def main(argv: list[str] | None = None) -> int:
     timing = {"load_start": os.getloadavg()[0]}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        est = estimate(spec, out, args.gflops)
+        est = estimate(spec, out, args.gflops, rates)
     print_estimate(est)
     if args.estimate:
         return 0

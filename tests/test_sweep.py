@@ -247,6 +247,10 @@ def test_capstone_scale_auto_fits_the_hour_and_a_folder_keeps_its_scale(tmp_path
         capstone.claimed_scale("1", tmp_path)
     with pytest.raises(SystemExit, match="positive number or 'auto'"):
         capstone.claimed_scale("big", tmp_path / "new")
+    (tmp_path / "old" / "sweep").mkdir(parents=True)  # a folder from before the record: its scale is unknown
+    with pytest.raises(SystemExit, match="from before scales were recorded"):
+        capstone.claimed_scale("auto", tmp_path / "old")
+    assert capstone.claimed_scale("0.86", tmp_path / "old") == 0.86
 
 
 def test_capstone_trains_at_its_scanned_lr_and_the_scan_trains_each_lr(tmp_path, capsys):
