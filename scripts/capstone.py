@@ -191,7 +191,13 @@ def claimed_scale(arg: str, out: Path) -> float | None:
     A number other than the recorded one is refused: the points' names carry their budgets, so a
     rerun at another scale would train a second grid into the same sweep."""
     record = out / "scale.json"
-    before = json.loads(record.read_text()) if record.exists() else None
+    before = None
+    if record.exists():
+        try:
+            before = float(json.loads(record.read_text()))
+        except (ValueError, TypeError):
+            raise SystemExit(f"error: {record} is not a number; write the --scale this folder ran at into it "
+                             "(e.g. 0.8) or give a new --dir.") from None
     if arg == "auto":
         if before is None and (out / "sweep").exists():
             raise SystemExit(f"error: {out} holds a sweep from before scales were recorded; rerun it with the "
@@ -483,7 +489,7 @@ def print_estimate(est: dict) -> None:
     print(f"held-out: {est['held_out_shape']} (the rung at the planned N_opt), {est['held_out_flops']:.3g} "
           f"FLOPs, ~{est['held_out_seconds'] / 60:.1f} min")
     print(f"total: ~{total / 60:.0f} min (training GFLOP/s per shape x threads: {est['rates_gflops']})")
-    if total > TARGET_MINUTES * 60:  # the time is about linear in the budgets
+    if total > TARGET_MINUTES * 60:
         print(f"over {TARGET_MINUTES} min: --scale auto finds the scale that fits; decide before the "
               "first run, never after seeing a held-out result")
 

@@ -251,6 +251,10 @@ def test_capstone_scale_auto_fits_the_hour_and_a_folder_keeps_its_scale(tmp_path
     with pytest.raises(SystemExit, match="from before scales were recorded"):
         capstone.claimed_scale("auto", tmp_path / "old")
     assert capstone.claimed_scale("0.86", tmp_path / "old") == 0.86
+    (tmp_path / "scale.json").write_text("{garbled")
+    with pytest.raises(SystemExit, match="is not a number"):
+        capstone.claimed_scale("auto", tmp_path)
+    assert (tmp_path / "scale.json").read_text() == "{garbled"  # refused, not overwritten
 
 
 def test_capstone_trains_at_its_scanned_lr_and_the_scan_trains_each_lr(tmp_path, capsys):
