@@ -3,7 +3,7 @@ one held-out prediction at 10x the largest fit budget, written down before that 
 
     python scripts/capstone.py             # full: 4 budgets spanning 30x, two seeds, + the held-out run: ~55 min on 2 quiet cores
     python scripts/capstone.py --quick     # tiny version for validation, a few minutes
-    python scripts/capstone.py --estimate  # planned FLOPs and time (a 1 s throughput probe per shape), trains nothing
+    python scripts/capstone.py --estimate  # planned FLOPs and time (a 1 s throughput probe per shape and batch), trains nothing
     python scripts/capstone.py --scale auto  # budgets scaled down (span kept) until the estimate fits the hour: slower CPUs
     python scripts/capstone.py --scan-lr 0.003,0.006,0.012,0.024  # how FULL_LR was chosen: ~6 min
     python scripts/capstone.py --seeds 2026,11 --dir runs/capstone-b  # a replication on two other seeds
@@ -57,9 +57,14 @@ Design (decided from --estimate and the fit budgets only, never from a held-out 
   its own length, so an extension would repeat data), and a trunk trained to the largest
   budget up front would need the sizes before the design picks them. The cost: the
   cosine-equivalent grid, which was 1.24x the WSD trunk grid last time.
-- ONE LR, batch and warmup for every point and the held-out run (batch and warmup the
-  planner's for the smallest rung at the smallest budget): per-size settings biased the first
-  run (a = 0.07). The LR is FULL_LR = 1.2e-2, chosen by `--scan-lr` on two fit points (33k
+- ONE LR for every point and the held-out run, and a batch set by the run's length in tokens,
+  never by its size: 1024 tokens (the planner's for the smallest rung at the smallest budget)
+  from ~600k tokens up, halved below and quartered below ~150k (SizeSettings.for_tokens,
+  BATCH_AT_TOKENS), the warmup keeping its tokens. Per-size settings biased the first run (a =
+  0.07). One batch for every point, the rule from 2026-11-24 to 2026-12-07, biased the grid by
+  run length instead: the short runs (the large sizes at the small budgets) trained 1-1.5%
+  worse than at half the batch and the long ones 0.5-1.6% better, and Approach 3's exponent
+  came out 0.13 below Approach 2's in four runs (BENCHMARKS.md). The LR is FULL_LR = 1.2e-2, chosen by `--scan-lr` on two fit points (33k
   and 190k at 1e12; BENCHMARKS.md): the planner's 3e-3 was ~4x below both optima, costing the
   larger size more (4.6% against 3.1%), which biases N_opt down. A capstone on another corpus,
   vocabulary or sequence length should scan again before its first run.
@@ -118,12 +123,19 @@ FULL_LR = 0.012
 # Chinchilla's 1e-3 is ~0.07 of that noise here, a least-absolute-deviations fit, whose
 # exponent interval on those runs' fit points was 25-55% wider (0.55 and 0.49 vs 0.44, 0.31).
 A3_HUBER_DELTA = 0.02
+# The run length (tokens) at which the common batch (1024 tokens) is right; shorter runs halve it
+# as sqrt(tokens / BATCH_AT_TOKENS) says, down to 256 (SizeSettings.for_tokens). Measured on 9 fit
+# points of the 2026-12-07 run at scale 0.86, both seeds: 512 beat 1024 by 0.6-1.5% for runs of
+# 145k-339k tokens, tied at 437k-926k, lost by 1.2-1.6% at 1.5-2.8M; 256 beat 512 by 0.1-0.5%
+# below 190k (BENCHMARKS.md, "A batch that follows the run length").
+BATCH_AT_TOKENS = 1.2e6
 FULL = dict(budgets=[1e11, 3e11, 1e12, 3e12], first_sizes=5, first_repeats=5, sizes=5, repeats=5,
             average_seeds=True, max_extensions=2, bootstrap=200, scan=[(1e12, 3), (1e12, 6)],
+            batch_at_tokens=BATCH_AT_TOKENS,
             overrides=["model.seq_len=64", "tokenizer.vocab_size=512", f"train.eval_tokens={EVAL_ALL}",
                        f"train.lr={FULL_LR!r}"] + COMMON)
 QUICK = dict(budgets=[3e8, 1e9, 3e9], first_sizes=4, first_repeats=4, sizes=3, repeats=3, average_seeds=True,
-             max_extensions=1, bootstrap=30, scan=[(1e9, 2), (1e9, 3)],
+             max_extensions=1, bootstrap=30, scan=[(1e9, 2), (1e9, 3)], batch_at_tokens=2e4,  # walks the batch rule
              overrides=["model=tiny", "model.seq_len=32", "tokenizer.vocab_size=300", "tokenizer.train_chars=300000",
                         "data.max_docs=150", "data.val_fraction=0.05", "train.eval_tokens=2048",
                         "train.batch_tokens=256"] + COMMON)
@@ -144,11 +156,14 @@ def family(spec: dict, out: Path):
     """The config, the family's ladder (sorted by N) and the one LR/batch/warmup of every run."""
     cfg = load_config(sweep_overrides(spec, out))
     ladder = sorted(sweep.sweep_shapes(cfg), key=lambda s: s.num_params())
-    return cfg, ladder, sweep.size_settings(cfg, ladder[0], min(spec["budgets"]))
+    settings = sweep.size_settings(cfg, ladder[0], min(spec["budgets"]))
+    return cfg, ladder, replace(settings, batch_at_tokens=spec.get("batch_at_tokens"))
 
 
 def make_point(budget: float, shape, settings: sweep.SizeSettings, seed: int | None = None) -> sweep.Point:
-    """A WSD run from scratch at `budget` with the common settings (and a second seed)."""
+    """A WSD run from scratch at `budget` with the common settings, its batch set by its length
+    (SizeSettings.for_tokens; and a second seed)."""
+    settings = settings.for_tokens(budget / shape.flops_per_token())
     point = sweep.Point(budget, shape, schedule="wsd", settings=settings, seed=seed)
     point.steps = max(1, round(budget / point.flops_per_step))
     if point.steps <= settings.warmup_steps:
@@ -445,17 +460,17 @@ def estimate(spec: dict, out: Path, gflops: float | None, rates: dict | None = N
     designs = planned_design(spec, ladder)
     rates = {} if rates is None else rates  # measured FLOP/s per (layers, width, threads); a caller may share it
 
-    def rate(shape, threads=1):
-        key = (shape.n_layer, shape.d_model, threads)
+    def rate(point: sweep.Point, threads=1):
+        key = (point.shape.n_layer, point.shape.d_model, point.settings.batch_tokens, threads)
         if key not in rates:
-            rates[key] = gflops * 1e9 if gflops else shape_rate(shape, settings, threads)
+            rates[key] = gflops * 1e9 if gflops else shape_rate(point.shape, point.settings, threads)
         return rates[key]
 
-    def seconds(shape, train_flops: float, threads=1) -> float:
+    def seconds(point: sweep.Point, threads=1) -> float:
         """Training, the final evaluation (forward only, 2N FLOPs a token, at most eval_tokens) and
         the fixed per-point cost."""
-        evaluation = 2 * shape.num_params() * cfg.train.eval_tokens
-        return (train_flops + evaluation) / rate(shape, threads) + PER_POINT_SECONDS
+        evaluation = 2 * point.shape.num_params() * cfg.train.eval_tokens
+        return (point.spent + evaluation) / rate(point, threads) + PER_POINT_SECONDS
 
     sweep_s = ext_s = flops = 0.0
     points = 0
@@ -463,11 +478,11 @@ def estimate(spec: dict, out: Path, gflops: float | None, rates: dict | None = N
         pts = budget_points(spec, design, settings)
         points += len(pts)
         flops += sum(p.spent for p in pts)
-        sweep_s += _packed_seconds([seconds(p.shape, p.spent) for p in pts],
+        sweep_s += _packed_seconds([seconds(p) for p in pts],
                                    sweep.worker_count(cfg, len(pts)))
         ends = [i for i, s in enumerate(ladder) if s in (design.sizes[0], design.sizes[-1])]
         beside = [ladder[j] for j in (ends[0] - 1, ends[-1] + 1) if 0 <= j < len(ladder)]
-        ext_s += max([seconds(s, design.budget) for s in beside], default=0.0)
+        ext_s += max([seconds(make_point(design.budget, s, settings)) for s in beside], default=0.0)
     c_held = HELD_OUT_FACTOR * max(spec["budgets"])
     n_plan = sweep.extrapolate_n_opt([(d.budget, d.target) for d in designs], c_held)[0]
     held = held_out_point(ladder, settings, c_held, n_plan)
@@ -476,8 +491,8 @@ def estimate(spec: dict, out: Path, gflops: float | None, rates: dict | None = N
             "sweep_flops": flops, "cosine_grid_flops": flops,  # every point from scratch (see the docstring)
             "held_out_flops": held.spent, "held_out_shape": held.name,
             "sweep_seconds": sweep_s, "extension_seconds": ext_s,
-            "held_out_seconds": seconds(held.shape, held.spent, HELD_OUT_THREADS),
-            "rates_gflops": {f"L{k[0]}_d{k[1]}x{k[2]}": round(v / 1e9, 2) for k, v in rates.items()}}
+            "held_out_seconds": seconds(held, HELD_OUT_THREADS),
+            "rates_gflops": {f"L{k[0]}_d{k[1]}_b{k[2]}x{k[3]}": round(v / 1e9, 2) for k, v in rates.items()}}
 
 
 def print_estimate(est: dict) -> None:
@@ -488,7 +503,7 @@ def print_estimate(est: dict) -> None:
           f"on the workers, + ~{est['extension_seconds'] / 60:.1f} min for one edge extension per budget")
     print(f"held-out: {est['held_out_shape']} (the rung at the planned N_opt), {est['held_out_flops']:.3g} "
           f"FLOPs, ~{est['held_out_seconds'] / 60:.1f} min")
-    print(f"total: ~{total / 60:.0f} min (training GFLOP/s per shape x threads: {est['rates_gflops']})")
+    print(f"total: ~{total / 60:.0f} min (training GFLOP/s per shape, batch x threads: {est['rates_gflops']})")
     if total > TARGET_MINUTES * 60:
         print(f"over {TARGET_MINUTES} min: --scale auto finds the scale that fits; decide before the "
               "first run, never after seeing a held-out result")
@@ -738,8 +753,9 @@ def write_prediction(spec: dict, out: Path, fits: Fits, timing: dict) -> dict:
         point = held_out_point(ladder, settings, c, n_target)
         n, d = point.shape.num_params(), point.steps * point.settings.batch_tokens
         pred = {"compute": c, "n_target": n_target, "n_source": source, "name": point.name, "n_params": n,
-                "n_tokens": d, "steps": point.steps, "lr": settings.lr, "batch_tokens": settings.batch_tokens,
-                "warmup_steps": settings.warmup_steps, "n_layer": point.shape.n_layer,
+                "n_tokens": d, "steps": point.steps, "lr": point.settings.lr,
+                "batch_tokens": point.settings.batch_tokens, "warmup_steps": point.settings.warmup_steps,
+                "n_layer": point.shape.n_layer,
                 "d_model": point.shape.d_model, "written_at": time.time(), **timing, **predict(fits, n, d)}
         pred_file.write_text(json.dumps(pred, indent=2))
     return json.loads(pred_file.read_text())
