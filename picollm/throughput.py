@@ -7,7 +7,9 @@ from __future__ import annotations
 
 import contextlib
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import replace
+from multiprocessing import get_context
 
 import torch
 
@@ -72,6 +74,32 @@ def measure_train_flops(gcfg: GPTConfig, micro_batch: int, hw: DeviceInfo, secon
     if return_details:
         return {"flops_per_s": rate, "step_time": step_time, "tokens_per_s": tokens / step_time, "steps": len(times)}
     return rate
+
+
+def _one_thread_rate(job: tuple) -> float:
+    torch.set_num_threads(1)
+    return measure_train_flops(*job)
+
+
+def _start_worker(_) -> None:
+    torch.set_num_threads(1)
+    time.sleep(0.5)  # long enough that every worker takes one of these, so all have started
+
+
+def train_flops_side_by_side(jobs: list[tuple[GPTConfig, int]], hw: DeviceInfo, processes: int,
+                             seconds: float = 1.0) -> list[float]:
+    """Each (shape, micro-batch) job's FLOP/s per process while `processes` single-thread
+    processes train it at once, as a sweep's workers do: the mean over the processes. One
+    process alone reads faster than it will run beside others (the cores share caches and
+    memory bandwidth; on a shared host, more): on the 2-core AVX2 EPYC the capstone's points
+    took 1.1-1.3x what lone probes said. The workers start (and import torch) before the first
+    timing, so the processes of a job overlap."""
+    if processes == 1:
+        return [_one_thread_rate((g, micro, hw, seconds)) for g, micro in jobs]
+    with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
+        list(pool.map(_start_worker, range(processes)))
+        return [sum(pool.map(_one_thread_rate, [(g, micro, hw, seconds)] * processes)) / processes
+                for g, micro in jobs]
 
 
 def time_dtypes(gcfg: GPTConfig, micro_batch: int, hw: DeviceInfo, dtypes=("fp32", "bf16"),

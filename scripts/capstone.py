@@ -420,15 +420,18 @@ def exponents(fits: Fits) -> dict:
 # ---------------------------------------------------------------- the plan and its cost
 
 
+def micro_batch(shape, settings: sweep.SizeSettings) -> int:
+    return min(16, settings.batch_tokens // shape.seq_len)
+
+
 def shape_rate(shape, settings: sweep.SizeSettings, threads: int, seconds: float = 1.0) -> float:
-    """Measured training FLOP/s of `shape` at the common micro-batch with `threads` threads."""
+    """Measured training FLOP/s of `shape` at its micro-batch with `threads` threads, alone."""
     import torch
 
     from picollm.throughput import measure_train_flops
 
     torch.set_num_threads(threads)
-    micro = min(16, settings.batch_tokens // shape.seq_len)
-    return measure_train_flops(shape, micro, describe("cpu", "fp32", measure=False), seconds)
+    return measure_train_flops(shape, micro_batch(shape, settings), describe("cpu", "fp32", measure=False), seconds)
 
 
 def planned_design(spec: dict, ladder: list) -> list[sweep.BudgetDesign]:
@@ -448,50 +451,65 @@ def _packed_seconds(seconds: list[float], workers: int) -> float:
     return max(loads)
 
 
-def estimate(spec: dict, out: Path, gflops: float | None, rates: dict | None = None) -> dict:
-    """Planned FLOPs and wall time: each budget's points packed on the workers at each shape's
-    measured single-thread rate (or `gflops` for all), budgets one after another; an allowance
-    of one edge extension per budget; the held-out run at the rung nearest the planned N_opt.
-    (Until 2026-12-07 the held-out run was timed as the slower of that rung and one at a third
-    of its N, a hedge from the second capstone's flat frontier; the sequential design's
+def estimate(spec: dict, out: Path, gflops: float | None, rates: dict | None = None,
+             probe_seconds: float = 1.0) -> dict:
+    """Planned FLOPs and wall time: each budget's points packed on the workers, budgets one
+    after another; an allowance of one edge extension per budget; the held-out run at the rung
+    nearest the planned N_opt. Each (shape, batch) is timed for `probe_seconds` in as many
+    single-thread processes at once as will train it side by side (the sweep's workers, the
+    held-out pair), or taken as `gflops`. Until 2026-12-07 each was timed alone, and the
+    capstone's points took 1.1-1.5x that (a run planned at 60 minutes took ~80).
+    (Until 2026-12-07 the held-out run was also timed as the slower of its rung and one at a
+    third of its N, a hedge from the second capstone's flat frontier; the sequential design's
     held-out rungs have landed at or above the planned one since, and the hedge put the
     estimate 1.5x over the measured time: 93 minutes planned, 62.2 run.)"""
+    from picollm.throughput import train_flops_side_by_side
+
     cfg, ladder, settings = family(spec, out)
     designs = planned_design(spec, ladder)
-    rates = {} if rates is None else rates  # measured FLOP/s per (layers, width, threads); a caller may share it
-
-    def rate(point: sweep.Point, threads=1):
-        key = (point.shape.n_layer, point.shape.d_model, point.settings.batch_tokens, threads)
-        if key not in rates:
-            rates[key] = gflops * 1e9 if gflops else shape_rate(point.shape, point.settings, threads)
-        return rates[key]
-
-    def seconds(point: sweep.Point, threads=1) -> float:
-        """Training, the final evaluation (forward only, 2N FLOPs a token, at most eval_tokens) and
-        the fixed per-point cost."""
-        evaluation = 2 * point.shape.num_params() * cfg.train.eval_tokens
-        return (point.spent + evaluation) / rate(point, threads) + PER_POINT_SECONDS
-
-    sweep_s = ext_s = flops = 0.0
-    points = 0
+    workers = sweep.worker_count(cfg, 2)
+    sweeps = [budget_points(spec, d, settings) for d in designs]
+    extensions = []
     for design in designs:
-        pts = budget_points(spec, design, settings)
-        points += len(pts)
-        flops += sum(p.spent for p in pts)
-        sweep_s += _packed_seconds([seconds(p) for p in pts],
-                                   sweep.worker_count(cfg, len(pts)))
         ends = [i for i, s in enumerate(ladder) if s in (design.sizes[0], design.sizes[-1])]
-        beside = [ladder[j] for j in (ends[0] - 1, ends[-1] + 1) if 0 <= j < len(ladder)]
-        ext_s += max([seconds(make_point(design.budget, s, settings)) for s in beside], default=0.0)
+        extensions.append([make_point(design.budget, ladder[j], settings)
+                           for j in (ends[0] - 1, ends[-1] + 1) if 0 <= j < len(ladder)])
     c_held = HELD_OUT_FACTOR * max(spec["budgets"])
     n_plan = sweep.extrapolate_n_opt([(d.budget, d.target) for d in designs], c_held)[0]
     held = held_out_point(ladder, settings, c_held, n_plan)
-    return {"points": points, "family": sweep.family_text(cfg),
+    held_processes = workers if spec["average_seeds"] else HELD_OUT_THREADS
+
+    # Measured FLOP/s per (layers, width, batch, processes at once); a caller may share the dict.
+    rates = {} if rates is None else rates
+    key = lambda p, processes=workers: (p.shape.n_layer, p.shape.d_model, p.settings.batch_tokens, processes)
+    jobs = {key(p): p for p in [p for pts in sweeps + extensions for p in pts]}
+    jobs[key(held, held_processes)] = held
+    missing = [k for k in jobs if k not in rates]
+    for processes in sorted({k[3] for k in missing}):
+        todo = [k for k in missing if k[3] == processes]
+        if gflops:
+            measured = [gflops * 1e9] * len(todo)
+        else:
+            measured = train_flops_side_by_side([(jobs[k].shape, micro_batch(jobs[k].shape, jobs[k].settings))
+                                                 for k in todo], describe("cpu", "fp32", measure=False),
+                                                processes, probe_seconds)
+        rates.update(zip(todo, measured))
+
+    def seconds(point: sweep.Point, processes=workers) -> float:
+        """Training, the final evaluation (a forward pass, a third of the training FLOPs a token,
+        over at most eval_tokens) and the fixed per-point cost."""
+        evaluation = point.shape.flops_per_token() / 3 * cfg.train.eval_tokens
+        return (point.spent + evaluation) / rates[key(point, processes)] + PER_POINT_SECONDS
+
+    sweep_s = sum(_packed_seconds([seconds(p) for p in pts], sweep.worker_count(cfg, len(pts))) for pts in sweeps)
+    ext_s = sum(max([seconds(p) for p in pts], default=0.0) for pts in extensions)
+    return {"points": sum(map(len, sweeps)), "family": sweep.family_text(cfg),
             "design": [[s.num_params() for s in d.sizes] for d in designs],
-            "sweep_flops": flops, "cosine_grid_flops": flops,  # every point from scratch (see the docstring)
+            "sweep_flops": sum(p.spent for pts in sweeps for p in pts),
+            "cosine_grid_flops": sum(p.spent for pts in sweeps for p in pts),  # every point from scratch (docstring)
             "held_out_flops": held.spent, "held_out_shape": held.name,
             "sweep_seconds": sweep_s, "extension_seconds": ext_s,
-            "held_out_seconds": seconds(held, HELD_OUT_THREADS),
+            "held_out_seconds": seconds(held, held_processes),
             "rates_gflops": {f"L{k[0]}_d{k[1]}_b{k[2]}x{k[3]}": round(v / 1e9, 2) for k, v in rates.items()}}
 
 
@@ -503,7 +521,7 @@ def print_estimate(est: dict) -> None:
           f"on the workers, + ~{est['extension_seconds'] / 60:.1f} min for one edge extension per budget")
     print(f"held-out: {est['held_out_shape']} (the rung at the planned N_opt), {est['held_out_flops']:.3g} "
           f"FLOPs, ~{est['held_out_seconds'] / 60:.1f} min")
-    print(f"total: ~{total / 60:.0f} min (training GFLOP/s per shape, batch x threads: {est['rates_gflops']})")
+    print(f"total: ~{total / 60:.0f} min (training GFLOP/s per process by shape, batch x processes at once: {est['rates_gflops']})")
     if total > TARGET_MINUTES * 60:
         print(f"over {TARGET_MINUTES} min: --scale auto finds the scale that fits; decide before the "
               "first run, never after seeing a held-out result")

@@ -98,6 +98,14 @@ def test_sweep_trains_tables_skips_and_survives_a_failure(tmp_path):
     assert mtimes == {n: (out / n / "final.json").stat().st_mtime_ns for n in mtimes}
     assert sweep.read_table(out / sweep.RESULTS)[broken]["status"] == "ok"
 
+    # Rerun with another LR: the finished points were not trained as now planned, so the sweep
+    # stops before training anything instead of reusing them, and the table stays as it was.
+    table_before = (out / sweep.RESULTS).read_text()
+    third = Counting()
+    with pytest.raises(ConfigError, match="trained for .* at LR .* but this sweep plans .* give a new sweep.dir"):
+        sweep.run_sweep(overrides + ["train.lr=0.0123"], train=third, log=lambda s: None)
+    assert third.calls == [] and (out / sweep.RESULTS).read_text() == table_before
+
 
 def test_a_signal_stops_the_sweep_instead_of_failing_the_point(tmp_path):
     """SIGTERM/Ctrl-C inside a point (the trainer raises Interrupted after saving) ends the
@@ -224,6 +232,24 @@ def test_capstone_plan_spans_30x_and_holds_out_10x(capsys):
     assert "held-out" in capsys.readouterr().out
 
 
+def test_capstone_estimate_times_each_shape_as_many_at_once_as_will_train_it(tmp_path):
+    """Without --gflops the estimate probes every (shape, batch) for real in as many
+    single-thread processes at once as will train it (the 2 sweep workers, the held-out pair):
+    one rate per key, each positive, and the plan's seconds follow from them."""
+    capstone = _capstone_script()
+    rates: dict = {}
+    est = capstone.estimate(capstone.QUICK, tmp_path, None, rates, probe_seconds=0.05)
+    assert rates and {k[3] for k in rates} == {2} and all(0 < v < math.inf for v in rates.values())
+    _, ladder, settings = capstone.family(capstone.QUICK, tmp_path)
+    planned = {(p.shape.n_layer, p.shape.d_model, p.settings.batch_tokens)
+               for d in capstone.planned_design(capstone.QUICK, ladder)
+               for p in capstone.budget_points(capstone.QUICK, d, settings)}
+    assert planned <= {k[:3] for k in rates} and len({k[2] for k in rates}) > 1  # the batch rule's batches
+    assert est["sweep_seconds"] > 0 and est["held_out_seconds"] > 0
+    again = capstone.estimate(capstone.QUICK, tmp_path, None, rates, probe_seconds=0.05)  # shared: no new probes
+    assert again["sweep_seconds"] == est["sweep_seconds"]
+
+
 def test_capstone_scale_auto_fits_the_hour_and_a_folder_keeps_its_scale(tmp_path, capsys):
     """--scale auto picks the largest scale (<= 1, in steps of 0.01) whose estimate fits
     TARGET_MINUTES; a folder keeps the scale it ran at (auto reuses it) and refuses another,
@@ -274,6 +300,43 @@ def test_capstone_trains_at_its_scanned_lr_and_the_scan_trains_each_lr(tmp_path,
     assert json.loads((tmp_path / "lr_scan.json").read_text()) == json.loads(json.dumps(got))
     capstone.print_scan(got)
     assert f"best: {name} at {got['best'][name]}" in capsys.readouterr().out
+
+
+def test_batch_follows_the_run_length_not_the_size():
+    """SizeSettings.for_tokens: the batch scales as sqrt(tokens / batch_at_tokens), rounded to a
+    power of 2, between a quarter of batch_tokens and batch_tokens; the warmup keeps its tokens,
+    the LR stays; without batch_at_tokens every run keeps the settings."""
+    common = sweep.SizeSettings(lr=0.012, batch_tokens=1024, warmup_steps=20, batch_at_tokens=1.2e6)
+    for tokens, batch in ((5e6, 1024), (1.2e6, 1024), (1e6, 1024), (4e5, 512), (2e5, 512), (1e5, 256), (1e3, 256)):
+        got = common.for_tokens(tokens)
+        # sqrt(4e5 / 1.2e6) = 0.58, nearer 2^-1 than 2^0 in log2; sqrt(1e5 / 1.2e6) = 0.29, nearer 2^-2.
+        assert (got.batch_tokens, got.lr) == (batch, 0.012)
+        assert got.batch_tokens * got.warmup_steps == 1024 * 20
+    plain = sweep.SizeSettings(lr=0.012, batch_tokens=1024, warmup_steps=20)
+    assert plain.for_tokens(1e3) is plain
+
+    # The capstone: within a budget the short runs (large sizes) get the smaller batches, every
+    # point still trains its budget (tokens = C / FLOPs per token, to a step), and the held-out
+    # run, millions of tokens long, keeps the common batch.
+    from pathlib import Path
+
+    capstone = _capstone_script()
+    spec = capstone.scaled(capstone.FULL, 0.67)
+    _, ladder, settings = capstone.family(spec, Path("unused"))
+    assert settings.batch_tokens == 1024 and settings.batch_at_tokens == capstone.BATCH_AT_TOKENS
+    seen = set()
+    for design in capstone.planned_design(spec, ladder):
+        points = capstone.budget_points(spec, design, settings)[:len(design.sizes)]  # by size, smallest first
+        batches = [p.settings.batch_tokens for p in points]
+        assert batches == sorted(batches, reverse=True)
+        for p in points:
+            tokens = p.steps * p.settings.batch_tokens
+            assert abs(tokens - p.budget / p.shape.flops_per_token()) <= p.settings.batch_tokens / 2
+            assert p.settings == settings.for_tokens(p.budget / p.shape.flops_per_token())
+        seen |= set(batches)
+    assert seen == {256, 512, 1024}
+    held = capstone.held_out_point(ladder, settings, 10 * max(spec["budgets"]), 3e5)
+    assert held.settings.batch_tokens == 1024 and held.settings.lr == capstone.FULL_LR
 
 
 def test_capstone_seeds_replace_both_seeds_of_every_point(tmp_path):
