@@ -92,7 +92,7 @@ def train_flops_side_by_side(jobs: list[tuple[GPTConfig, int]], hw: DeviceInfo, 
     processes train it at once, as a sweep's workers do: the mean over the processes. One
     process alone reads faster than it will run beside others (the cores share caches and
     memory bandwidth; on a shared host, more): on the 2-core AVX2 EPYC the capstone's points
-    took 1.1-1.3x what lone probes said. The workers start (and import torch) before the first
+    took 1.1-1.5x what lone probes said. The workers start (and import torch) before the first
     timing, so the processes of a job overlap."""
     if processes == 1:
         return [_one_thread_rate((g, micro, hw, seconds)) for g, micro in jobs]

@@ -64,10 +64,11 @@ Design (decided from --estimate and the fit budgets only, never from a held-out 
   0.07). One batch for every point, the rule from 2026-11-24 to 2026-12-07, biased the grid by
   run length instead: the short runs (the large sizes at the small budgets) trained 1-1.5%
   worse than at half the batch and the long ones 0.5-1.6% better, and Approach 3's exponent
-  came out 0.13 below Approach 2's in four runs (BENCHMARKS.md). The LR is FULL_LR = 1.2e-2, chosen by `--scan-lr` on two fit points (33k
-  and 190k at 1e12; BENCHMARKS.md): the planner's 3e-3 was ~4x below both optima, costing the
-  larger size more (4.6% against 3.1%), which biases N_opt down. A capstone on another corpus,
-  vocabulary or sequence length should scan again before its first run.
+  came out 0.13 below Approach 2's in four runs (BENCHMARKS.md); with the rule, 0.09. The LR
+  is FULL_LR = 1.2e-2, chosen by `--scan-lr` on two fit points (33k and 190k at 1e12;
+  BENCHMARKS.md): the planner's 3e-3 was ~4x below both optima, costing the larger size more
+  (4.6% against 3.1%), which biases N_opt down. A capstone on another corpus, vocabulary or
+  sequence length should scan again (LR and batch) before its first run.
 - Approach 3 fits with a Huber threshold of A3_HUBER_DELTA = 0.02 (1.345x the ~1.5% noise of
   seed-averaged points), not Chinchilla's 1e-3: see the constant. It fits every rung: leaving
   out the 2-layer one (half LM head; 2.2% above the law in the 2026-11-25 pool run) was
@@ -124,9 +125,9 @@ FULL_LR = 0.012
 # exponent interval on those runs' fit points was 25-55% wider (0.55 and 0.49 vs 0.44, 0.31).
 A3_HUBER_DELTA = 0.02
 # The run length (tokens) at which the common batch (1024 tokens) is right; shorter runs halve it
-# as sqrt(tokens / BATCH_AT_TOKENS) says, down to 256 (SizeSettings.for_tokens). Measured on 9 fit
+# as sqrt(tokens / BATCH_AT_TOKENS) says, down to 256 (SizeSettings.for_tokens). Measured on 12 fit
 # points of the 2026-12-07 run at scale 0.86, both seeds: 512 beat 1024 by 0.6-1.5% for runs of
-# 145k-339k tokens, tied at 437k-926k, lost by 1.2-1.6% at 1.5-2.8M; 256 beat 512 by 0.1-0.5%
+# 63k-339k tokens, tied at 437k-926k, lost by 1.2-1.6% at 1.5-2.8M; 256 beat 512 by 0.1-0.5%
 # below 190k (BENCHMARKS.md, "A batch that follows the run length").
 BATCH_AT_TOKENS = 1.2e6
 FULL = dict(budgets=[1e11, 3e11, 1e12, 3e12], first_sizes=5, first_repeats=5, sizes=5, repeats=5,
@@ -153,7 +154,8 @@ def sweep_overrides(spec: dict, out: Path) -> list[str]:
 
 
 def family(spec: dict, out: Path):
-    """The config, the family's ladder (sorted by N) and the one LR/batch/warmup of every run."""
+    """The config, the family's ladder (sorted by N) and the common settings of every run (one
+    LR; make_point sets each run's batch by its length)."""
     cfg = load_config(sweep_overrides(spec, out))
     ladder = sorted(sweep.sweep_shapes(cfg), key=lambda s: s.num_params())
     settings = sweep.size_settings(cfg, ladder[0], min(spec["budgets"]))
@@ -458,7 +460,7 @@ def estimate(spec: dict, out: Path, gflops: float | None, rates: dict | None = N
     nearest the planned N_opt. Each (shape, batch) is timed for `probe_seconds` in as many
     single-thread processes at once as will train it side by side (the sweep's workers, the
     held-out pair), or taken as `gflops`. Until 2026-12-07 each was timed alone, and the
-    capstone's points took 1.1-1.5x that (a run planned at 60 minutes took ~80).
+    capstone's points took 1.1-1.5x that (a run planned at 60 minutes took 69).
     (Until 2026-12-07 the held-out run was also timed as the slower of its rung and one at a
     third of its N, a hedge from the second capstone's flat frontier; the sequential design's
     held-out rungs have landed at or above the planned one since, and the hedge put the
