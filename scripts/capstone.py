@@ -505,10 +505,10 @@ def estimate(spec: dict, out: Path, gflops: float | None, rates: dict | None = N
 
     sweep_s = sum(_packed_seconds([seconds(p) for p in pts], sweep.worker_count(cfg, len(pts))) for pts in sweeps)
     ext_s = sum(max([seconds(p) for p in pts], default=0.0) for pts in extensions)
+    flops = sum(p.spent for pts in sweeps for p in pts)
     return {"points": sum(map(len, sweeps)), "family": sweep.family_text(cfg),
             "design": [[s.num_params() for s in d.sizes] for d in designs],
-            "sweep_flops": sum(p.spent for pts in sweeps for p in pts),
-            "cosine_grid_flops": sum(p.spent for pts in sweeps for p in pts),  # every point from scratch (docstring)
+            "sweep_flops": flops, "cosine_grid_flops": flops,  # every point from scratch (see the docstring)
             "held_out_flops": held.spent, "held_out_shape": held.name,
             "sweep_seconds": sweep_s, "extension_seconds": ext_s,
             "held_out_seconds": seconds(held, held_processes),
