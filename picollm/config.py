@@ -111,6 +111,7 @@ class TrainSchema:
     seed: int = 1337
     eval_every: Optional[int] = None  # steps; default about ten evaluations per run
     eval_tokens: int = 262_144
+    eval_at_start: bool = True  # also evaluate the untrained model (a sweep point, scored by its last, skips it)
     save_every: Optional[int] = None  # steps; default about ten checkpoints per run
     save_at: List[int] = field(default_factory=list)  # also save after these steps, kept (run_dir/saved_at)
     keep_checkpoints: int = 2

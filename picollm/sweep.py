@@ -519,7 +519,9 @@ def run_sweep(overrides: list[str], train: Optional[Callable[[list[str]], dict]]
         raise ConfigError(f"{clash[0]} is chosen per point by the sweep{hint}; drop it from the command.")
     if any(cfg.budget[k] is not None for k in ("params", "tokens", "minutes")):
         raise ConfigError("the sweep sets budget.compute per point; drop budget.params/tokens/minutes.")
-    base = [o for o in overrides if not o.lstrip("+~").startswith("sweep.")]
+    # A point is scored by its last evaluation; the untrained model's cost a short point as much
+    # (first: the user's overrides win).
+    base = ["train.eval_at_start=false"] + [o for o in overrides if not o.lstrip("+~").startswith("sweep.")]
     sweep_dir = Path(cfg.sweep.dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)
     table = sweep_dir / RESULTS

@@ -76,9 +76,30 @@ def measure_train_flops(gcfg: GPTConfig, micro_batch: int, hw: DeviceInfo, secon
     return rate
 
 
-def _one_thread_rate(job: tuple) -> float:
+def measure_eval_flops(gcfg: GPTConfig, batch: int, hw: DeviceInfo, seconds: float = 1.0) -> float:
+    """Model FLOP/s of evaluation (forward passes without gradients over ``batch`` sequences,
+    a third of a training step's FLOPs per token) after one untimed pass: an evaluation's
+    speed per FLOP is not training's (no backward; its own batch)."""
+    torch.manual_seed(0)
+    model = GPT(gcfg).to(hw.device).eval()
+    x, y = (torch.randint(0, gcfg.vocab_size, (batch, gcfg.seq_len), device=hw.device) for _ in range(2))
+    passes, start = -1, 0.0
+    with torch.no_grad():
+        while passes < 2 or time.perf_counter() - start < seconds:
+            with autocast(hw):
+                float(model(x, y, reduction="none").sum())
+            if passes < 0:
+                _sync(hw)
+                start = time.perf_counter()
+            passes += 1
+    _sync(hw)
+    return gcfg.flops_per_token() / 3 * batch * gcfg.seq_len * passes / (time.perf_counter() - start)
+
+
+def _one_thread_rates(job: tuple) -> tuple[float, float]:
+    gcfg, micro, eval_batch, hw, seconds = job
     torch.set_num_threads(1)
-    return measure_train_flops(*job)
+    return measure_train_flops(gcfg, micro, hw, seconds), measure_eval_flops(gcfg, eval_batch, hw, seconds / 2)
 
 
 def _start_worker(_) -> None:
@@ -86,20 +107,24 @@ def _start_worker(_) -> None:
     time.sleep(0.5)  # long enough that every worker takes one of these, so all have started
 
 
-def train_flops_side_by_side(jobs: list[tuple[GPTConfig, int]], hw: DeviceInfo, processes: int,
-                             seconds: float = 1.0) -> list[float]:
-    """Each (shape, micro-batch) job's FLOP/s per process while `processes` single-thread
-    processes train it at once, as a sweep's workers do: the mean over the processes. One
-    process alone reads faster than it will run beside others (the cores share caches and
+def rates_side_by_side(jobs: list[tuple[GPTConfig, int, int]], hw: DeviceInfo, processes: int,
+                       seconds: float = 1.0) -> list[dict]:
+    """Each (shape, micro-batch, evaluation batch) job's FLOP/s per process while `processes`
+    single-thread processes run it at once, as a sweep's workers do: {"train": , "eval": },
+    each the mean over the processes (training timed for `seconds`, evaluation for half).
+    One process alone reads faster than it will run beside others (the cores share caches and
     memory bandwidth; on a shared host, more): on the 2-core AVX2 EPYC the capstone's points
     took 1.1-1.5x what lone probes said. The workers start (and import torch) before the first
     timing, so the processes of a job overlap."""
+    full = [(g, micro, batch, hw, seconds) for g, micro, batch in jobs]
     if processes == 1:
-        return [_one_thread_rate((g, micro, hw, seconds)) for g, micro in jobs]
-    with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
-        list(pool.map(_start_worker, range(processes)))
-        return [sum(pool.map(_one_thread_rate, [(g, micro, hw, seconds)] * processes)) / processes
-                for g, micro in jobs]
+        measured = [[_one_thread_rates(job)] for job in full]
+    else:
+        with ProcessPoolExecutor(processes, mp_context=get_context("spawn")) as pool:
+            list(pool.map(_start_worker, range(processes)))
+            measured = [list(pool.map(_one_thread_rates, [job] * processes)) for job in full]
+    return [{"train": sum(r[0] for r in runs) / len(runs), "eval": sum(r[1] for r in runs) / len(runs)}
+            for runs in measured]
 
 
 def time_dtypes(gcfg: GPTConfig, micro_batch: int, hw: DeviceInfo, dtypes=("fp32", "bf16"),

@@ -30,7 +30,7 @@ from picollm import checkpoint as ckpt
 from picollm import dist, hardware, parallel
 from picollm.data.loader import PackedLoader
 from picollm.data.prepare import PreparedData
-from picollm.evaluate import evaluate, token_byte_lengths
+from picollm.evaluate import eval_batch_size, evaluate, token_byte_lengths
 from picollm.export import export_weights
 from picollm.model import GPT
 from picollm.optim import lr_at, make_optimizer, set_lr
@@ -163,7 +163,7 @@ class Trainer:
         self.mark_pace()
         if self.step == 0 and plan.time_budget is not None:
             self.late_start = late_start(plan.time_budget, process_age())
-        last_val = self.evaluate() if self.step == 0 else None
+        last_val = self.evaluate() if self.step == 0 and self.t.eval_at_start else None
         progress = ProgressLine(plan, self.peak, self.rank_info)
         # To the furthest step the deadline may move the end to, not the current end: a resumed
         # or rolled-back run may move its end out again (keep_deadline); close() stops the
@@ -374,7 +374,8 @@ class Trainer:
         plan = self.plan
         # budget.minutes may plan fewer tokens than train.eval_tokens (plan._time_budget)
         eval_tokens = (plan.time_budget or {}).get("eval_tokens", self.t.eval_tokens)
-        result = evaluate(self.model, self.data.val_shards, self.gcfg.seq_len, plan.micro_batch, self.byte_lengths,
+        result = evaluate(self.model, self.data.val_shards, self.gcfg.seq_len,
+                          eval_batch_size(plan.micro_batch, self.gcfg.seq_len), self.byte_lengths,
                           lambda: autocast(self.hw), eval_tokens, self.torch_device, self.rank_info.rank,
                           self.rank_info.world_size, lockstep=self.sharded)
         best = self.stats["best_val_loss"]

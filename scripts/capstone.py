@@ -3,7 +3,7 @@ one held-out prediction at 10x the largest fit budget, written down before that 
 
     python scripts/capstone.py             # full: 4 budgets spanning 30x, two seeds, + the held-out run: ~55 min on 2 quiet cores
     python scripts/capstone.py --quick     # tiny version for validation, a few minutes
-    python scripts/capstone.py --estimate  # planned FLOPs and time (a 1 s throughput probe per shape and batch), trains nothing
+    python scripts/capstone.py --estimate  # planned FLOPs and time: 1 s probes per shape and batch, two real calibration points (~1 min)
     python scripts/capstone.py --scale auto  # budgets scaled down (span kept) until the estimate fits the hour: slower CPUs
     python scripts/capstone.py --scan-lr 0.003,0.006,0.012,0.024  # how FULL_LR was chosen: ~6 min
     python scripts/capstone.py --seeds 2026,11 --dir runs/capstone-b  # a replication on two other seeds
@@ -34,7 +34,9 @@ Design (decided from --estimate and the fit budgets only, never from a held-out 
   tokens here), not its first 65,536 as until 2026-11-25. Re-scoring that day's two-seed
   run's checkpoints on the whole split cut the rms difference between the seeds of a size
   from 1.70% to 0.68% (18 pairs): a 65k-token slice is a handful of files, and how well a
-  model happened to fit those moved its loss. Its forward passes cost ~2 minutes.
+  model happened to fit those moved its loss. Its forward passes cost ~2 minutes; until
+  2026-12-07 every point also evaluated its untrained model (the sweep now sets
+  train.eval_at_start=false), which cost as much again and half of a short point's time.
 - Later budgets train 5 rungs, not 4 (2026-11-25): a 4-size parabola has one residual degree
   of freedom, so Approach 2's residual bootstrap inflated the pooled residuals by
   sqrt(runs / dof) ~ 1.7, and its exponent interval stayed 0.39 wide on the re-scored run
@@ -132,11 +134,12 @@ A3_HUBER_DELTA = 0.02
 BATCH_AT_TOKENS = 1.2e6
 FULL = dict(budgets=[1e11, 3e11, 1e12, 3e12], first_sizes=5, first_repeats=5, sizes=5, repeats=5,
             average_seeds=True, max_extensions=2, bootstrap=200, scan=[(1e12, 3), (1e12, 6)],
-            batch_at_tokens=BATCH_AT_TOKENS,
+            batch_at_tokens=BATCH_AT_TOKENS, calibration_budget=1e11,
             overrides=["model.seq_len=64", "tokenizer.vocab_size=512", f"train.eval_tokens={EVAL_ALL}",
                        f"train.lr={FULL_LR!r}"] + COMMON)
 QUICK = dict(budgets=[3e8, 1e9, 3e9], first_sizes=4, first_repeats=4, sizes=3, repeats=3, average_seeds=True,
-             max_extensions=1, bootstrap=30, scan=[(1e9, 2), (1e9, 3)], batch_at_tokens=2e4,  # walks the batch rule
+             max_extensions=1, bootstrap=30, scan=[(1e9, 2), (1e9, 3)], calibration_budget=3e8,
+             batch_at_tokens=2e4,  # walks the batch rule
              overrides=["model=tiny", "model.seq_len=32", "tokenizer.vocab_size=300", "tokenizer.train_chars=300000",
                         "data.max_docs=150", "data.val_fraction=0.05", "train.eval_tokens=2048",
                         "train.batch_tokens=256"] + COMMON)
@@ -233,16 +236,17 @@ def claimed_scale(arg: str, out: Path) -> float | None:
 
 
 def planned_seconds(est: dict) -> float:
-    return est["sweep_seconds"] + est["extension_seconds"] + est["held_out_seconds"]
+    """From the start: the measuring already done, the sweep, its extensions, the held-out run."""
+    return est["measuring_seconds"] + est["sweep_seconds"] + est["extension_seconds"] + est["held_out_seconds"]
 
 
-def fitting_scale(spec: dict, out: Path, gflops: float | None, rates: dict | None = None, tries: int = 5) -> float:
+def fitting_scale(spec: dict, out: Path, gflops: float | None, speeds: Speeds | None = None, tries: int = 5) -> float:
     """The largest scale, at most 1 and rounded down to 0.01, whose estimate fits
     TARGET_MINUTES. The time is about linear in the budgets, but not exactly (the sizes and the
     held-out rung follow the budgets), so the scale is re-estimated until it fits."""
     scale = 1.0
     for _ in range(tries):
-        total = planned_seconds(estimate(scaled(spec, scale), out, gflops, rates))
+        total = planned_seconds(estimate(scaled(spec, scale), out, gflops, speeds))
         if total <= TARGET_MINUTES * 60:
             return scale
         scale = math.floor(100 * scale * TARGET_MINUTES * 60 / total) / 100
@@ -453,20 +457,70 @@ def _packed_seconds(seconds: list[float], workers: int) -> float:
     return max(loads)
 
 
-def estimate(spec: dict, out: Path, gflops: float | None, rates: dict | None = None,
+class Speeds:
+    """What the estimate measures once and the estimates at every scale share: training and
+    evaluation FLOP/s per (layers, width, batch, processes at once), the trainer's pace against
+    them (`calibration`, from real runs) and the wall time all that took. A plain class (see Fits)."""
+
+    def __init__(self):
+        self.rates: dict = {}
+        self.calibration: dict | None = None
+        self.seconds = 0.0
+
+
+def calibration_points(spec: dict, ladder: list, settings: sweep.SizeSettings) -> list[sweep.Point]:
+    """The middle size of the unscaled first budget's design, at both seeds: the trainer's pace
+    is measured on a point like the sweep's, two at once as the workers run them, and the
+    same points at every --scale (a rerun finds them trained)."""
+    design = sweep.design_budget(ladder, spec["calibration_budget"], [], spec["first_sizes"], spec["first_repeats"])
+    shape = design.sizes[len(design.sizes) // 2]
+    return [make_point(design.budget, shape, settings, seed) for seed in (None, second_seed(spec))]
+
+
+def calibrate(spec: dict, out: Path, cfg, tokens: int, points: list[sweep.Point], predicted) -> dict:
+    """Train `points` for real (out/calibration, side by side on the workers) and compare their
+    wall time with what the probes predict (`predicted(point, val_tokens)`): the ratio scales
+    every estimated second. Short probes read the trainer fast (on the 2-core AVX2 EPYC the
+    2026-12-07 capstones took 1.2x their side-by-side estimate: sustained contention, data
+    loading, start-up), so only a real run says how much. Also: the evaluation's true size
+    (the held-out split, when smaller than train.eval_tokens)."""
+    from picollm.data.prepare import prepare_data
+
+    # Data preparation is once per machine, not per point: done here, outside the timed runs.
+    prepare_data(cfg.data, cfg.tokenizer, max(tokens, int(cfg.data.pool_tokens)))
+    folder = out / "calibration"
+    sweep.run_sweep(sweep_overrides(spec, out) + [f"sweep.dir={folder}", "sweep.fit=false"], points=points,
+                    log=lambda line: None)
+    rows = sweep.read_table(folder / sweep.RESULTS)
+    ran = [rows.get(p.name) for p in points]
+    if not all(r and r["status"] == "ok" for r in ran):
+        raise SystemExit(f"error: the calibration runs in {folder} failed (see their train.log); fix the cause and "
+                         "rerun, or give --gflops to skip the calibration.")
+    val_tokens = json.loads((Path(ran[0]["run_dir"]) / "final.json").read_text())["val_tokens"]
+    measured = sum(r["seconds"] for r in ran)
+    model = sum(predicted(p, val_tokens) for p in points)
+    return {"factor": measured / model, "val_tokens": val_tokens, "measured_s": measured, "probe_s": model}
+
+
+def estimate(spec: dict, out: Path, gflops: float | None, speeds: Speeds | None = None,
              probe_seconds: float = 1.0) -> dict:
     """Planned FLOPs and wall time: each budget's points packed on the workers, budgets one
     after another; an allowance of one edge extension per budget; the held-out run at the rung
-    nearest the planned N_opt. Each (shape, batch) is timed for `probe_seconds` in as many
-    single-thread processes at once as will train it side by side (the sweep's workers, the
-    held-out pair), or taken as `gflops`. Until 2026-12-07 each was timed alone, and the
-    capstone's points took 1.1-1.5x that (a run planned at 60 minutes took 69).
+    nearest the planned N_opt; and the time measuring all this took. Each (shape, batch) is
+    timed for `probe_seconds` (training, then evaluation) in as many single-thread processes at
+    once as will train it side by side (the sweep's workers, the held-out pair), or taken as
+    `gflops`; then two real points train (calibrate) and their time over the probes' scales
+    every estimate. Until 2026-12-07 each shape was timed alone, and the capstone's points took
+    1.1-1.5x that (a run planned at 60 minutes took 69); the side-by-side probes alone, 1.2x
+    (62 for 60).
     (Until 2026-12-07 the held-out run was also timed as the slower of its rung and one at a
     third of its N, a hedge from the second capstone's flat frontier; the sequential design's
     held-out rungs have landed at or above the planned one since, and the hedge put the
     estimate 1.5x over the measured time: 93 minutes planned, 62.2 run.)"""
-    from picollm.throughput import train_flops_side_by_side
+    from picollm.evaluate import eval_batch_size
+    from picollm.throughput import rates_side_by_side
 
+    started = time.perf_counter()
     cfg, ladder, settings = family(spec, out)
     designs = planned_design(spec, ladder)
     workers = sweep.worker_count(cfg, 2)
@@ -480,39 +534,54 @@ def estimate(spec: dict, out: Path, gflops: float | None, rates: dict | None = N
     n_plan = sweep.extrapolate_n_opt([(d.budget, d.target) for d in designs], c_held)[0]
     held = held_out_point(ladder, settings, c_held, n_plan)
     held_processes = workers if spec["average_seeds"] else HELD_OUT_THREADS
+    speeds = Speeds() if speeds is None else speeds
+    calibrating = gflops is None and speeds.calibration is None
+    trial = calibration_points(spec, ladder, settings) if calibrating else []
 
-    # Measured FLOP/s per (layers, width, batch, processes at once); a caller may share the dict.
-    rates = {} if rates is None else rates
+    # Measured FLOP/s per (layers, width, batch, processes at once).
+    rates = speeds.rates
     key = lambda p, processes=workers: (p.shape.n_layer, p.shape.d_model, p.settings.batch_tokens, processes)
-    jobs = {key(p): p for p in [p for pts in sweeps + extensions for p in pts]}
+    jobs = {key(p): p for p in [p for pts in sweeps + extensions + [trial] for p in pts]}
     jobs[key(held, held_processes)] = held
     missing = [k for k in jobs if k not in rates]
     for processes in sorted({k[3] for k in missing}):
         todo = [k for k in missing if k[3] == processes]
         if gflops:
-            measured = [gflops * 1e9] * len(todo)
+            measured = [{"train": gflops * 1e9, "eval": gflops * 1e9}] * len(todo)
         else:
-            measured = train_flops_side_by_side([(jobs[k].shape, micro_batch(jobs[k].shape, jobs[k].settings))
-                                                 for k in todo], describe("cpu", "fp32", measure=False),
-                                                processes, probe_seconds)
+            shapes = [(jobs[k].shape, micro_batch(jobs[k].shape, jobs[k].settings)) for k in todo]
+            measured = rates_side_by_side([(g, micro, eval_batch_size(micro, g.seq_len)) for g, micro in shapes],
+                                          describe("cpu", "fp32", measure=False), processes, probe_seconds)
         rates.update(zip(todo, measured))
 
-    def seconds(point: sweep.Point, processes=workers) -> float:
-        """Training, the final evaluation (a forward pass, a third of the training FLOPs a token,
-        over at most eval_tokens) and the fixed per-point cost."""
-        evaluation = point.shape.flops_per_token() / 3 * cfg.train.eval_tokens
-        return (point.spent + evaluation) / rates[key(point, processes)] + PER_POINT_SECONDS
+    def probed_seconds(point: sweep.Point, val_tokens: int, processes=workers) -> float:
+        """Training, the final evaluation (a forward pass, a third of a training step's FLOPs a
+        token, over val_tokens) and the fixed per-point cost, at the probed rates."""
+        rate = rates[key(point, processes)]
+        evaluation = point.shape.flops_per_token() / 3 * val_tokens
+        return point.spent / rate["train"] + evaluation / rate["eval"] + PER_POINT_SECONDS
+
+    if calibrating:
+        held_tokens = round(held.spent / held.shape.flops_per_token())
+        speeds.calibration = calibrate(spec, out, cfg, held_tokens, trial, probed_seconds)
+    calibration = speeds.calibration or {"factor": 1.0, "val_tokens": cfg.train.eval_tokens}
+    seconds = lambda point, processes=workers: (
+        calibration["factor"] * probed_seconds(point, min(cfg.train.eval_tokens, calibration["val_tokens"]), processes))
+    speeds.seconds += time.perf_counter() - started
 
     sweep_s = sum(_packed_seconds([seconds(p) for p in pts], sweep.worker_count(cfg, len(pts))) for pts in sweeps)
     ext_s = sum(max([seconds(p) for p in pts], default=0.0) for pts in extensions)
     flops = sum(p.spent for pts in sweeps for p in pts)
+    name = lambda k: f"L{k[0]}_d{k[1]}_b{k[2]}x{k[3]}"
     return {"points": sum(map(len, sweeps)), "family": sweep.family_text(cfg),
             "design": [[s.num_params() for s in d.sizes] for d in designs],
             "sweep_flops": flops, "cosine_grid_flops": flops,  # every point from scratch (see the docstring)
             "held_out_flops": held.spent, "held_out_shape": held.name,
             "sweep_seconds": sweep_s, "extension_seconds": ext_s,
-            "held_out_seconds": seconds(held, held_processes),
-            "rates_gflops": {f"L{k[0]}_d{k[1]}_b{k[2]}x{k[3]}": round(v / 1e9, 2) for k, v in rates.items()}}
+            "held_out_seconds": seconds(held, held_processes), "measuring_seconds": speeds.seconds,
+            "calibration": calibration,
+            "rates_gflops": {name(k): round(v["train"] / 1e9, 2) for k, v in rates.items()},
+            "eval_rates_gflops": {name(k): round(v["eval"] / 1e9, 2) for k, v in rates.items()}}
 
 
 def print_estimate(est: dict) -> None:
@@ -523,7 +592,12 @@ def print_estimate(est: dict) -> None:
           f"on the workers, + ~{est['extension_seconds'] / 60:.1f} min for one edge extension per budget")
     print(f"held-out: {est['held_out_shape']} (the rung at the planned N_opt), {est['held_out_flops']:.3g} "
           f"FLOPs, ~{est['held_out_seconds'] / 60:.1f} min")
-    print(f"total: ~{total / 60:.0f} min (training GFLOP/s per process by shape, batch x processes at once: {est['rates_gflops']})")
+    cal = est["calibration"]
+    if "measured_s" in cal:
+        print(f"calibration: two real points took {cal['measured_s']:.0f} s of process time, the probes said "
+              f"{cal['probe_s']:.0f} s: every estimate above x {cal['factor']:.2f}")
+    print(f"total: ~{total / 60:.0f} min with {est['measuring_seconds']:.0f} s of measuring (training GFLOP/s per "
+          f"process by shape, batch x processes at once: {est['rates_gflops']}; evaluation: {est['eval_rates_gflops']})")
     if total > TARGET_MINUTES * 60:
         print(f"over {TARGET_MINUTES} min: --scale auto finds the scale that fits; decide before the "
               "first run, never after seeing a held-out result")
@@ -683,9 +757,11 @@ def report(spec: dict, decisions: list[dict], rows: list[dict], fits: Fits, pred
              f"on the frontier of the budgets before it; {family_words}; WSD for every "
              f"run, from scratch. Overrides: `{' '.join(spec['overrides'])}`.", "",
              f"Budgets at --scale {timing.get('scale', 1.0):g}. "
-             f"Planned before training (--estimate): sweep ~{est['sweep_seconds'] / 60:.0f} min "
-             f"(+~{est['extension_seconds'] / 60:.0f} min for one extension per budget), held-out "
-             f"~{est['held_out_seconds'] / 60:.0f} min.", "",
+             f"Planned before training (--estimate): sweep ~{est['sweep_seconds'] / 60:.1f} min "
+             f"(+~{est['extension_seconds'] / 60:.1f} min for one extension per budget), held-out "
+             f"~{est['held_out_seconds'] / 60:.1f} min, after {est['measuring_seconds'] / 60:.1f} min of measuring"
+             + (f" (the probes' times x {est['calibration']['factor']:.2f}, two real points' time over theirs)"
+                if "measured_s" in est["calibration"] else "") + ".", "",
              "## Design decisions per budget", "",
              ("Every size trains at two seeds; profiles, design decisions, fits and the held-out measurement use "
               "each size's mean over its seeds." if fits.average else
@@ -806,7 +882,8 @@ def train_held_out(spec: dict, out: Path, pred: dict, timing: dict) -> dict:
         threads, rates = held_out_threads(points[0])
         timing.update(held_out_threads=threads, held_out_probe_gflops=rates)
         print(f"held-out run: {threads} thread(s) (probe GFLOP/s by threads: {rates})")
-        final = sweep.train_point(spec["overrides"] + [f"train.num_threads={threads}"] + points[0].overrides(out))
+        final = sweep.train_point(spec["overrides"] + [f"train.num_threads={threads}", "train.eval_at_start=false"]
+                                  + points[0].overrides(out))
         return {points[0].name: final.get("val_loss")}
     timing.update(held_out_threads=1)
     held_dir = out / "held_out"
@@ -850,11 +927,11 @@ def main(argv: list[str] | None = None) -> int:
         spec["second_seed"] = second
     out = Path(args.dir or ("runs/capstone-quick" if args.quick else "runs/capstone"))
     scale = claimed_scale(args.scale, out)
-    rates: dict = {}  # one probe per shape, shared by --scale auto's estimates and the printed one
+    speeds = Speeds()  # one probe per shape and one calibration, shared by every estimate below
     if scale is None:  # auto, on a new folder: from the estimate at scale 1, before anything trains
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            scale = fitting_scale(spec, out, args.gflops, rates)
+            scale = fitting_scale(spec, out, args.gflops, speeds)
         print(f"--scale auto: {scale:.2f}, the largest that fits {TARGET_MINUTES} minutes by the estimate")
     spec = scaled(spec, scale)
     if args.scan_lr:
@@ -871,7 +948,7 @@ def main(argv: list[str] | None = None) -> int:
     timing = {"load_start": os.getloadavg()[0]}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        est = estimate(spec, out, args.gflops, rates)
+        est = estimate(spec, out, args.gflops, speeds)
     print_estimate(est)
     if args.estimate:
         return 0

@@ -5,6 +5,7 @@ One tiny real run (4 steps, checkpoints at steps 2 and 4) is trained once for th
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import re
@@ -183,6 +184,22 @@ def test_evaluate_cli_uses_the_full_validation_split(run_dir: Path, capsys) -> N
     assert capped["step"] == 2 and capped["val_tokens"] == 640
     evaluate.main([f"run_dir={run_dir}"])  # leave the full evaluation for the report tests
     capsys.readouterr()
+
+
+def test_the_evaluation_batch_changes_the_speed_not_the_numbers(run_dir: Path) -> None:
+    """A tiny micro-batch is evaluated in batches raised towards EVAL_BATCH_TOKENS (at most 4x
+    it); the windows and so the loss are the same at any batch size."""
+    assert evaluate.eval_batch_size(4, 64) == 16 and evaluate.eval_batch_size(16, 64) == 64  # 4x, then the cap
+    assert evaluate.eval_batch_size(32, 1024) == 32 and evaluate.eval_batch_size(1, 2048) == 2  # never below
+    loaded = load_run(run_dir)
+    data = evaluate.find_prepared(loaded)
+    lengths = evaluate.token_byte_lengths(loaded.tokenizer, loaded.model.cfg.vocab_size)
+    results = [evaluate.evaluate(loaded.model, data.val_shards, SEQ_LEN, batch, lengths, contextlib.nullcontext)
+               for batch in (1, 3, 16)]
+    assert len({r["val_tokens"] for r in results}) == 1 and results[0]["val_tokens"] > 16 * SEQ_LEN
+    for r in results[1:]:
+        assert r["val_loss"] == pytest.approx(results[0]["val_loss"], rel=1e-9)
+        assert r["val_bpb"] == pytest.approx(results[0]["val_bpb"], rel=1e-9)
 
 
 def test_the_run_records_its_prepared_data_and_evaluation_reads_it(run_dir: Path) -> None:

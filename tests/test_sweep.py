@@ -3,6 +3,7 @@
 import json
 import math
 import warnings
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -232,22 +233,57 @@ def test_capstone_plan_spans_30x_and_holds_out_10x(capsys):
     assert "held-out" in capsys.readouterr().out
 
 
-def test_capstone_estimate_times_each_shape_as_many_at_once_as_will_train_it(tmp_path):
-    """Without --gflops the estimate probes every (shape, batch) for real in as many
-    single-thread processes at once as will train it (the 2 sweep workers, the held-out pair):
-    one rate per key, each positive, and the plan's seconds follow from them."""
+def test_capstone_estimate_probes_each_shape_side_by_side_and_calibrates_on_real_runs(tmp_path):
+    """Without --gflops the estimate probes every (shape, batch) for real, training and
+    evaluation, in as many single-thread processes at once as will train it (the 2 sweep
+    workers, the held-out pair); then trains two real points and scales every estimate by
+    their measured time over the probes' (with the evaluation's true size, the held-out split's)."""
     capstone = _capstone_script()
-    rates: dict = {}
-    est = capstone.estimate(capstone.QUICK, tmp_path, None, rates, probe_seconds=0.05)
-    assert rates and {k[3] for k in rates} == {2} and all(0 < v < math.inf for v in rates.values())
-    _, ladder, settings = capstone.family(capstone.QUICK, tmp_path)
+    speeds = capstone.Speeds()
+    spec = capstone.QUICK
+    est = capstone.estimate(spec, tmp_path, None, speeds, probe_seconds=0.05)
+    rates = speeds.rates
+    assert rates and {k[3] for k in rates} == {2}
+    assert all(0 < r[kind] < math.inf for r in rates.values() for kind in ("train", "eval"))
+    _, ladder, settings = capstone.family(spec, tmp_path)
     planned = {(p.shape.n_layer, p.shape.d_model, p.settings.batch_tokens)
-               for d in capstone.planned_design(capstone.QUICK, ladder)
-               for p in capstone.budget_points(capstone.QUICK, d, settings)}
+               for d in capstone.planned_design(spec, ladder)
+               for p in capstone.budget_points(spec, d, settings)}
     assert planned <= {k[:3] for k in rates} and len({k[2] for k in rates}) > 1  # the batch rule's batches
-    assert est["sweep_seconds"] > 0 and est["held_out_seconds"] > 0
-    again = capstone.estimate(capstone.QUICK, tmp_path, None, rates, probe_seconds=0.05)  # shared: no new probes
-    assert again["sweep_seconds"] == est["sweep_seconds"]
+
+    # The calibration: two real points, both evaluated once (no step-0 evaluation in a sweep).
+    trial = capstone.calibration_points(spec, ladder, settings)
+    rows = sweep.read_table(tmp_path / "calibration" / sweep.RESULTS)
+    assert [rows[p.name]["status"] for p in trial] == ["ok", "ok"] and trial[1].seed == capstone.second_seed(spec)
+    for p in trial:
+        evals = [json.loads(line) for line in (Path(rows[p.name]["run_dir"]) / "metrics.jsonl").read_text().splitlines()
+                 if '"eval"' in line]
+        assert [e["step"] for e in evals] == [p.steps]
+    val_tokens = evals[0]["val_tokens"]
+    cal = est["calibration"]
+    assert cal["val_tokens"] == val_tokens <= 2048  # QUICK's train.eval_tokens caps it
+
+    def probed(point, processes=2):
+        r = rates[(point.shape.n_layer, point.shape.d_model, point.settings.batch_tokens, processes)]
+        return (point.spent / r["train"] + point.shape.flops_per_token() / 3 * val_tokens / r["eval"]
+                + capstone.PER_POINT_SECONDS)
+
+    measured = sum(rows[p.name]["seconds"] for p in trial)
+    assert cal["factor"] == pytest.approx(measured / sum(probed(p) for p in trial), rel=1e-9)
+    held = capstone.held_out_points(spec, {"name": est["held_out_shape"], "compute": capstone.HELD_OUT_FACTOR * max(spec["budgets"]),
+                                           "n_target": next(s.num_params() for s in ladder
+                                                            if est["held_out_shape"].endswith(f"_L{s.n_layer}_d{s.d_model}"))})
+    assert est["held_out_seconds"] == pytest.approx(cal["factor"] * probed(held[0]), rel=1e-9)
+    assert est["measuring_seconds"] > 0
+    assert capstone.planned_seconds(est) == pytest.approx(est["measuring_seconds"] + est["sweep_seconds"]
+                                                          + est["extension_seconds"] + est["held_out_seconds"])
+
+    again = capstone.estimate(spec, tmp_path, None, speeds, probe_seconds=0.05)  # shared: no new probes or runs
+    assert again["sweep_seconds"] == est["sweep_seconds"] and again["calibration"] is cal
+    finished = {p.name: (Path(rows[p.name]["run_dir"]) / "final.json").stat().st_mtime_ns for p in trial}
+    fresh = capstone.estimate(spec, tmp_path, None, capstone.Speeds(), probe_seconds=0.05)  # a rerun: found trained
+    assert fresh["calibration"]["measured_s"] == pytest.approx(measured)
+    assert {p.name: (Path(rows[p.name]["run_dir"]) / "final.json").stat().st_mtime_ns for p in trial} == finished
 
 
 def test_capstone_scale_auto_fits_the_hour_and_a_folder_keeps_its_scale(tmp_path, capsys):

@@ -72,6 +72,18 @@ def test_accumulation_matches_one_big_batch(tmp_path):
         torch.testing.assert_close(wa[k], wb[k], rtol=1e-4, atol=1e-5)
 
 
+def test_a_run_can_skip_evaluating_the_untrained_model(tmp_path):
+    """train.eval_at_start=false (what a sweep's points use) drops the step-0 evaluation only:
+    the run trains and ends exactly as it does with it."""
+    base = TINY + ["train.steps=4", "train.batch_tokens=256", "train.dtype=fp32", "train.warmup_steps=1",
+                   "train.lr=3e-3", "train.eval_every=2"]
+    final_a, _, steps_a, evals_a = train(base + [f"run_dir={tmp_path / 'a'}"])
+    final_b, _, steps_b, evals_b = train(base + ["train.eval_at_start=false", f"run_dir={tmp_path / 'b'}"])
+    assert [e["step"] for e in evals_a] == [0, 2, 4] and [e["step"] for e in evals_b] == [2, 4]
+    assert [s["loss"] for s in steps_a] == [s["loss"] for s in steps_b]
+    assert final_b["val_loss"] == final_a["val_loss"] and final_b["best_step"] == 4
+
+
 def test_gradient_clipping_bounds_the_update(tmp_path):
     """Adam's first step moves each weight by ~lr whatever the gradient scale, unless the
     clipped gradient is far below eps: a clip of 1e-12 must freeze the weights."""
