@@ -55,10 +55,12 @@ def position_buckets(seq_len: int, first: int = 16) -> list[tuple[int, int]]:
 
 
 # Evaluation batches of at least this many tokens: a tiny model's training micro-batch (256
-# tokens in the CPU capstone's short runs) leaves a forward pass overhead-bound. 4096-token
-# batches evaluated 1.3-1.7x faster than micro-batches of 256-1024 on the AVX2 EPYC, one
-# thread (BENCHMARKS.md). The windows evaluated do not depend on the batch (ValLoader).
-EVAL_BATCH_TOKENS = 4096
+# tokens in the CPU capstone's short runs) leaves a forward pass overhead-bound, and a large
+# batch spills the caches. On the AVX2 EPYC, one thread, the capstone's shapes evaluated
+# fastest at 2048 tokens: 1.0-1.5x their 256-1024-token micro-batches, while 4096 tokens ran
+# 0.75-0.97x 2048 (scripts/bench_eval.py, BENCHMARKS.md). The windows evaluated do not
+# depend on the batch (ValLoader).
+EVAL_BATCH_TOKENS = 2048
 
 
 def eval_batch_size(micro_batch: int, seq_len: int) -> int:

@@ -641,7 +641,7 @@ def _time_budget(seconds: float, startup: float, probes: dict, gcfg: GPTConfig, 
     else:  # an explicit interval: as many as the steps allow, estimated from the rate
         steps_guess = max(1.0, seconds * rate / gcfg.flops_per_token() / (t.batch_tokens or 2**16))
         evals = int(2 + steps_guess // t.eval_every)
-    eval_s = evals * one_eval_s
+    eval_s = (evals - (not t.eval_at_start)) * one_eval_s  # the planned first one is skipped with eval_at_start=false
     saves = 11 if t.save_every is None else 1 + seconds / 60  # one a minute at most, as a bound
     save_s = saves * 16 * gcfg.num_params(total=True) / CHECKPOINT_BYTES_PER_S
     parts = {"budget_s": seconds, "evals": evals, "eval_tokens": eval_tokens, "startup_s": startup,

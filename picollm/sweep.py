@@ -5,8 +5,9 @@
 
 Design:
 - ``sweep.*`` settings live in ``SweepSchema`` (config.py), so Hydra type-checks them. Every
-  other override is passed to each run unchanged; each run's own config keeps ``sweep`` at
-  its defaults, so changing the grid never invalidates a finished run.
+  other override is passed to each run unchanged (after ``train.eval_at_start=false``: a point
+  is scored by its last evaluation); each run's own config keeps ``sweep`` at its defaults,
+  so changing the grid never invalidates a finished run.
 - One shape family: sizes come from the ladder n_layer = min_layers, min_layers+1, ... with
   d_model = n_layer * model.aspect_ratio exactly and heads of model.head_dim, so the loss
   differences between points come from size, not from shape (mixing aspect ratios 4x apart
@@ -519,8 +520,8 @@ def run_sweep(overrides: list[str], train: Optional[Callable[[list[str]], dict]]
         raise ConfigError(f"{clash[0]} is chosen per point by the sweep{hint}; drop it from the command.")
     if any(cfg.budget[k] is not None for k in ("params", "tokens", "minutes")):
         raise ConfigError("the sweep sets budget.compute per point; drop budget.params/tokens/minutes.")
-    # A point is scored by its last evaluation; the untrained model's cost a short point as much
-    # (first: the user's overrides win).
+    # A point is scored by its last evaluation: evaluating the untrained model too doubled a short
+    # point's evaluation time. Put first, so a user's train.eval_at_start=true wins.
     base = ["train.eval_at_start=false"] + [o for o in overrides if not o.lstrip("+~").startswith("sweep.")]
     sweep_dir = Path(cfg.sweep.dir)
     sweep_dir.mkdir(parents=True, exist_ok=True)

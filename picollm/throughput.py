@@ -1,7 +1,8 @@
 """Measure achieved training throughput on this machine (the budget.minutes probe, the
 dtype probe of train.dtype=auto on CPU, and the benchmarks): whole training steps on
 random tokens, built like the trainer's (host batch copied in, forward + backward,
-gradient clipping, the loss read back, the optimizer), so the probe predicts training."""
+gradient clipping, the loss read back, the optimizer), so the probe predicts training; and
+evaluation's forward passes (measure_eval_flops), which the capstone's estimate times too."""
 
 from __future__ import annotations
 

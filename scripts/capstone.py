@@ -3,7 +3,7 @@ one held-out prediction at 10x the largest fit budget, written down before that 
 
     python scripts/capstone.py             # full: 4 budgets spanning 30x, two seeds, + the held-out run: ~55 min on 2 quiet cores
     python scripts/capstone.py --quick     # tiny version for validation, a few minutes
-    python scripts/capstone.py --estimate  # planned FLOPs and time: 1 s probes per shape and batch, two real calibration points (~1 min)
+    python scripts/capstone.py --estimate  # planned FLOPs and time: probes per shape and batch, two short calibration runs (~2 min)
     python scripts/capstone.py --scale auto  # budgets scaled down (span kept) until the estimate fits the hour: slower CPUs
     python scripts/capstone.py --scan-lr 0.003,0.006,0.012,0.024  # how FULL_LR was chosen: ~6 min
     python scripts/capstone.py --seeds 2026,11 --dir runs/capstone-b  # a replication on two other seeds
@@ -93,6 +93,7 @@ import argparse
 import json
 import math
 import os
+import shutil
 import sys
 import time
 import warnings
@@ -468,27 +469,35 @@ class Speeds:
         self.seconds = 0.0
 
 
-def calibration_points(spec: dict, ladder: list, settings: sweep.SizeSettings) -> list[sweep.Point]:
-    """The middle size of the unscaled first budget's design, at both seeds: the trainer's pace
-    is measured on a point like the sweep's, two at once as the workers run them, and the
-    same points at every --scale (a rerun finds them trained)."""
+def calibration_points(spec: dict, out: Path) -> list[sweep.Point]:
+    """The middle size of the unscaled first budget's design, at both seeds, with that budget's
+    settings: the trainer's pace is measured on a point like the sweep's, two at once as the
+    workers run them, and the same points at every --scale (a rerun finds them trained)."""
+    unscaled = dict(spec, budgets=[spec["calibration_budget"]])
+    _, ladder, settings = family(unscaled, out)
     design = sweep.design_budget(ladder, spec["calibration_budget"], [], spec["first_sizes"], spec["first_repeats"])
     shape = design.sizes[len(design.sizes) // 2]
     return [make_point(design.budget, shape, settings, seed) for seed in (None, second_seed(spec))]
 
 
-def calibrate(spec: dict, out: Path, cfg, tokens: int, points: list[sweep.Point], predicted) -> dict:
+def calibrate(spec: dict, out: Path, cfg, tokens: int, points: list[sweep.Point], probed) -> dict:
     """Train `points` for real (out/calibration, side by side on the workers) and compare their
-    wall time with what the probes predict (`predicted(point, val_tokens)`): the ratio scales
-    every estimated second. Short probes read the trainer fast (on the 2-core AVX2 EPYC the
+    times with what the probes predict (`probed(point, val_tokens)`: training seconds, and the
+    rest: evaluation and start-up): each measured part over its prediction scales that part of
+    every estimate. Short probes read the trainer fast (on the 2-core AVX2 EPYC the
     2026-12-07 capstones took 1.2x their side-by-side estimate: sustained contention, data
     loading, start-up), so only a real run says how much. Also: the evaluation's true size
-    (the held-out split, when smaller than train.eval_tokens)."""
+    (the held-out split, when smaller than train.eval_tokens). Only points trained side by side
+    in one call count: a partial calibration (stopped, or one point missing) is trained again."""
     from picollm.data.prepare import prepare_data
 
     # Data preparation is once per machine, not per point: done here, outside the timed runs.
     prepare_data(cfg.data, cfg.tokenizer, max(tokens, int(cfg.data.pool_tokens)))
     folder = out / "calibration"
+    rows = sweep.read_table(folder / sweep.RESULTS)
+    if not all(sweep.is_done(rows.get(p.name), folder) for p in points):
+        shutil.rmtree(folder, ignore_errors=True)
+        print(f"calibration: training {', '.join(p.name for p in points)} side by side in {folder} (~1 min)")
     sweep.run_sweep(sweep_overrides(spec, out) + [f"sweep.dir={folder}", "sweep.fit=false"], points=points,
                     log=lambda line: None)
     rows = sweep.read_table(folder / sweep.RESULTS)
@@ -496,10 +505,13 @@ def calibrate(spec: dict, out: Path, cfg, tokens: int, points: list[sweep.Point]
     if not all(r and r["status"] == "ok" for r in ran):
         raise SystemExit(f"error: the calibration runs in {folder} failed (see their train.log); fix the cause and "
                          "rerun, or give --gflops to skip the calibration.")
-    val_tokens = json.loads((Path(ran[0]["run_dir"]) / "final.json").read_text())["val_tokens"]
-    measured = sum(r["seconds"] for r in ran)
-    model = sum(predicted(p, val_tokens) for p in points)
-    return {"factor": measured / model, "val_tokens": val_tokens, "measured_s": measured, "probe_s": model}
+    finals = [json.loads((Path(r["run_dir"]) / "final.json").read_text()) for r in ran]
+    val_tokens = finals[0]["val_tokens"]
+    train_s = sum(f["train_seconds"] for f in finals)
+    rest_s = sum(r["seconds"] for r in ran) - train_s
+    train_probe, rest_probe = (sum(parts) for parts in zip(*(probed(p, val_tokens) for p in points)))
+    return {"train_factor": train_s / train_probe, "rest_factor": rest_s / rest_probe, "val_tokens": val_tokens,
+            "train_s": train_s, "rest_s": rest_s, "train_probe_s": train_probe, "rest_probe_s": rest_probe}
 
 
 def estimate(spec: dict, out: Path, gflops: float | None, speeds: Speeds | None = None,
@@ -507,7 +519,7 @@ def estimate(spec: dict, out: Path, gflops: float | None, speeds: Speeds | None 
     """Planned FLOPs and wall time: each budget's points packed on the workers, budgets one
     after another; an allowance of one edge extension per budget; the held-out run at the rung
     nearest the planned N_opt; and the time measuring all this took. Each (shape, batch) is
-    timed for `probe_seconds` (training, then evaluation) in as many single-thread processes at
+    timed for `probe_seconds` (training; evaluation for half that) in as many single-thread processes at
     once as will train it side by side (the sweep's workers, the held-out pair), or taken as
     `gflops`; then two real points train (calibrate) and their time over the probes' scales
     every estimate. Until 2026-12-07 each shape was timed alone, and the capstone's points took
@@ -536,7 +548,7 @@ def estimate(spec: dict, out: Path, gflops: float | None, speeds: Speeds | None 
     held_processes = workers if spec["average_seeds"] else HELD_OUT_THREADS
     speeds = Speeds() if speeds is None else speeds
     calibrating = gflops is None and speeds.calibration is None
-    trial = calibration_points(spec, ladder, settings) if calibrating else []
+    trial = calibration_points(spec, out) if calibrating else []
 
     # Measured FLOP/s per (layers, width, batch, processes at once).
     rates = speeds.rates
@@ -554,19 +566,22 @@ def estimate(spec: dict, out: Path, gflops: float | None, speeds: Speeds | None 
                                           describe("cpu", "fp32", measure=False), processes, probe_seconds)
         rates.update(zip(todo, measured))
 
-    def probed_seconds(point: sweep.Point, val_tokens: int, processes=workers) -> float:
-        """Training, the final evaluation (a forward pass, a third of a training step's FLOPs a
-        token, over val_tokens) and the fixed per-point cost, at the probed rates."""
+    def probed_seconds(point: sweep.Point, val_tokens: int, processes=workers) -> tuple[float, float]:
+        """At the probed rates: training, and the rest (the final evaluation, a forward pass at
+        a third of a training step's FLOPs a token over val_tokens, and the fixed per-point cost)."""
         rate = rates[key(point, processes)]
         evaluation = point.shape.flops_per_token() / 3 * val_tokens
-        return point.spent / rate["train"] + evaluation / rate["eval"] + PER_POINT_SECONDS
+        return point.spent / rate["train"], evaluation / rate["eval"] + PER_POINT_SECONDS
 
     if calibrating:
         held_tokens = round(held.spent / held.shape.flops_per_token())
         speeds.calibration = calibrate(spec, out, cfg, held_tokens, trial, probed_seconds)
-    calibration = speeds.calibration or {"factor": 1.0, "val_tokens": cfg.train.eval_tokens}
-    seconds = lambda point, processes=workers: (
-        calibration["factor"] * probed_seconds(point, min(cfg.train.eval_tokens, calibration["val_tokens"]), processes))
+    calibration = speeds.calibration or {"train_factor": 1.0, "rest_factor": 1.0, "val_tokens": cfg.train.eval_tokens}
+
+    def seconds(point: sweep.Point, processes=workers) -> float:
+        train, rest = probed_seconds(point, min(cfg.train.eval_tokens, calibration["val_tokens"]), processes)
+        return calibration["train_factor"] * train + calibration["rest_factor"] * rest
+
     speeds.seconds += time.perf_counter() - started
 
     sweep_s = sum(_packed_seconds([seconds(p) for p in pts], sweep.worker_count(cfg, len(pts))) for pts in sweeps)
@@ -593,9 +608,11 @@ def print_estimate(est: dict) -> None:
     print(f"held-out: {est['held_out_shape']} (the rung at the planned N_opt), {est['held_out_flops']:.3g} "
           f"FLOPs, ~{est['held_out_seconds'] / 60:.1f} min")
     cal = est["calibration"]
-    if "measured_s" in cal:
-        print(f"calibration: two real points took {cal['measured_s']:.0f} s of process time, the probes said "
-              f"{cal['probe_s']:.0f} s: every estimate above x {cal['factor']:.2f}")
+    if "train_s" in cal:
+        print(f"calibration: two real points side by side trained for {cal['train_s']:.0f} s and spent {cal['rest_s']:.0f} s "
+              f"evaluating and starting (both summed over the two), the probes said {cal['train_probe_s']:.0f} and "
+              f"{cal['rest_probe_s']:.0f}: the estimates above take training x {cal['train_factor']:.2f}, the rest x "
+              f"{cal['rest_factor']:.2f}")
     print(f"total: ~{total / 60:.0f} min with {est['measuring_seconds']:.0f} s of measuring (training GFLOP/s per "
           f"process by shape, batch x processes at once: {est['rates_gflops']}; evaluation: {est['eval_rates_gflops']})")
     if total > TARGET_MINUTES * 60:
@@ -760,8 +777,9 @@ def report(spec: dict, decisions: list[dict], rows: list[dict], fits: Fits, pred
              f"Planned before training (--estimate): sweep ~{est['sweep_seconds'] / 60:.1f} min "
              f"(+~{est['extension_seconds'] / 60:.1f} min for one extension per budget), held-out "
              f"~{est['held_out_seconds'] / 60:.1f} min, after {est['measuring_seconds'] / 60:.1f} min of measuring"
-             + (f" (the probes' times x {est['calibration']['factor']:.2f}, two real points' time over theirs)"
-                if "measured_s" in est["calibration"] else "") + ".", "",
+             + (f" (the probes' training times x {est['calibration']['train_factor']:.2f} and the rest x "
+                f"{est['calibration']['rest_factor']:.2f}, two real points' times over theirs)"
+                if "train_s" in est["calibration"] else "") + ".", "",
              "## Design decisions per budget", "",
              ("Every size trains at two seeds; profiles, design decisions, fits and the held-out measurement use "
               "each size's mean over its seeds." if fits.average else
@@ -900,9 +918,12 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--quick", action="store_true", help="tiny design for validation (minutes)")
     p.add_argument("--dir", default=None, help="output folder (default runs/capstone or runs/capstone-quick)")
-    p.add_argument("--estimate", action="store_true", help="print the planned FLOPs and time and stop")
+    p.add_argument("--estimate", action="store_true",
+                   help="print the planned FLOPs and time and stop (it probes each shape and trains two short "
+                        "calibration points into DIR/calibration)")
     p.add_argument("--gflops", type=float, default=None,
-                   help="assume this training GFLOP/s for every shape instead of probing each for 1 s")
+                   help="assume this GFLOP/s for every shape's training and evaluation instead of probing each "
+                        "and calibrating on real runs")
     p.add_argument("--scale", default="1",
                    help="multiply every budget (span and held-out factor unchanged) to fit the time "
                         "--estimate reports; choose it before the first run, never after a held-out result. "
@@ -927,11 +948,16 @@ def main(argv: list[str] | None = None) -> int:
         spec["second_seed"] = second
     out = Path(args.dir or ("runs/capstone-quick" if args.quick else "runs/capstone"))
     scale = claimed_scale(args.scale, out)
+    claim_seeds(spec, out)  # before the estimate's calibration runs train into the folder
     speeds = Speeds()  # one probe per shape and one calibration, shared by every estimate below
     if scale is None:  # auto, on a new folder: from the estimate at scale 1, before anything trains
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            scale = fitting_scale(spec, out, args.gflops, speeds)
+            try:
+                scale = fitting_scale(spec, out, args.gflops, speeds)
+            except Interrupted as stop:
+                print("capstone stopped while measuring; rerun the same command to start again.")
+                return 128 + stop.signum
         print(f"--scale auto: {scale:.2f}, the largest that fits {TARGET_MINUTES} minutes by the estimate")
     spec = scaled(spec, scale)
     if args.scan_lr:
@@ -942,18 +968,20 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError:
             raise SystemExit(f"error: --scan-lr {args.scan_lr!r} is not a comma-separated list of positive numbers; "
                              "e.g. --scan-lr 0.003,0.006,0.012") from None
-        claim_seeds(spec, out)
         print_scan(scan_lr(spec, out, lrs))
         return 0
     timing = {"load_start": os.getloadavg()[0]}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        est = estimate(spec, out, args.gflops, speeds)
+        try:
+            est = estimate(spec, out, args.gflops, speeds)
+        except Interrupted as stop:
+            print("capstone stopped while measuring; rerun the same command to start again.")
+            return 128 + stop.signum
     print_estimate(est)
     if args.estimate:
         return 0
 
-    claim_seeds(spec, out)
     (out / "scale.json").write_text(json.dumps(scale))
     timing["scale"] = scale
     start = time.perf_counter()

@@ -45,3 +45,18 @@ def test_nanogpt_bench_refuses_dtypes_without_its_fp32_yardstick(tmp_path):
     with pytest.raises(SystemExit, match="does not exist"):  # fp32 alone passes the check
         bench.main(["--nanogpt", str(tmp_path / "absent"), "--dtypes", "fp32", "--threads", "1"])
     assert torch.get_num_threads() == threads  # a refused call leaves this process's threads alone
+
+
+def test_eval_bench_times_each_shape_at_both_batches(capsys):
+    """bench_eval prints one row per case: the capstone micro-batch, the raised evaluation batch
+    (4x it for the capstone's 4-16-sequence micro-batches, capped at 2048 tokens) and a ratio."""
+    threads = torch.get_num_threads()
+    try:
+        _script("bench_eval").main(["--rounds", "1"])
+    finally:
+        torch.set_num_threads(threads)
+    rows = [line.split("|")[1:-1] for line in capsys.readouterr().out.splitlines() if line.startswith("| L")]
+    assert len(rows) == 6
+    for shape, micro, wide, at_micro, at_wide, ratio in rows:
+        assert int(wide) == max(int(micro), min(4 * int(micro), 32)) and float(at_micro) > 0 and float(at_wide) > 0
+        assert float(ratio.strip().rstrip("x")) == pytest.approx(float(at_wide) / float(at_micro), rel=0.03)

@@ -431,3 +431,19 @@ def test_muon_is_named_on_the_card_and_timed_by_the_probe(monkeypatch):
     card = make_plan(cfg, CPU).card()
     assert "optimizer    muon (lr x3) for the blocks' matrices, adamw for the rest" in card
     assert "optimizer    adamw" in plan("budget.compute=1e13", "tokenizer.vocab_size=2048").card()
+
+
+def test_minutes_budget_reserves_no_time_for_a_skipped_first_evaluation():
+    """train.eval_at_start=false: the same evaluations are planned, less the one at step 0,
+    so the time kept for evaluating shrinks by one evaluation (a forward pass over eval_tokens)."""
+    from picollm.model import GPTConfig
+    from picollm.plan import _time_budget
+
+    gcfg, rate = GPTConfig(n_layer=2, d_model=64, n_head=2, seq_len=64, vocab_size=512), 1e10
+    probes = {"dtype": 1.0, "throughput": 3.0}
+    parts = {flag: _time_budget(300.0, 5.0, probes, gcfg, rate,
+                                load_config(["train.eval_tokens=65536", f"train.eval_at_start={flag}"]).train)
+             for flag in ("true", "false")}
+    assert parts["true"]["evals"] == parts["false"]["evals"] >= 2
+    one_eval = 65536 * gcfg.flops_per_token() / 3 / rate
+    assert parts["true"]["evals_s"] - parts["false"]["evals_s"] == pytest.approx(one_eval)

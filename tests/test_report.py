@@ -189,7 +189,7 @@ def test_evaluate_cli_uses_the_full_validation_split(run_dir: Path, capsys) -> N
 def test_the_evaluation_batch_changes_the_speed_not_the_numbers(run_dir: Path) -> None:
     """A tiny micro-batch is evaluated in batches raised towards EVAL_BATCH_TOKENS (at most 4x
     it); the windows and so the loss are the same at any batch size."""
-    assert evaluate.eval_batch_size(4, 64) == 16 and evaluate.eval_batch_size(16, 64) == 64  # 4x, then the cap
+    assert evaluate.eval_batch_size(4, 64) == 16 and evaluate.eval_batch_size(16, 64) == 32  # 4x, or the cap
     assert evaluate.eval_batch_size(32, 1024) == 32 and evaluate.eval_batch_size(1, 2048) == 2  # never below
     loaded = load_run(run_dir)
     data = evaluate.find_prepared(loaded)
@@ -198,8 +198,8 @@ def test_the_evaluation_batch_changes_the_speed_not_the_numbers(run_dir: Path) -
                for batch in (1, 3, 16)]
     assert len({r["val_tokens"] for r in results}) == 1 and results[0]["val_tokens"] > 16 * SEQ_LEN
     for r in results[1:]:
-        assert r["val_loss"] == pytest.approx(results[0]["val_loss"], rel=1e-9)
-        assert r["val_bpb"] == pytest.approx(results[0]["val_bpb"], rel=1e-9)
+        assert r["val_loss"] == pytest.approx(results[0]["val_loss"], rel=1e-6)
+        assert r["val_bpb"] == pytest.approx(results[0]["val_bpb"], rel=1e-6)
 
 
 def test_the_run_records_its_prepared_data_and_evaluation_reads_it(run_dir: Path) -> None:

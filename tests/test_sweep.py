@@ -252,7 +252,7 @@ def test_capstone_estimate_probes_each_shape_side_by_side_and_calibrates_on_real
     assert planned <= {k[:3] for k in rates} and len({k[2] for k in rates}) > 1  # the batch rule's batches
 
     # The calibration: two real points, both evaluated once (no step-0 evaluation in a sweep).
-    trial = capstone.calibration_points(spec, ladder, settings)
+    trial = capstone.calibration_points(spec, tmp_path)
     rows = sweep.read_table(tmp_path / "calibration" / sweep.RESULTS)
     assert [rows[p.name]["status"] for p in trial] == ["ok", "ok"] and trial[1].seed == capstone.second_seed(spec)
     for p in trial:
@@ -265,25 +265,36 @@ def test_capstone_estimate_probes_each_shape_side_by_side_and_calibrates_on_real
 
     def probed(point, processes=2):
         r = rates[(point.shape.n_layer, point.shape.d_model, point.settings.batch_tokens, processes)]
-        return (point.spent / r["train"] + point.shape.flops_per_token() / 3 * val_tokens / r["eval"]
-                + capstone.PER_POINT_SECONDS)
+        return (point.spent / r["train"],
+                point.shape.flops_per_token() / 3 * val_tokens / r["eval"] + capstone.PER_POINT_SECONDS)
 
-    measured = sum(rows[p.name]["seconds"] for p in trial)
-    assert cal["factor"] == pytest.approx(measured / sum(probed(p) for p in trial), rel=1e-9)
+    finals = [json.loads((Path(rows[p.name]["run_dir"]) / "final.json").read_text()) for p in trial]
+    trained = sum(f["train_seconds"] for f in finals)
+    rest = sum(rows[p.name]["seconds"] for p in trial) - trained
+    assert 0 < trained and 0 < rest
+    assert cal["train_factor"] == pytest.approx(trained / sum(probed(p)[0] for p in trial), rel=1e-9)
+    assert cal["rest_factor"] == pytest.approx(rest / sum(probed(p)[1] for p in trial), rel=1e-9)
     held = capstone.held_out_points(spec, {"name": est["held_out_shape"], "compute": capstone.HELD_OUT_FACTOR * max(spec["budgets"]),
                                            "n_target": next(s.num_params() for s in ladder
                                                             if est["held_out_shape"].endswith(f"_L{s.n_layer}_d{s.d_model}"))})
-    assert est["held_out_seconds"] == pytest.approx(cal["factor"] * probed(held[0]), rel=1e-9)
+    train_s, rest_s = probed(held[0])
+    assert est["held_out_seconds"] == pytest.approx(cal["train_factor"] * train_s + cal["rest_factor"] * rest_s, rel=1e-9)
     assert est["measuring_seconds"] > 0
     assert capstone.planned_seconds(est) == pytest.approx(est["measuring_seconds"] + est["sweep_seconds"]
                                                           + est["extension_seconds"] + est["held_out_seconds"])
 
     again = capstone.estimate(spec, tmp_path, None, speeds, probe_seconds=0.05)  # shared: no new probes or runs
     assert again["sweep_seconds"] == est["sweep_seconds"] and again["calibration"] is cal
-    finished = {p.name: (Path(rows[p.name]["run_dir"]) / "final.json").stat().st_mtime_ns for p in trial}
+    finished = lambda: {p.name: (Path(rows[p.name]["run_dir"]) / "final.json").stat().st_mtime_ns for p in trial}
+    before = finished()
     fresh = capstone.estimate(spec, tmp_path, None, capstone.Speeds(), probe_seconds=0.05)  # a rerun: found trained
-    assert fresh["calibration"]["measured_s"] == pytest.approx(measured)
-    assert {p.name: (Path(rows[p.name]["run_dir"]) / "final.json").stat().st_mtime_ns for p in trial} == finished
+    assert fresh["calibration"]["train_s"] == pytest.approx(trained) and finished() == before
+    # A partial calibration (one point missing: it was stopped, or failed) trains both again, side by side.
+    sweep.write_table(tmp_path / "calibration" / sweep.RESULTS, {trial[0].name: rows[trial[0].name]})
+    capstone.estimate(spec, tmp_path, None, capstone.Speeds(), probe_seconds=0.05)
+    after = finished()
+    assert all(after[name] != before[name] for name in before)
+    assert set(sweep.read_table(tmp_path / "calibration" / sweep.RESULTS)) == {p.name for p in trial}
 
 
 def test_capstone_scale_auto_fits_the_hour_and_a_folder_keeps_its_scale(tmp_path, capsys):
