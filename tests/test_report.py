@@ -190,7 +190,7 @@ def test_the_evaluation_batch_changes_the_speed_not_the_numbers(run_dir: Path) -
     """A tiny micro-batch is evaluated in batches raised towards EVAL_BATCH_TOKENS (at most 4x
     it); the windows and so the loss are the same at any batch size."""
     assert evaluate.eval_batch_size(4, 64) == 16 and evaluate.eval_batch_size(16, 64) == 32  # 4x, or the cap
-    assert evaluate.eval_batch_size(32, 1024) == 32 and evaluate.eval_batch_size(1, 2048) == 2  # never below
+    assert evaluate.eval_batch_size(32, 1024) == 32 and evaluate.eval_batch_size(1, 1024) == 2  # never below
     loaded = load_run(run_dir)
     data = evaluate.find_prepared(loaded)
     lengths = evaluate.token_byte_lengths(loaded.tokenizer, loaded.model.cfg.vocab_size)
