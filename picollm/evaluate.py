@@ -189,7 +189,8 @@ def evaluate_run(run: LoadedRun, max_tokens: Optional[int] = None, dtype: str = 
     seq_len = run.model.cfg.seq_len
     start = time.perf_counter()
     batch = eval_batch_size(int(run.plan.get("micro_batch") or 8), seq_len)
-    result = evaluate(run.model, data.val_shards, seq_len, batch, token_byte_lengths(run.tokenizer, run.model.cfg.vocab_size), lambda: autocast(hw),
+    result = evaluate(run.model, data.val_shards, seq_len, batch,
+                      token_byte_lengths(run.tokenizer, run.model.cfg.vocab_size), lambda: autocast(hw),
                       max_tokens, run.device, by_position=True)
     return {"step": run.step, "checkpoint": str(run.path), **result, "val_split_tokens": data.n_val_tokens,
             "max_tokens": max_tokens, "data_dir": str(data.dir), "device": str(run.device), "dtype": hw.dtype,

@@ -484,9 +484,9 @@ def calibrate(spec: dict, out: Path, cfg, tokens: int, points: list[sweep.Point]
     """Train `points` for real (out/calibration, side by side on the workers) and compare their
     times with what the probes predict (`probed(point, val_tokens)`: training seconds, and the
     rest: evaluation and start-up): each measured part over its prediction scales that part of
-    every estimate. Short probes read the trainer fast (on the 2-core AVX2 EPYC the
-    2026-12-07 capstones took 1.2x their side-by-side estimate: sustained contention, data
-    loading, start-up), so only a real run says how much. Also: the evaluation's true size
+    every estimate. Probes alone missed the trainer (on the 2-core AVX2 EPYC a 2026-12-07
+    capstone took 1.2x its side-by-side estimate: evaluations mis-counted, start-up, sustained
+    contention), so a real run says how much. Also: the evaluation's true size
     (the held-out split, when smaller than train.eval_tokens). Only points trained side by side
     in one call count: a partial calibration (stopped, or one point missing) is trained again."""
     from picollm.data.prepare import prepare_data
