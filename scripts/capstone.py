@@ -79,6 +79,16 @@ Design (decided from --estimate and the fit budgets only, never from a held-out 
   Leaving out the short runs (under 10x the warmup's steps) brings Approach 3 to Approach 2's
   exponent but mispredicts the held-out run by 2.5-4.2% (BENCHMARKS.md, "What the gap between
   Approaches 2 and 3 is not"), so every point stays in.
+- Approach 3's bootstrap redraws the points' residuals on the fixed (N, D) of the design
+  (A3_RESAMPLE; Approach 2's bootstrap has always held its design fixed), from 2026-12-07:
+  resampling whole points, Chinchilla's way, also asks what other designs would find (a
+  resample that drops a profile's edge sizes), and gave Approach 3's exponent intervals
+  0.27-0.43 wide on the four runs with the batch rule, against 0.19-0.37 with the design
+  held fixed. On 120 simulated capstones at two of those runs' designs and scatter, the
+  fixed-design interval covered the true exponent 111 times and the whole-point one 114,
+  the fixed-design one 14-20% narrower and near the estimate's true spread (BENCHMARKS.md).
+  Decided on the fit points and the simulations, before the run that followed; the report
+  gives both intervals.
 - Held out at 10x the largest budget (3e13), on the rung nearest Approach 2's N_opt (Approach
   3's when a profile is not bracketed). The corpus (pystdlib, 14.6M train tokens) is the one
   installed; at the optimum the sequential fit found (2026-11-25: N = 190k) the held-out
@@ -127,6 +137,10 @@ FULL_LR = 0.012
 # Chinchilla's 1e-3 is ~0.07 of that noise here, a least-absolute-deviations fit, whose
 # exponent interval on those runs' fit points was 25-55% wider (0.55 and 0.49 vs 0.44, 0.31).
 A3_HUBER_DELTA = 0.02
+# Approach 3's bootstrap holds the design fixed and redraws the runs' residuals, as Approach 2's
+# does (fit.fit_parametric): the sizes and budgets are chosen, not sampled. The report also gives
+# the interval from resampling whole runs, Chinchilla's way, beside it.
+A3_RESAMPLE = "residuals"
 # The run length (tokens) at which the common batch (1024 tokens) is right; shorter runs halve it
 # as sqrt(tokens / BATCH_AT_TOKENS) says, down to 256 (SizeSettings.for_tokens). Measured on 12 fit
 # points of the 2026-12-07 run at scale 0.86, both seeds: 512 beat 1024 by 0.6-1.5% for runs of
@@ -348,6 +362,7 @@ class Fits:
         self.iso: fit.IsoFlopResult | None = None
         self.env: fit.EnvelopeResult | None = None
         self.scatter: fit.Scatter | None = None  # about Approach 3's law, of what the held-out run reports
+        self.a_interval_runs: tuple[float, float] | None = None  # Approach 3's a, bootstrapping whole runs
         self.average = False  # profiles and fits on each size's mean over its seeds
         self.seeds = 1  # the held-out loss is the mean of one run per seed
         self.notes: list[str] = []
@@ -371,7 +386,10 @@ def fit_all(rows: list[dict], bootstrap: int, average: bool = False) -> Fits:
                              for k in ("budget", "n_params", "n_tokens", "compute", "val_loss"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # the results list them
-        fits.par = fit.fit_parametric(n, d, loss, delta=A3_HUBER_DELTA, bootstrap=bootstrap)
+        fits.par = fit.fit_parametric(n, d, loss, delta=A3_HUBER_DELTA, bootstrap=bootstrap, resample=A3_RESAMPLE)
+        if bootstrap > 0 and A3_RESAMPLE != "runs":
+            by_runs = fit.fit_parametric(n, d, loss, delta=A3_HUBER_DELTA, bootstrap=bootstrap, resample="runs")
+            fits.a_interval_runs = by_runs.intervals["a"]
         every = ok_rows(rows)
         fits.scatter = fit.measure_scatter(fits.par.law, *([r[k] for r in every] for k in ("n_params", "n_tokens",
                                                                                           "val_loss")))
@@ -715,6 +733,14 @@ def fit_lines(fits: Fits, expo: dict) -> list[str]:
     if fits.env is not None:
         lines.append(f"- Approach 1: {len(fits.env.compute)} bracketed envelope points from {len(fits.env.curves)} "
                      f"sizes' end-of-schedule losses; {fits.env.interval_method}")
+    if fits.par.intervals is not None:
+        method = ("runs' residuals redrawn, (N, D) held fixed" if A3_RESAMPLE == "residuals"
+                  else "whole runs resampled")
+        lines.append(f"- Approach 3 intervals: bootstrap of the fit, {method}")
+    if fits.a_interval_runs is not None:
+        lo, hi = fits.a_interval_runs
+        lines.append(f"- Approach 3 with whole runs resampled instead (Chinchilla's way): a in [{lo:.3f}, {hi:.3f}], "
+                     f"width {hi - lo:.3f}")
     par, iv = fits.par, fits.par.intervals or {}
     fmt = lambda k: f"{getattr(par, k):.4g}" + (f" [{iv[k][0]:.4g}, {iv[k][1]:.4g}]" if k in iv else "")
     lines += ["", "Approach 3, L = E + A/N^alpha + B/D^beta: " + ", ".join(f"{k} = {fmt(k)}"

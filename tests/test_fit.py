@@ -106,6 +106,30 @@ def test_bootstrap_intervals_contain_truth():
         assert lo <= getattr(TRUE, name) <= hi, (name, lo, hi)
 
 
+@pytest.mark.slow
+def test_a_fixed_design_bootstrap_covers_the_true_exponent_with_narrower_intervals():
+    """A capstone-sized design (4 budgets spanning 30x, 5 sizes each, 1.3% run scatter),
+    simulated 8 times: redrawing the residuals on the fixed (N, D) covers the true a as
+    resampling whole runs does, with intervals near the spread of a across the simulations
+    and narrower than the whole-run ones, which also ask what other designs would find."""
+    budgets = np.geomspace(1e17, 3e18, 4)
+    estimates, widths, covered = [], {"runs": [], "residuals": []}, {"runs": 0, "residuals": 0}
+    for k in range(8):
+        c, n, d, loss = _isoflop_sweep(TRUE, budgets, width=0.5, sizes=5, noise=0.013, seed=200 + k)
+        for resample in widths:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")
+                res = fit_parametric(n, d, loss, delta=0.02, grid=SMALL_GRID, bootstrap=30, seed=k, resample=resample)
+            lo, hi = res.intervals["a"]
+            widths[resample].append(hi - lo)
+            covered[resample] += lo <= TRUE.a <= hi
+        estimates.append(res.a)
+    spread = 2 * 1.96 * np.std(estimates)  # the width an exact 95% interval would have
+    assert covered == {"runs": 8, "residuals": 8}
+    assert 0.6 * spread < np.median(widths["residuals"]) < 1.8 * spread, (widths, spread)
+    assert np.median(widths["residuals"]) < 0.85 * np.median(widths["runs"]), widths
+
+
 def test_parametric_rejects_bad_input():
     with pytest.raises(ValueError, match="at least 5"):
         fit_parametric([1e8, 1e9], [1e9, 1e10], [3.0, 2.5])
@@ -113,6 +137,8 @@ def test_parametric_rejects_bad_input():
         fit_parametric([1e8] * 6, [1e9] * 6, [3.0, 2.5, 2.0, 2.2, 0.0, 2.1])
     with pytest.raises(ValueError, match="grid is missing"):
         fit_parametric(*_synthetic(TRUE, 0.0, k=10), grid={"alpha": [0.5]})
+    with pytest.raises(ValueError, match="'runs' or 'residuals'"):
+        fit_parametric(*_synthetic(TRUE, 0.0, k=10), bootstrap=2, resample="cases")
 
 
 def _isoflop_sweep(law: ScalingLaw, budgets, width: float = 1.0, shift: float = 0.0,
@@ -285,6 +311,10 @@ def test_cli_end_to_end(tmp_path, capsys):
     assert "alpha" in text and "N_opt ~ C^a" in text
     for name in ("isoflop.png", "optimal_allocation.png", "predicted_vs_measured.png"):
         assert _is_png(tmp_path / "out" / name)
+    assert main([f"results={table}", f"out={tmp_path / 'out'}", "bootstrap=5", "resample=residuals"]) == 0
+    assert "alpha" in capsys.readouterr().out
+    with pytest.raises(SystemExit, match="resample=cases must be runs or residuals"):
+        main([f"results={table}", "resample=cases"])
 
 
 # ---------------------------------------------------------------- the CLI's bad inputs and sweep tables

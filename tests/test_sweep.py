@@ -433,6 +433,15 @@ def test_capstone_fits_approach_3_with_its_huber_threshold():
     ours = capstone.fit_all(rows, bootstrap=0).par.law
     assert ours == fit.fit_parametric(n, d, loss, delta=capstone.A3_HUBER_DELTA).law
     assert ours != fit.fit_parametric(n, d, loss).law
+    # Its intervals hold the design fixed; the report gives the whole-run interval beside them.
+    fits = capstone.fit_all(rows, bootstrap=6)
+    kinds = {m: fit.fit_parametric(n, d, loss, delta=capstone.A3_HUBER_DELTA, bootstrap=6, resample=m).intervals["a"]
+             for m in ("residuals", "runs")}
+    assert capstone.A3_RESAMPLE == "residuals" and kinds["residuals"] != kinds["runs"]
+    assert fits.par.intervals["a"] == kinds["residuals"] and fits.a_interval_runs == kinds["runs"]
+    text = "\n".join(capstone.fit_lines(fits, capstone.exponents(fits)))
+    lo, hi = kinds["runs"]
+    assert "(N, D) held fixed" in text and f"whole runs resampled instead (Chinchilla's way): a in [{lo:.3f}, {hi:.3f}]" in text
 
 
 def test_capstone_averages_seeds_only_when_asked():
