@@ -210,9 +210,9 @@ def fit_parametric(
       fitted parameters), for a designed grid, as Approach 2's bootstrap does: the sizes and
       budgets are the experimenter's choice, and a resample that drops a profile's edge
       sizes asks what a different design would have found, not what other runs of this one
-      would. On 120 simulated capstones (two real designs and their measured scatter) its
-      95% interval of a covered the true exponent 111 times, against 114 for resampling
-      runs, 14-20% narrower and near the estimate's true spread (BENCHMARKS.md).
+      would. On 180 simulated capstones (three real designs and their measured scatter) its
+      95% interval of a covered the true exponent 169 times, against 170 for resampling
+      runs, 14-20% narrower and nearer the estimate's true spread (BENCHMARKS.md).
     """
     if resample not in ("runs", "residuals"):
         raise ValueError(f"resample={resample!r} must be 'runs' or 'residuals'.")

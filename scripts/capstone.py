@@ -87,8 +87,8 @@ Design (decided from --estimate and the fit budgets only, never from a held-out 
   held fixed. On 120 simulated capstones at two of those runs' designs and scatter, the
   fixed-design interval covered the true exponent 111 times and the whole-point one 114,
   the fixed-design one 14-20% narrower and near the estimate's true spread (BENCHMARKS.md).
-  Decided on the fit points and the simulations, before the run that followed; the report
-  gives both intervals.
+  Decided on the fit points and those simulations, before the run that followed (at whose
+  design 60 more simulations gave 58 and 56); the report gives both intervals.
 - Held out at 10x the largest budget (3e13), on the rung nearest Approach 2's N_opt (Approach
   3's when a profile is not bracketed). The corpus (pystdlib, 14.6M train tokens) is the one
   installed; at the optimum the sequential fit found (2026-11-25: N = 190k) the held-out

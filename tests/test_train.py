@@ -335,8 +335,11 @@ def test_budget_minutes_takes_a_late_start_out_of_training(tmp_path):
     cuts = [r for r in records if r.get("event") == "deadline"]
     assert cuts and cuts[-1]["late_start_seconds"] >= LATE, cuts
     left = plan["time_budget"]["train_s"] - cuts[-1]["late_start_seconds"]
-    assert final["steps"] == cuts[-1]["last_step"] < plan["steps"]
+    # The deadline ended the run; not necessarily before the plan's steps: a probe slowed by a
+    # neighbour plans fewer steps than the machine then makes (see the next test). Time is the check.
+    assert final["steps"] == cuts[-1]["last_step"]
     assert final["train_seconds"] < 1.15 * DEADLINE_SLACK * left, (final["train_seconds"], left)
+    assert final["train_seconds"] < plan["time_budget"]["train_s"] - LATE / 2, (final, plan["time_budget"])
     steps = [r for r in records if r["kind"] == "train"]
     assert steps[-1]["lr"] < 0.2 * plan["lr"]  # decayed over the shortened run
     evals = [r for r in records if r["kind"] == "eval"]
