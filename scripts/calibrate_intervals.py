@@ -24,7 +24,6 @@ interval would have (2 x 1.96 x the sd of a over the simulations).
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -33,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 import numpy as np  # noqa: E402
 
+from picollm import sweep  # noqa: E402
 from picollm.fit import fit_parametric, holdout_calibration, read_chinchilla_epoch  # noqa: E402
 
 
@@ -88,7 +88,7 @@ def capstone_coverage(folder: Path, simulations: int, bootstrap: int, seed: int 
     results = folder / "sweep" / "results.jsonl"
     if not results.is_file():
         raise SystemExit(f"error: {results} does not exist; give --capstone the --dir of a capstone that has trained.")
-    rows = [json.loads(line) for line in results.read_text().splitlines() if line.strip()]
+    rows = list(sweep.read_table(results).values())  # a resumed sweep's later rows win, as in the capstone
     fits = capstone.fit_all(rows, 0, average=True)
     main = capstone.primary(rows, average=True)
     n, d = ([r[k] for r in main] for k in ("n_params", "n_tokens"))
