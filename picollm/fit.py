@@ -48,6 +48,7 @@ CHINCHILLA_GRID: dict[str, Sequence[float]] = {
     "b": np.arange(0.0, 25.1, 5.0),
 }
 _ORDER = ("a", "b", "e", "alpha", "beta")  # layout of the parameter vector theta
+RESAMPLES = ("runs", "residuals")  # what Approach 3's bootstrap can resample (fit_parametric)
 
 
 # ---------------------------------------------------------------- parametric fit
@@ -214,7 +215,7 @@ def fit_parametric(
       95% interval of a covered the true exponent 169 times, against 170 for resampling
       runs, 14-20% narrower and nearer the estimate's true spread (BENCHMARKS.md).
     """
-    if resample not in ("runs", "residuals"):
+    if resample not in RESAMPLES:
         raise ValueError(f"resample={resample!r} must be 'runs' or 'residuals'.")
     n, d, l = (np.asarray(v, dtype=float).ravel() for v in (n_params, n_tokens, losses))
     if not (len(n) == len(d) == len(l)):
@@ -232,8 +233,9 @@ def fit_parametric(
         return FitResult(law=law, intervals=None, loss=value, scatter=scatter)
 
     rng = np.random.default_rng(seed)
-    fitted = np.log(law.loss(n, d))
-    residuals = (logs[2] - fitted) * math.sqrt(len(n) / max(1, len(n) - N_LAW_PARAMETERS))
+    if resample == "residuals":
+        fitted = np.log(law.loss(n, d))
+        residuals = (logs[2] - fitted) * math.sqrt(len(n) / max(1, len(n) - N_LAW_PARAMETERS))
     samples = []
     for _ in range(bootstrap):
         if resample == "runs":
@@ -1093,7 +1095,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = cli.parse(None if argv is None else list(argv), "fit", USAGE, FitArgs)
     if args.bootstrap < 0:
         raise SystemExit(f"error: bootstrap={args.bootstrap} must be 0 (no resampling) or more.")
-    if args.resample not in ("runs", "residuals"):
+    if args.resample not in RESAMPLES:
         raise SystemExit(f"error: resample={args.resample} must be runs or residuals.")
     try:
         with warnings.catch_warnings(record=True) as dropped:

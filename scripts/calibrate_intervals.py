@@ -33,7 +33,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 import numpy as np  # noqa: E402
 
 from picollm import sweep  # noqa: E402
-from picollm.fit import fit_parametric, holdout_calibration, read_chinchilla_epoch  # noqa: E402
+from picollm.fit import RESAMPLES, fit_parametric, holdout_calibration, read_chinchilla_epoch  # noqa: E402
 
 
 def calibration_table(n, d, loss, fractions, bootstrap: int, seed: int = 0, random: bool = False,
@@ -61,7 +61,7 @@ def markdown(rows: list[dict], level: float = 0.95) -> str:
 
 
 def exponent_coverage(n, d, law, noise_sd: float, simulations: int, bootstrap: int, seed: int = 0,
-                      resamples=("runs", "residuals"), **fit_kwargs) -> dict:
+                      resamples=RESAMPLES, **fit_kwargs) -> dict:
     """Losses drawn `simulations` times from `law` at (n, d) with `noise_sd` of normal scatter
     in log loss, each fitted with every kind of bootstrap in `resamples`: per kind, how many
     95% intervals of a covered law.a and their median width; and the spread of the estimate."""
