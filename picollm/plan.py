@@ -687,9 +687,10 @@ CPU_MICRO_TOKENS = 4096
 
 
 def _micro_batch(t: DictConfig, gcfg: GPTConfig, per_rank: int, device_info, shards: int = 1) -> tuple[int, dict]:
-    """The requested micro-batch, or the largest power of two dividing the per-process
-    batch that fits in 85% of the device's memory (CPU: at most CPU_MICRO_TOKENS tokens
-    per micro-step, so 16 sequences of 256 and 32 of 128)."""
+    """The requested micro-batch, or the largest divisor of the per-process batch that fits
+    in 85% of the device's memory: on a GPU a power of two, at most 64 sequences; on a CPU
+    any divisor (a batch of 11 sequences is one micro-step of 11, not eleven of 1) of at most
+    CPU_MICRO_TOKENS tokens, so 16 sequences of 256 and 32 of 128."""
     limit = 0.85 * device_info.memory_bytes
     mem = lambda b: estimate_memory(gcfg, b, device_info.dtype, t.activation_checkpointing, shards)
     if t.micro_batch is not None:
@@ -701,11 +702,9 @@ def _micro_batch(t: DictConfig, gcfg: GPTConfig, per_rank: int, device_info, sha
                               f"{binary_size(device_info.memory_bytes)} is available; lower it or set train.activation_checkpointing=true.")
         return t.micro_batch, mem(t.micro_batch)
     cap = 64 if device_info.is_cuda else max(1, CPU_MICRO_TOKENS // gcfg.seq_len)
-    b = 1
-    while b * 2 <= min(per_rank, cap) and per_rank % (b * 2) == 0:
-        b *= 2
-    while b > 1 and mem(b)["total"] > limit:
-        b //= 2
+    fits = [b for b in range(min(per_rank, cap), 0, -1)
+            if per_rank % b == 0 and (not device_info.is_cuda or b & (b - 1) == 0)]
+    b = next((b for b in fits if mem(b)["total"] <= limit), 1)
     if mem(b)["total"] > limit:
         raise ConfigError(f"the model needs ~{binary_size(mem(b)['total'])} even at micro-batch 1 but only "
                           f"{binary_size(device_info.memory_bytes)} is available; use a smaller model or seq_len, "

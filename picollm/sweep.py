@@ -93,18 +93,21 @@ class SizeSettings:
     warmup_steps: int
     batch_at_tokens: Optional[float] = None
 
-    def for_tokens(self, tokens: float) -> SizeSettings:
+    def for_tokens(self, tokens: float, seq_len: int) -> SizeSettings:
         """The settings of a run of `tokens` tokens. With batch_at_tokens, the batch follows the
-        run length, not the model size: it scales as sqrt(tokens / batch_at_tokens), rounded to a
-        power of 2, from a quarter of batch_tokens up to batch_tokens (the optimal batch grows
-        with the tokens trained, independent of N: Bergsma et al. 2025, "Power Lines"). The
-        warmup keeps its tokens and the peak LR stays (on the CPU capstone's short runs, an LR
-        scaled with sqrt(batch) moved the loss by -0.5% to +0.5%, no consistent gain)."""
+        run length, not the model size: batch_tokens x sqrt(tokens / batch_at_tokens), kept
+        within a quarter of batch_tokens and batch_tokens, in whole sequences of seq_len (the
+        optimal batch grows with the tokens trained, independent of N: Bergsma et al. 2025,
+        "Power Lines"). Whole sequences, not powers of 2 (until 2026-12-08), so that runs of
+        nearly equal length never land an octave apart. The warmup keeps its tokens and the
+        peak LR stays (on the CPU capstone's short runs, an LR scaled with sqrt(batch) moved
+        the loss by -0.5% to +0.5%, no consistent gain)."""
         if self.batch_at_tokens is None:
             return self
-        halvings = min(2, max(0, round(-0.5 * math.log2(tokens / self.batch_at_tokens))))
-        batch = self.batch_tokens >> halvings
-        return SizeSettings(self.lr, batch, self.warmup_steps << halvings)
+        ideal = self.batch_tokens * math.sqrt(tokens / self.batch_at_tokens)
+        lo, hi = -(-self.batch_tokens // 4 // seq_len), max(1, self.batch_tokens // seq_len)
+        batch = min(hi, max(lo, round(ideal / seq_len))) * seq_len
+        return SizeSettings(self.lr, batch, max(1, round(self.warmup_steps * self.batch_tokens / batch)))
 
 
 @dataclass

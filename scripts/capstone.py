@@ -183,7 +183,7 @@ def family(spec: dict, out: Path):
 def make_point(budget: float, shape, settings: sweep.SizeSettings, seed: int | None = None) -> sweep.Point:
     """A WSD run from scratch at `budget` with the common settings, its batch set by its length
     (SizeSettings.for_tokens; and a second seed)."""
-    settings = settings.for_tokens(budget / shape.flops_per_token())
+    settings = settings.for_tokens(budget / shape.flops_per_token(), shape.seq_len)
     point = sweep.Point(budget, shape, schedule="wsd", settings=settings, seed=seed)
     point.steps = max(1, round(budget / point.flops_per_step))
     if point.steps <= settings.warmup_steps:

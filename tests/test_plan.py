@@ -417,6 +417,14 @@ def test_cpu_micro_batch_is_capped_by_tokens_per_micro_step(seq, micro):
     assert p.micro_batch == micro == CPU_MICRO_TOKENS // seq and p.accum_steps == 64 // micro
 
 
+@pytest.mark.parametrize("seqs, micro", [(11, 11), (24, 24), (96, 48), (100, 50)])
+def test_cpu_micro_batch_is_the_largest_divisor_under_the_cap(seqs, micro):
+    """A CPU run takes any divisor of its batch (11 sequences: one micro-step of 11, not eleven
+    of 1); the cap of CPU_MICRO_TOKENS (64 sequences of 64) still holds."""
+    p = plan("model=tiny", "model.seq_len=64", f"train.batch_tokens={64 * seqs}")
+    assert p.micro_batch == micro and p.accum_steps == seqs // micro
+
+
 def test_muon_is_named_on_the_card_and_timed_by_the_probe(monkeypatch):
     """Muon's update costs more per step than AdamW's, so a budget.minutes probe must time it."""
     import picollm.throughput

@@ -350,17 +350,21 @@ def test_capstone_trains_at_its_scanned_lr_and_the_scan_trains_each_lr(tmp_path,
 
 
 def test_batch_follows_the_run_length_not_the_size():
-    """SizeSettings.for_tokens: the batch scales as sqrt(tokens / batch_at_tokens), rounded to a
-    power of 2, between a quarter of batch_tokens and batch_tokens; the warmup keeps its tokens,
-    the LR stays; without batch_at_tokens every run keeps the settings."""
+    """SizeSettings.for_tokens: the batch is batch_tokens x sqrt(tokens / batch_at_tokens) in
+    whole sequences, between a quarter of batch_tokens and batch_tokens; the warmup keeps its
+    tokens, the LR stays; without batch_at_tokens every run keeps the settings."""
     common = sweep.SizeSettings(lr=0.012, batch_tokens=1024, warmup_steps=20, batch_at_tokens=1.2e6)
-    for tokens, batch in ((5e6, 1024), (1.2e6, 1024), (1e6, 1024), (4e5, 512), (2e5, 512), (1e5, 256), (1e3, 256)):
-        got = common.for_tokens(tokens)
-        # sqrt(4e5 / 1.2e6) = 0.58, nearer 2^-1 than 2^0 in log2; sqrt(1e5 / 1.2e6) = 0.29, nearer 2^-2.
+    # 1024 x sqrt(D / 1.2e6): 4e5 -> 591 = 9.2 sequences of 64; 2e5 -> 418 = 6.53;
+    # 3e5 -> 512 exactly; 1e5 -> 296 = 4.6; 1e3 -> 30, below the floor of 256.
+    for tokens, batch in ((5e6, 1024), (1.2e6, 1024), (1e6, 960), (4e5, 576), (3e5, 512), (2e5, 448),
+                          (1e5, 320), (1e3, 256)):
+        got = common.for_tokens(tokens, 64)
         assert (got.batch_tokens, got.lr) == (batch, 0.012)
-        assert got.batch_tokens * got.warmup_steps == 1024 * 20
+        assert got.warmup_steps == round(20 * 1024 / batch)
+    assert common.for_tokens(1e5, 128).batch_tokens == 256  # whole sequences of 128: 2.3 -> 2
+    assert common.for_tokens(4e5, 1024).batch_tokens == 1024  # never below one sequence
     plain = sweep.SizeSettings(lr=0.012, batch_tokens=1024, warmup_steps=20)
-    assert plain.for_tokens(1e3) is plain
+    assert plain.for_tokens(1e3, 64) is plain
 
     # The capstone: within a budget the short runs (large sizes) get the smaller batches, every
     # point still trains its budget (tokens = C / FLOPs per token, to a step), and the held-out
@@ -379,9 +383,9 @@ def test_batch_follows_the_run_length_not_the_size():
         for p in points:
             tokens = p.steps * p.settings.batch_tokens
             assert abs(tokens - p.budget / p.shape.flops_per_token()) <= p.settings.batch_tokens / 2
-            assert p.settings == settings.for_tokens(p.budget / p.shape.flops_per_token())
+            assert p.settings == settings.for_tokens(p.budget / p.shape.flops_per_token(), 64)
         seen |= set(batches)
-    assert seen == {256, 512, 1024}
+    assert min(seen) == 256 and max(seen) == 1024 and len(seen) > 5 and all(b % 64 == 0 for b in seen)
     held = capstone.held_out_point(ladder, settings, 10 * max(spec["budgets"]), 3e5)
     assert held.settings.batch_tokens == 1024 and held.settings.lr == capstone.FULL_LR
 
