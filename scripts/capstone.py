@@ -60,9 +60,14 @@ Design (decided from --estimate and the fit budgets only, never from a held-out 
   budget up front would need the sizes before the design picks them. The cost: the
   cosine-equivalent grid, which was 1.24x the WSD trunk grid last time.
 - ONE LR for every point and the held-out run, and a batch set by the run's length in tokens,
-  never by its size: 1024 tokens (the planner's for the smallest rung at the smallest budget)
-  from ~600k tokens up, halved below and quartered below ~150k (SizeSettings.for_tokens,
-  BATCH_AT_TOKENS), the warmup keeping its tokens. Per-size settings biased the first run (a =
+  never by its size: 1024 x sqrt(D / 1.2M) tokens in whole sequences, within 256-1024 (1024
+  is the planner's for the smallest rung at the smallest budget; SizeSettings.for_tokens,
+  BATCH_AT_TOKENS), the warmup keeping its tokens. From 2026-12-07 to 12-08 that batch was
+  rounded to a power of 2, and the fit points' residuals grouped by the octave they landed in
+  (512-token runs +0.3..+1.0% above the law, 256-token runs -0.1..-0.8%, in three runs). With
+  whole sequences the grouping stayed, by budget (BENCHMARKS.md, fifteenth session): it was
+  never the rounding, but the smooth rule keeps runs of nearly equal length at nearly equal
+  batches at no cost, so it stays. Per-size settings biased the first run (a =
   0.07). One batch for every point, the rule from 2026-11-24 to 2026-12-07, biased the grid by
   run length instead: the short runs (the large sizes at the small budgets) trained 1-1.5%
   worse than at half the batch and the long ones 0.5-1.6% better, and Approach 3's exponent
@@ -141,7 +146,7 @@ A3_HUBER_DELTA = 0.02
 # does (fit.fit_parametric): the sizes and budgets are chosen, not sampled. The report also gives
 # the interval from resampling whole runs, Chinchilla's way, beside it.
 A3_RESAMPLE = "residuals"
-# The run length (tokens) at which the common batch (1024 tokens) is right; shorter runs halve it
+# The run length (tokens) at which the common batch (1024 tokens) is right; shorter runs shrink it
 # as sqrt(tokens / BATCH_AT_TOKENS) says, down to 256 (SizeSettings.for_tokens). Measured on 12 fit
 # points of the 2026-12-07 run at scale 0.86, both seeds: 512 beat 1024 by 0.6-1.5% for runs of
 # 63k-339k tokens, tied at 437k-926k, lost by 1.2-1.6% at 1.5-2.8M; 256 beat 512 by 0.1-0.5%
