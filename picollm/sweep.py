@@ -105,7 +105,7 @@ class SizeSettings:
         if self.batch_at_tokens is None:
             return self
         ideal = self.batch_tokens * math.sqrt(tokens / self.batch_at_tokens)
-        lo, hi = -(-self.batch_tokens // 4 // seq_len), max(1, self.batch_tokens // seq_len)
+        lo, hi = math.ceil(self.batch_tokens / 4 / seq_len), max(1, self.batch_tokens // seq_len)
         batch = min(hi, max(lo, round(ideal / seq_len))) * seq_len
         return SizeSettings(self.lr, batch, max(1, round(self.warmup_steps * self.batch_tokens / batch)))
 
